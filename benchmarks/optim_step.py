@@ -1,0 +1,149 @@
+"""Optimizer step time: bigbatch's AdaBound/AMSBound/RAdam against torch's fused Adam and the
+official implementations, all measured in this one run.
+
+    python benchmarks/optim_step.py [--params 20e6] [--tensors 20] [--steps 10] [--threads 2]
+
+Rounds interleave the optimizers (one step each per round) so that a noisy machine slows them
+alike; the median per optimizer is reported. Targets (issue 2): AdaBound and RAdam <= 0.9x
+torch.optim.Adam(fused=True), AMSBound <= 1.0x, and >= 3x faster than the official code
+(PyPI ``adabound`` 0.0.5; torch.optim.RAdam(foreach=True) for RAdam). The one-time compile cost
+is measured in fresh processes: first with an empty Inductor cache, then with the cache that the
+first left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+def make_params(total: int, count: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [total // count] * count
+    params = []
+    for n in sizes:
+        p = torch.randn(n, generator=gen).to(device).requires_grad_()
+        p.grad = torch.randn(n, generator=gen).to(device)
+        params.append(p)
+    return params
+
+
+def candidates(device: str):
+    from bigbatch.optim import AdaBound, AMSBound, RAdam
+
+    out = {
+        "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+        "bigbatch AdaBound": lambda ps: AdaBound(ps, lr=1e-3),
+        "bigbatch AMSBound": lambda ps: AMSBound(ps, lr=1e-3),
+        "bigbatch RAdam": lambda ps: RAdam(ps, lr=1e-3),
+        "torch RAdam foreach": lambda ps: torch.optim.RAdam(ps, lr=1e-3, foreach=True),
+    }
+    try:
+        import adabound  # the official implementation, PyPI adabound 0.0.5
+
+        out["official AdaBound"] = lambda ps: adabound.AdaBound(ps, lr=1e-3)
+        out["official AMSBound"] = lambda ps: adabound.AdaBound(ps, lr=1e-3, amsbound=True)
+    except ImportError:
+        print("(PyPI adabound not installed: official AdaBound rows skipped)")
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args) -> dict[str, float]:
+    makers = candidates(args.device)
+    opts = {}
+    for name, make in makers.items():
+        opt = make(make_params(int(args.params), args.tensors, args.device))
+        for _ in range(2):  # warm-up, includes compiling (cached) for the fused kernels
+            opt.step()
+        opts[name] = opt
+    sync(args.device)
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(args.steps):
+        for name, opt in opts.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def compile_probe(args) -> None:
+    """In a fresh process: time of the first AdaBound/AMSBound/RAdam steps (compile included)."""
+    from bigbatch.optim import AdaBound, AMSBound, RAdam
+
+    t0 = time.perf_counter()
+    for cls in (AdaBound, AMSBound, RAdam):
+        ps = make_params(1 << 16, 2, args.device)
+        cls(ps).step()
+    sync(args.device)
+    print(f"{time.perf_counter() - t0:.2f}")
+
+
+def measure_compile(args) -> tuple[float, float]:
+    cache = tempfile.mkdtemp(prefix="bigbatch-inductor-")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    cmd = [sys.executable, __file__, "--compile-probe", "--device", args.device]
+    cold = float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.split()[-1])
+    warm = float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return cold, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=20e6, help="total fp32 parameters")
+    parser.add_argument("--tensors", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-compile-cost", action="store_true", help="skip the fresh-process compile timing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)  # the official code's deprecated add_ calls
+    if args.compile_probe:
+        compile_probe(args)
+        return
+
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
+          f"{int(args.params):,} fp32 params in {args.tensors} tensors, median of {args.steps} rounds")
+    ms = time_steps(args)
+    width = max(map(len, ms))
+    for name, t in ms.items():
+        print(f"  {name:<{width}}  {t:8.1f} ms/step")
+    adam = ms["torch Adam fused"]
+    print("ratios (lower is faster for 'vs Adam fused'; higher is better for 'speed-up'):")
+    checks = [
+        ("AdaBound / torch Adam fused", ms["bigbatch AdaBound"] / adam, "<= 0.90"),
+        ("RAdam / torch Adam fused", ms["bigbatch RAdam"] / adam, "<= 0.90"),
+        ("AMSBound / torch Adam fused", ms["bigbatch AMSBound"] / adam, "<= 1.00"),
+        ("speed-up vs torch RAdam foreach", ms["torch RAdam foreach"] / ms["bigbatch RAdam"], ">= 3"),
+    ]
+    if "official AdaBound" in ms:
+        checks += [
+            ("speed-up vs official AdaBound", ms["official AdaBound"] / ms["bigbatch AdaBound"], ">= 3"),
+            ("speed-up vs official AMSBound", ms["official AMSBound"] / ms["bigbatch AMSBound"], ">= 3"),
+        ]
+    for label, ratio, goal in checks:
+        print(f"  {label:<34} {ratio:6.2f}x   (goal {goal})")
+    if not args.no_compile_cost:
+        cold, warm = measure_compile(args)
+        print(f"compile cost, first steps of AdaBound+AMSBound+RAdam in a fresh process: "
+              f"{cold:.1f} s with an empty Inductor cache, {warm:.1f} s with the cache from the run before")
+
+
+if __name__ == "__main__":
+    main()

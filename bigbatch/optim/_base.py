@@ -1,0 +1,122 @@
+"""The step loop, state and validation shared by AdaBound/AMSBound and RAdam."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from bigbatch.optim import _fused
+
+
+def check_hparams(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Raise ValueError naming the argument and value for an invalid Adam hyperparameter."""
+    if isinstance(lr, torch.Tensor) or not lr >= 0.0:
+        raise ValueError(f"Invalid lr: {lr!r} (must be a float >= 0)")
+    if not eps >= 0.0:
+        raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta{i + 1} (betas[{i}]): {beta!r} (must be in [0, 1))")
+
+
+class AdamFamily(Optimizer):
+    """Adam-style state (``step``, ``exp_avg``, ``exp_avg_sq``, optional ``max_exp_avg_sq``).
+
+    Every parameter has its own ``step`` (a 0-d float32 CPU tensor, as in torch's Adam), so that
+    DeepSpeed ZeRO's flat partitions and its checkpoints carry it like any other state.
+
+    Subclasses define ``_kernel_name``, ``_body`` (the elementwise update of one tensor, taking
+    the per-step scalars as a float32 tensor), ``_scalars`` (those scalars for a step count) and
+    ``_foreach_update`` (the same update with torch's multi-tensor ops).
+    """
+
+    _kernel_name: str
+
+    def _uses_max(self, group: dict) -> bool:
+        return False
+
+    @staticmethod
+    def _body(*args) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def _scalars(self, group: dict, step: float) -> list[float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _foreach_update(self, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float]):
+        raise NotImplementedError  # pragma: no cover
+
+    def _init_group(self, group: dict):
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        uses_max = self._uses_max(group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   "use torch.optim.SparseAdam for sparse parameters")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if uses_max and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            max_sqs.append(state["max_exp_avg_sq"] if uses_max else None)
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1.0)
+            impl = _fused.choose_impl(params, group.get("foreach"), group.get("fused"))
+            # Parameters created or first given a gradient at different times have different
+            # step counts; each count has its own bias corrections and bounds.
+            by_step: dict[float, list[int]] = {}
+            for i, t in enumerate(steps):
+                by_step.setdefault(float(t), []).append(i)
+            for t, idx in by_step.items():
+                s = self._scalars(group, t)
+                pick = (lambda xs: [xs[i] for i in idx]) if len(idx) != len(params) else (lambda xs: xs)
+                self._update(impl, group, pick(params), pick(grads), pick(exp_avgs),
+                             pick(exp_avg_sqs), pick(max_sqs), s)
+        return loss
+
+    def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float]):
+        if impl == "foreach":
+            self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s)
+            return
+        scal = None
+        for i, p in enumerate(params):
+            if scal is None or scal.device != p.device:
+                scal = _fused.scalar_tensor(s, p.device)
+            args = (p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_sqs[i], scal)
+            if impl == "fused" and all(t is None or t.is_contiguous() for t in args):
+                # 1-D views: one compiled kernel serves every shape and rank.
+                args = tuple(t if t is None or t is scal else t.view(-1) for t in args)
+            if impl == "fused" and _fused.run_fused(self._kernel_name, type(self)._body,
+                                                    p.device.type, *args):
+                continue
+            if impl == "fused":  # the compile failed: the rest of this group goes multi-tensor
+                self._foreach_update(group, params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:],
+                                     max_sqs[i:], s)
+                return
+            type(self)._body(*args)
