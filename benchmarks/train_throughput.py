@@ -1,0 +1,123 @@
+"""Training throughput (tokens/s) of the tiny run with AdaBound, AMSBound, RAdam and torch's fused AdamW.
+
+Same pipeline for all four: configs/tiny.yaml (plus any overrides given) -> the packed embedded
+corpus -> ``bigbatch.training.engine.setup`` (batch plan, Llama model, DeepSpeed engine with the
+config's ZeRO stage) -> train.py's ``train_step``; only the optimizer differs. AdamW is DeepSpeed's
+"AdamW" type with ``torch_adam: true, fused: true``, i.e. torch's fused AdamW inside DeepSpeed.
+
+The four engines live in the same ``N`` processes (``torchrun --standalone``, gloo on CPU) and take
+turns in short slices of ``--steps`` optimizer steps, in a rotating order, after ``--warmup`` steps
+each (one-time kernel compilation). Interleaving makes the comparison fair on a shared machine
+whose load drifts over minutes: every optimizer sees the same conditions. Reported: tokens/s per
+optimizer (total tokens / total time) and its ratio to fused AdamW, plus the median of the
+per-round ratios (robust to load spikes). Goal: >= 0.97.
+
+    python benchmarks/train_throughput.py [--nproc 2] [--rounds 12] [--steps 10] [--warmup 20] [-- --section.key V ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+OPTIMIZERS = {
+    "adabound": ["--optim.name", "adabound"],
+    "amsbound": ["--optim.name", "amsbound"],
+    "radam": ["--optim.name", "radam", "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8}"],
+    "adamw-torch-fused": ["--optim.name", "adamw",
+                          "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}",
+                          "--optim.kwargs", "{torch_adam: true, fused: true}"],
+}
+REFERENCE = "adamw-torch-fused"
+
+
+def worker(args) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch.distributed as dist
+
+    import train  # train_step, prepare_data: the loop body and data path of train.py itself
+    from bigbatch.training import distributed as bbdist
+    from bigbatch.training.config import load_config, parse_overrides
+    from bigbatch.training.data import GlobalBatchLoader
+    from bigbatch.training.engine import precision_of, setup
+
+    extra = parse_overrides(args.overrides)
+    cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in OPTIMIZERS.items()}
+    first = next(iter(cfgs.values()))
+    info = bbdist.init_distributed(first.train.threads)
+    tok, data, _ = train.prepare_data(first, info)
+
+    runs = {}
+    for name, cfg in cfgs.items():
+        r = setup(cfg, info.world_size, tok, data.seq_len)
+        loader = GlobalBatchLoader(data.train, micro_batch=r.plan.micro_batch, grad_accum=r.plan.grad_accum,
+                                   rank=info.rank, world_size=info.world_size, seed=cfg.train.seed)
+        norm_from_grads = r.ds_config["zero_optimization"]["stage"] == 0 and precision_of(r.ds_config) == "fp32"
+        runs[name] = (r, loader, norm_from_grads)
+    tokens_per_step = first.batch.reference_global_batch * data.seq_len
+
+    def steps(name: str, n: int) -> float:
+        r, loader, norm_from_grads = runs[name]
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train.train_step(r.engine, loader.next_step(), info.device, norm_from_grads=norm_from_grads)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    for name in runs:
+        steps(name, args.warmup)
+    names = list(runs)
+    seconds = {n: 0.0 for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        if rnd % 2:
+            order.reverse()
+        for name in order:
+            dt = steps(name, args.steps)
+            seconds[name] += dt
+            per_round[name].append(args.steps * tokens_per_step / dt)
+    if info.is_main:
+        ref_total = args.rounds * args.steps * tokens_per_step / seconds[REFERENCE]
+        r0 = runs[names[0]][0]
+        print(f"{args.config} {' '.join(args.overrides)}: {info.world_size} processes, ZeRO-"
+              f"{r0.ds_config['zero_optimization']['stage']}, global batch {r0.plan.global_batch} x {data.seq_len} "
+              f"tokens, {args.rounds} rounds x {args.steps} steps per optimizer after {args.warmup} warm-up steps")
+        print(f"{'optimizer':<20} {'tokens/s':>10} {'ratio':>7} {'median round ratio':>19}")
+        for name in names:
+            total = args.rounds * args.steps * tokens_per_step / seconds[name]
+            med = statistics.median(a / b for a, b in zip(per_round[name], per_round[REFERENCE]))
+            flag = "" if name == REFERENCE else ("  ok" if total / ref_total >= 0.97 else "  < 0.97")
+            print(f"{name:<20} {total:10,.0f} {total / ref_total:7.3f} {med:19.3f}{flag}")
+    bbdist.destroy()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per slice")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("overrides", nargs="*", help="train.py overrides for all runs, after --")
+    args = p.parse_args()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        worker(args)
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           __file__, "--config", args.config, "--rounds", str(args.rounds), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--", *args.overrides]
+    sys.exit(subprocess.run(cmd, cwd=REPO, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()

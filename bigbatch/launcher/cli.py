@@ -1,0 +1,213 @@
+"""``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
+``env`` to print the detected topology.
+
+    bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
+    bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
+    bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from bigbatch.launcher.env import LauncherEnvError, Topology, _free_port, detect_topology
+from bigbatch.launcher.submit import TEMPLATES, SubmitConfig, SubmitError, render_sbatch, submit
+
+__all__ = ["main", "launch_local", "worker_command"]
+
+# Signals passed on to every worker: the scheduler's warnings and the user's Ctrl-C.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def worker_command(command: list[str], python: str = sys.executable) -> list[str]:
+    """``train.py ...`` and ``-m pkg ...`` run with ``python``; anything else runs as is."""
+    if not command:
+        raise SystemExit("bigbatch: nothing to run; e.g. bigbatch launch train.py --config x.yaml")
+    if command[0].endswith(".py") or command[0] == "-m":
+        return [python, *command]
+    return list(command)
+
+
+def launch_local(command: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None,
+                 grace_s: float = 30.0) -> int:
+    """Start ``nproc`` workers of ``command`` with the ``env://`` variables of node ``node_rank``
+    of ``nnodes``; forward INT/TERM/USR1/USR2 to them; when one fails, TERM the rest (KILL after
+    ``grace_s`` seconds). Returns the first non-zero exit status (a signal N gives 128+N), else 0.
+    """
+    if nproc < 1:
+        raise SystemExit(f"bigbatch launch: --nproc-per-node {nproc} must be >= 1")
+    if not 0 <= node_rank < nnodes:
+        raise SystemExit(f"bigbatch launch: --node-rank {node_rank} must be in [0, --nnodes={nnodes})")
+    if nnodes > 1 and master_port is None:
+        raise SystemExit("bigbatch launch: --master-port is required with --nnodes > 1")
+    port = master_port or _free_port()
+    world = nnodes * nproc
+    procs: list[subprocess.Popen] = []
+    for local_rank in range(nproc):
+        topo = Topology(node_rank * nproc + local_rank, world, local_rank, nproc, node_rank, nnodes,
+                        master_addr, port, "env")
+        env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+        env.update(topo.env())
+        procs.append(subprocess.Popen(command, env=env))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    status, deadline = 0, None
+    try:
+        while [p.poll() for p in procs].count(None):  # poll every worker, every time
+            if status == 0:
+                failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if failed:
+                    status = failed[0]
+                    for p in procs:
+                        if p.poll() is None:
+                            p.terminate()
+                    deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if status == 0:
+        status = next((p.returncode for p in procs if p.returncode), 0)
+    return 128 - status if status < 0 else status
+
+
+def _cmd_launch(args) -> int:
+    command = worker_command(args.command, args.python)
+    in_allocation = os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID") is None
+    if in_allocation and not args.local:
+        # Inside sbatch/salloc: srun starts the workers on every node of the allocation.
+        srun = ["srun", "--wait=60"]
+        if args.nproc_per_node:
+            srun += [f"--ntasks-per-node={args.nproc_per_node}",
+                     f"--nodes={os.environ.get('SLURM_NNODES', '1')}",
+                     f"--ntasks={args.nproc_per_node * int(os.environ.get('SLURM_NNODES', '1'))}"]
+        argv = srun + command
+        print("[bigbatch] " + shlex.join(argv), file=sys.stderr, flush=True)
+        return launch_exec(argv)
+    return launch_local(command, args.nproc_per_node or 1, nnodes=args.nnodes, node_rank=args.node_rank,
+                        master_addr=args.master_addr, master_port=args.master_port)
+
+
+def launch_exec(argv: list[str]) -> int:
+    """Run ``argv`` as a child with signals forwarded; return its status."""
+    proc = subprocess.Popen(argv)
+    old = {s: signal.signal(s, lambda n, _f: proc.poll() is None and proc.send_signal(n)) for s in FORWARDED}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 - rc if rc < 0 else rc
+
+
+def _cmd_submit(args) -> int:
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SubmitError(f"--env: {item!r} must be KEY=VALUE")
+        env[key] = value
+    cfg = SubmitConfig(
+        command=list(args.command), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, template=args.template,
+        partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+        job_name=args.job_name, output=args.output, workdir=args.chdir or os.getcwd(),
+        signal_seconds=args.signal_seconds, exit_grace=args.exit_grace, requeue=not args.no_requeue, python=args.python,
+        env=env, sbatch_args=list(args.sbatch_arg), srun_args=list(args.srun_arg),
+    )
+    if args.dry_run:
+        sys.stdout.write(render_sbatch(cfg))
+        return 0
+    print(submit(cfg, wait=args.wait), flush=True)
+    return 0
+
+
+def _cmd_env(args) -> int:
+    topo = detect_topology(allow_mpi4py=args.mpi4py)
+    if args.json:
+        print(json.dumps({**topo.__dict__, "hosts": list(topo.hosts)}))
+    else:
+        for k, v in topo.env().items():
+            print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigbatch", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    la = sub.add_parser("launch", help="start workers here (or with srun inside an allocation)")
+    la.add_argument("--nproc-per-node", type=int, default=None,
+                    help="workers per node (default: 1 here; the allocation's tasks under SLURM)")
+    la.add_argument("--nnodes", type=int, default=1, help="nodes, for a static multi-node start")
+    la.add_argument("--node-rank", type=int, default=0)
+    la.add_argument("--master-addr", default="127.0.0.1")
+    la.add_argument("--master-port", type=int, default=None, help="default: a free port (one node)")
+    la.add_argument("--local", action="store_true", help="inside an allocation, still start workers here")
+    la.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
+    la.add_argument("command", nargs=argparse.REMAINDER, help="train.py ARGS, -m MODULE ARGS or a program")
+    la.set_defaults(func=_cmd_launch)
+
+    su = sub.add_parser("submit", help="render an sbatch script from slurm/ and submit it")
+    su.add_argument("--nodes", type=int, default=1)
+    su.add_argument("--gpus-per-node", type=int, default=0)
+    su.add_argument("--ntasks-per-node", type=int, default=None, help="workers per node (default: GPUs, or 1)")
+    su.add_argument("--cpus-per-task", type=int, default=1)
+    su.add_argument("--template", choices=TEMPLATES, default="srun")
+    su.add_argument("--partition")
+    su.add_argument("--account")
+    su.add_argument("--qos")
+    su.add_argument("--time", default="01:00:00")
+    su.add_argument("--job-name", default="bigbatch")
+    su.add_argument("--output", default="slurm-%j.out")
+    su.add_argument("--chdir", default=None)
+    su.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the time limit")
+    su.add_argument("--exit-grace", type=int, default=60,
+                    help="seconds the other workers get after the first exits (srun --wait)")
+    su.add_argument("--no-requeue", action="store_true")
+    su.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    su.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, verbatim")
+    su.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --mpi=pmix")
+    su.add_argument("--python", default=sys.executable)
+    su.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    su.add_argument("--wait", action="store_true", help="return when the job ends")
+    su.add_argument("command", nargs=argparse.REMAINDER)
+    su.set_defaults(func=_cmd_submit)
+
+    en = sub.add_parser("env", help="print the detected topology")
+    en.add_argument("--json", action="store_true")
+    en.add_argument("--mpi4py", action="store_true", help="allow mpi4py discovery")
+    en.set_defaults(func=_cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    try:
+        return args.func(args)
+    except (SubmitError, LauncherEnvError) as exc:
+        print(f"bigbatch {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

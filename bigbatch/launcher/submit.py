@@ -1,0 +1,199 @@
+"""Render an sbatch script from a template in ``slurm/`` and submit it.
+
+Templates hold ``{{name}}`` fields (bash keeps its own ``$VAR``); every field must be filled and
+no unknown field may remain, so a typo fails at render time, not on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigbatch.launcher.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+
+__all__ = ["SubmitConfig", "SubmitError", "render_sbatch", "submit", "TEMPLATES", "template_dir"]
+
+TEMPLATES = ("srun", "torchrun")
+_FIELD = re.compile(r"\{\{(\w+)\}\}")
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^UNLIMITED$|^INFINITE$")
+
+
+class SubmitError(ValueError):
+    """Bad submission options; the message names the option, the value and what is allowed."""
+
+
+def template_dir() -> Path:
+    """``slurm/`` of the repository (``BIGBATCH_SLURM_TEMPLATES`` overrides)."""
+    override = os.environ.get("BIGBATCH_SLURM_TEMPLATES")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "slurm"
+
+
+@dataclass
+class SubmitConfig:
+    """One sbatch submission.
+
+    ``gpus_per_node``: GPUs asked for per node (0 on CPU clusters); one worker per GPU, or
+    ``tasks_per_node`` workers when given. ``signal_seconds``: USR1 this many seconds before the
+    time limit. ``command``: the worker command (``train.py --x 1``; a ``.py`` file runs with
+    ``python``).
+    """
+
+    command: list[str]
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 1
+    template: str = "srun"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    job_name: str = "bigbatch"
+    output: str = "slurm-%j.out"
+    workdir: str = field(default_factory=os.getcwd)
+    signal_seconds: int = 120
+    requeue: bool = True
+    preempt_exit_code: int = 75
+    exit_grace: int = 60  # seconds the other workers get once one has exited (srun --wait)
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+    sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH" options, verbatim
+    srun_args: list[str] = field(default_factory=list)  # extra srun options, e.g. --mpi=pmix
+
+    def validate(self) -> "SubmitConfig":
+        if self.template not in TEMPLATES:
+            raise SubmitError(f"--template: {self.template!r} is not one of {list(TEMPLATES)}")
+        for name in ("nodes", "cpus_per_task"):
+            if getattr(self, name) < 1:
+                raise SubmitError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be >= 1")
+        if self.gpus_per_node < 0:
+            raise SubmitError(f"--gpus-per-node: {self.gpus_per_node} must be >= 0")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise SubmitError(f"--ntasks-per-node: {self.tasks_per_node} must be >= 1")
+        if not _TIME.match(self.time):
+            raise SubmitError(f"--time: {self.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM, ...)")
+        if not 0 <= self.signal_seconds <= 65535:
+            raise SubmitError(f"--signal-seconds: {self.signal_seconds} must be in [0, 65535]")
+        if not 1 <= self.exit_grace <= 65535:
+            raise SubmitError(f"--exit-grace: {self.exit_grace} must be in [1, 65535] seconds")
+        if not 1 <= self.preempt_exit_code <= 255:
+            raise SubmitError(f"--preempt-exit-code: {self.preempt_exit_code} must be in 1..255")
+        if not self.command:
+            raise SubmitError("command: nothing to run; give it after `--`, e.g. -- train.py --config x.yaml")
+        for key in self.env:
+            if not re.fullmatch(r"[A-Za-z_]\w*", key):
+                raise SubmitError(f"--env: {key!r} is not a variable name")
+        for text in (self.job_name, self.output, self.workdir, *self.sbatch_args):
+            if "\n" in text:
+                raise SubmitError(f"{text!r}: newlines are not allowed in sbatch options")
+        return self
+
+    @property
+    def workers_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+def _worker_argv(cfg: SubmitConfig) -> list[str]:
+    cmd = list(cfg.command)
+    if cmd[0].endswith(".py") or cmd[0] == "-m":
+        cmd = [cfg.python, *cmd]
+    return cmd
+
+
+_WAIT_BLOCK = """\
+# `wait` returns early whenever a trapped signal arrives: keep waiting until srun is gone.
+while :; do
+  wait "$workers"; rc=$?
+  kill -0 "$workers" 2>/dev/null && continue
+  if [ "$rc" -gt 128 ]; then wait "$workers" 2>/dev/null; r=$?; [ "$r" -ne 127 ] && rc=$r; fi
+  break
+done
+echo "[bigbatch] workers exited with status $rc"
+if [ "$got_term" = 0 ] && {requeue_test}; then
+  echo "[bigbatch] requeueing job ${{SLURM_JOB_ID}} to resume from its checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
+"""
+
+
+def render_sbatch(cfg: SubmitConfig) -> str:
+    """The sbatch script for ``cfg`` (validated first)."""
+    cfg.validate()
+    path = template_dir() / f"{cfg.template}.sbatch"
+    if not path.is_file():
+        raise SubmitError(f"--template: {path} does not exist")
+    text = path.read_text()
+    lines = []
+    if cfg.signal_seconds and cfg.requeue:
+        lines.append(f"#SBATCH --signal=B:USR1@{cfg.signal_seconds}")
+    lines.append("#SBATCH --requeue" if cfg.requeue else "#SBATCH --no-requeue")
+    if cfg.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={cfg.gpus_per_node}")
+    for opt in ("partition", "account", "qos"):
+        if getattr(cfg, opt):
+            lines.append(f"#SBATCH --{opt}={getattr(cfg, opt)}")
+    lines += [f"#SBATCH {arg}" for arg in cfg.sbatch_args]
+    env = {"PYTHONUNBUFFERED": "1", **cfg.env}
+    worker = _worker_argv(cfg)
+    if not cfg.requeue:
+        requeue_test = "false"
+    elif cfg.template == "srun":
+        requeue_test = f'[ "$rc" = {cfg.preempt_exit_code} ]'
+    else:  # torchrun turns the workers' status into its own; trust the USR1 we saw
+        requeue_test = '[ "$got_usr1" = 1 ] && [ "$rc" != 0 ]'
+    torchrun_cmd = worker[1:] if worker[0] == cfg.python else ["--no-python", *worker]
+    values = {
+        "job_name": cfg.job_name,
+        "nodes": str(cfg.nodes),
+        "tasks_per_node": str(cfg.workers_per_node),
+        "cpus_per_task": str(cfg.cpus_per_task),
+        "cpus_per_node": str(cfg.cpus_per_task * cfg.workers_per_node),
+        "time": cfg.time,
+        "output": cfg.output,
+        "workdir": cfg.workdir,
+        "signal_seconds": str(cfg.signal_seconds),
+        "preempt_exit_code": str(cfg.preempt_exit_code),
+        "exit_grace": str(cfg.exit_grace),
+        "sbatch_lines": "\n".join(lines),
+        "env_lines": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        "srun_args": "".join(shlex.quote(a) + " " for a in cfg.srun_args),
+        "python": shlex.quote(cfg.python),
+        "command": shlex.join(worker),
+        "torchrun_command": shlex.join(torchrun_cmd),
+        "port_base": str(SLURM_PORT_BASE),
+        "port_span": str(SLURM_PORT_SPAN),
+        "wait_block": _WAIT_BLOCK.format(requeue_test=requeue_test),
+    }
+    unknown = sorted(set(_FIELD.findall(text)) - set(values))
+    if unknown:
+        raise SubmitError(f"template {path}: unknown fields {unknown}")
+    return _FIELD.sub(lambda m: values[m.group(1)], text)
+
+
+def submit(cfg: SubmitConfig, *, wait: bool = False, sbatch: str = "sbatch") -> str:
+    """Submit ``cfg`` with ``sbatch --parsable`` (script on stdin) and return the job id.
+    ``wait``: block until the job ends (``sbatch --wait``); a failed job raises."""
+    script = render_sbatch(cfg)
+    exe = shutil.which(sbatch)
+    if exe is None:
+        raise SubmitError(f"sbatch: {sbatch!r} is not on PATH; is this a SLURM login node?")
+    argv = [exe, "--parsable"] + (["--wait"] if wait else [])
+    proc = subprocess.run(argv, input=script, text=True, capture_output=True)
+    job_id = proc.stdout.strip().split(";")[0].splitlines()[0] if proc.stdout.strip() else ""
+    if proc.returncode != 0 and not (wait and job_id):
+        raise SubmitError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
+    if not job_id.isdigit():
+        raise SubmitError(f"sbatch printed no job id: {proc.stdout!r} {proc.stderr!r}")
+    if wait and proc.returncode != 0:
+        raise SubmitError(f"job {job_id} failed (sbatch --wait exit {proc.returncode}): {proc.stderr.strip()}")
+    return job_id

@@ -1,0 +1,262 @@
+"""Batch-size scaling rules: carry hyperparameters tuned at one global batch to another.
+
+``scale_hparams(optimizer, hparams, kappa)`` returns the constructor kwargs to use when the global
+batch (samples per optimizer step) is ``kappa`` times the batch at which ``hparams`` were tuned.
+The rules keep the stochastic differential equation (SDE) that approximates the optimizer the same
+when time is measured in *samples processed*, so a run at the new batch follows the same loss curve
+per sample (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms",
+NeurIPS 2022; Goyal et al. 2017 and Li et al. 2019 for SGD).
+
+Rules (``k`` = kappa):
+
+* Adam, AdamW, RAdam, RMSprop -- square-root rule: ``lr * sqrt(k)``; every ``beta`` (RMSprop's
+  ``alpha`` too) as ``1 - k (1 - beta)`` (``beta_form="paper"``) or ``beta ** k``
+  (``beta_form="power"``, equal to first order in ``1 - beta`` and always in [0, 1));
+  ``eps / sqrt(k)``. RMSprop's heavy-ball ``momentum`` is kept fixed, as in the SGD rule below.
+* SGD -- linear rule: ``lr * k``; ``momentum``, ``dampening`` and ``nesterov`` are kept fixed (the
+  rule of Goyal et al. 2017 used by Malladi et al.): valid while the momentum time scale
+  ``1 / (1 - momentum)`` steps is short compared with the time scale of the dynamics.
+* AdaBound, AMSBound -- a derived rule (no published one), see :func:`adabound_rule_derivation`.
+
+Weight decay. L2-coupled decay (``weight_decay`` added to the gradient: SGD, RMSprop, and Adam,
+RAdam, AdaBound with ``decoupled_weight_decay=False``) is part of the gradient, and the rules already
+carry the gradient over: unchanged. Decoupled decay (AdamW, and the others with
+``decoupled_weight_decay=True``) shrinks the weights by ``(1 - lr * wd)`` per *step*; over ``N``
+samples at batch ``B`` that is ``(1 - lr wd)^(N / B) ~ exp(-lr wd N / B)``. Keeping the decay per
+sample, ``lr' wd' / (k B) = lr wd / B``, gives ``wd' = wd * k / (lr' / lr)``, that is
+``wd * sqrt(k)`` under the square-root rule (the product ``lr * wd`` grows by ``k``, like the
+samples per step). This is first order, exact in the SDE limit, and makes the round trip ``k`` then
+``1 / k`` exact; the exact per-step match ``1 - (1 - lr wd)^k`` differs by ``O((lr wd)^2)``.
+
+Keys the rule touches are filled from the constructor's defaults when absent from ``hparams`` (a
+default ``betas=(0.9, 0.999)`` must be scaled too), so the result names them explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+BetaForm = Literal["paper", "power"]
+
+SQRT_RULE = frozenset({"adam", "adamw", "radam", "rmsprop"})
+LINEAR_RULE = frozenset({"sgd"})
+ADABOUND_RULE = frozenset({"adabound", "amsbound"})
+SCALABLE = SQRT_RULE | LINEAR_RULE | ADABOUND_RULE
+
+
+class ScalingRuleWarning(UserWarning):
+    """A scaling rule was applied where it is known to lose validity."""
+
+
+def _registry() -> tuple[Callable[[Any], type], Callable[[Any], str | None]]:
+    # Imported late so that importing the rules never depends on every optimizer module importing.
+    from bigbatch.optim.registry import canonical_name, get_optimizer_class
+
+    return get_optimizer_class, canonical_name
+
+
+def resolve_family(optimizer: str | type) -> tuple[type[torch.optim.Optimizer], str]:
+    """Class and rule family (a short name in :data:`SCALABLE`) of an optimizer name or class."""
+    get_optimizer_class, canonical_name = _registry()
+    cls = get_optimizer_class(optimizer)
+    family = canonical_name(cls)
+    if family not in SCALABLE:
+        raise ValueError(
+            f"optimizer: no batch-size scaling rule for {cls.__module__}.{cls.__qualname__}; rules exist for "
+            f"{sorted(SCALABLE)} and their subclasses"
+        )
+    return cls, family
+
+
+def _real(field: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{field}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{field}: expected a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_kappa(kappa: Any) -> float:
+    """``kappa`` as a float; raises unless it is a finite real > 0."""
+    k = _real("kappa", kappa)
+    if k <= 0:
+        raise ValueError(f"kappa: must be > 0 (new global batch / reference global batch), got {kappa!r}")
+    return k
+
+
+def scale_beta(field: str, beta: Any, kappa: float, beta_form: BetaForm = "paper") -> float:
+    """One EMA coefficient at ``kappa`` times the batch: ``1 - kappa (1 - beta)`` or ``beta ** kappa``."""
+    b = _real(field, beta)
+    if not 0.0 <= b < 1.0:
+        raise ValueError(f"{field}: must be in [0, 1), got {beta!r}")
+    if beta_form == "power":
+        return b**kappa
+    if beta_form != "paper":
+        raise ValueError(f"beta_form: must be 'paper' or 'power', got {beta_form!r}")
+    scaled = 1.0 - kappa * (1.0 - b)
+    if not 0.0 <= scaled < 1.0:
+        raise ValueError(
+            f"{field}={b!r} at kappa={kappa:g}: 1 - kappa*(1 - {field}) = {scaled:g} is outside [0, 1); "
+            f"use beta_form='power' ({field}**kappa = {b**kappa:.6g}, equal to first order and always valid)"
+        )
+    return scaled
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _check_keys(cls: type, hparams: Mapping[str, Any], what: str) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(n for n in params if n not in ("self", "params"))
+    for key in hparams:
+        if key not in allowed:
+            raise ValueError(f"{what}: {key!r} is not an argument of {cls.__qualname__}; allowed: {allowed}")
+
+
+def _decoupled(family: str, hp: Mapping[str, Any]) -> bool:
+    return family == "adamw" or bool(hp.get("decoupled_weight_decay", False))
+
+
+def scale_hparams(
+    optimizer: str | type,
+    hparams: Mapping[str, Any],
+    kappa: float,
+    *,
+    beta_form: BetaForm = "paper",
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Constructor kwargs for ``kappa`` times the global batch at which ``hparams`` were tuned.
+
+    Args:
+        optimizer: short name (``"adam"``, ``"adamw"``, ``"radam"``, ``"rmsprop"``, ``"sgd"``,
+            ``"adabound"``, ``"amsbound"``), dotted class path or class (subclasses use their base's rule).
+        hparams: reference constructor kwargs (without ``params``); not modified.
+        kappa: new global batch / reference global batch, any real > 0.
+        beta_form: ``"paper"`` (``1 - kappa (1 - beta)``, errors when it leaves [0, 1)) or
+            ``"power"`` (``beta ** kappa``).
+        overrides: values that replace the scaled ones afterwards (e.g. ``{"gamma": 1e-3}`` to opt out
+            of one part of the derived AdaBound rule).
+
+    Returns a new dict: ``hparams`` with the scaled keys (filled from the constructor defaults when
+    absent). The module docstring states every rule and the weight-decay treatment. RAdam: when the
+    scaled ``beta2`` gives ``rho_inf = 2 / (1 - beta2) - 1 <= 5`` the rectified step never engages;
+    with ``degenerated_to_sgd=True`` (default) RAdam then runs as SGD with momentum for the whole
+    run, which is a different optimizer but trains, so a :class:`ScalingRuleWarning` is issued; with
+    ``degenerated_to_sgd=False`` it would never update the weights, so ``ValueError`` is raised.
+    """
+    k = check_kappa(kappa)
+    cls, family = resolve_family(optimizer)
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"hparams: expected a mapping of constructor kwargs, got {type(hparams).__name__}")
+    _check_keys(cls, hparams, "hparams")
+    if overrides is not None:
+        _check_keys(cls, overrides, "overrides")
+    defaults = _defaults(cls)
+    out = dict(hparams)
+
+    def get(key: str) -> Any:
+        if key in hparams:
+            return hparams[key]
+        if key not in defaults:
+            raise ValueError(f"hparams: {key!r} is required by the {family} scaling rule and has no default")
+        return defaults[key]
+
+    if family in LINEAR_RULE:
+        out["lr"] = _real("lr", get("lr")) * k
+        # L2 weight decay and momentum unchanged (module docstring).
+    else:
+        lr_factor = math.sqrt(k)
+        out["lr"] = _real("lr", get("lr")) * lr_factor
+        out["eps"] = _real("eps", get("eps")) / math.sqrt(k)
+        if family == "rmsprop":
+            out["alpha"] = scale_beta("alpha", get("alpha"), k, beta_form)
+        else:
+            betas = get("betas")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+            out["betas"] = (
+                scale_beta("beta1", betas[0], k, beta_form),
+                scale_beta("beta2", betas[1], k, beta_form),
+            )
+        if family in ADABOUND_RULE:
+            out["final_lr"] = _real("final_lr", get("final_lr")) * k
+            out["gamma"] = _real("gamma", get("gamma")) * k
+        if _decoupled(family, {**defaults, **hparams}):
+            wd = _real("weight_decay", get("weight_decay"))
+            out["weight_decay"] = wd * k / lr_factor
+    if overrides:
+        out.update(overrides)
+    if family == "radam":
+        _check_radam(out, defaults, k)
+    return out
+
+
+def _check_radam(hp: Mapping[str, Any], defaults: Mapping[str, Any], kappa: float) -> None:
+    beta2 = _real("beta2", hp["betas"][1])
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    if rho_inf > 5.0:
+        return
+    msg = (
+        f"RAdam at kappa={kappa:g}: scaled beta2={beta2:.6g} gives rho_inf = 2/(1-beta2) - 1 = {rho_inf:.3g} <= 5, "
+        "so the rectified adaptive step never engages"
+    )
+    if hp.get("degenerated_to_sgd", defaults.get("degenerated_to_sgd", True)):
+        warnings.warn(msg + "; RAdam runs as SGD with momentum for the whole run", ScalingRuleWarning, stacklevel=3)
+    else:
+        raise ValueError(msg + " and degenerated_to_sgd=False means no update is ever made; lower kappa")
+
+
+def scale_steps(steps: int, kappa: float) -> int:
+    """A step count tuned at the reference batch (warmup, decay, total) at ``kappa`` times the batch.
+
+    ``round(steps / kappa)``, at least 1 when ``steps > 0``, so the same number of samples is covered.
+    Prefer schedules defined in samples (:mod:`bigbatch.optim.schedules`), which need no conversion.
+    """
+    k = check_kappa(kappa)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+    return 0 if steps == 0 else max(1, round(steps / k))
+
+
+def adabound_rule_derivation() -> str:
+    """The derivation of the AdaBound/AMSBound rule (also the docstring of this function).
+
+    DERIVED rule, not published; every part can be replaced with ``overrides``.
+
+    AdaBound's step is ``p -= clip(lr / (sqrt(v_hat) + eps), lower(t), upper(t)) * m_hat`` with
+    ``lower(t) = final_lr (1 - 1 / (gamma t + 1))`` and ``upper(t) = final_lr (1 + 1 / (gamma t))``,
+    ``t`` the step count.
+
+    1. While the clip is inactive the update is Adam's, so the square-root rule applies to ``lr``,
+       ``betas`` and ``eps``.
+    2. Once the bounds bind, the step is ``final_lr * m_hat``: SGD with an EMA momentum. Its SDE
+       keeps its form under the linear rule, ``final_lr * kappa``; scaling ``1 - beta1`` by
+       ``kappa`` (step 1) is what that SDE also requires for an EMA momentum whose ``1 - beta1`` is
+       of the order of the step size (Li et al. 2019), so both regimes agree on ``beta1``.
+    3. The clip compares ``lr / sqrt(v)`` with the bounds. In the noise-dominated regime where the
+       SDE rules hold, ``v`` is the gradient noise variance ``sigma^2 / B``, so under step 1
+       ``lr / sqrt(v)`` grows by ``sqrt(kappa) * sqrt(kappa) = kappa``: exactly the factor applied to
+       ``final_lr`` in step 2. The clip therefore binds for the same coordinates.
+    4. The bounds tighten as a function of ``gamma * t``; at ``kappa`` times the batch the same
+       number of samples takes ``t / kappa`` steps, so ``gamma * kappa`` keeps the passage from Adam to
+       SGD at the same number of samples.
+
+    The optimizer computes the effective final step as ``final_lr * lr / base_lr`` with ``base_lr``
+    set to the constructor ``lr``; the kwargs returned here are constructor kwargs, so the effective
+    final step is ``final_lr * kappa`` and later scheduler changes of ``lr`` still move it together.
+    Decoupled weight decay is scaled as for Adam (``wd * sqrt(kappa)``), since the decay step is
+    ``lr * wd`` whatever the clip does.
+    """
+    return inspect.getdoc(adabound_rule_derivation) or ""

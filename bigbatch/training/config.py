@@ -1,0 +1,470 @@
+"""Typed run configuration: YAML file + ``--section.key value`` overrides -> :class:`RunConfig`.
+
+One dataclass per section. Unknown keys are errors that name the key and list the valid ones;
+values are coerced to the field's type (PyYAML reads ``6e-4`` as a string, so floats are parsed
+here rather than trusted to YAML). Free-form mappings (``optim.hparams``, ``deepspeed.extra``)
+accept any key; their numeric-looking strings become numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the key, the value and what is allowed."""
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(section: str, key: str, value: Any, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{key}: {value!r} must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM built from a config (never downloaded). Sizes in elements."""
+
+    arch: str = "llama"  # llama | gpt2
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # llama grouped-query attention; None = num_heads
+    intermediate_size: int | None = None  # None: llama 8/3*d rounded to 64, gpt2 4*d
+    max_position_embeddings: int | None = None  # None: data.seq_len
+    vocab_size: int | None = None  # None: the tokenizer's, padded to pad_vocab_to
+    pad_vocab_to: int = 64  # round the embedding up so matmuls tile well
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+    def validate(self) -> None:
+        _choice("model", "arch", self.arch, ("llama", "gpt2"))
+        _choice("model", "attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "max_position_embeddings", "vocab_size", "pad_vocab_to"):
+            _positive("model", key, getattr(self, key))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size: {self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads: {self.num_kv_heads} must divide "
+                              f"model.num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout!r} must be in [0, 1)")
+
+
+@dataclass
+class TokenizerConfig:
+    """``bpe``: byte-level BPE trained on the corpus and cached; ``pretrained``: a local
+    directory or (with a network) a hub name, loaded with ``AutoTokenizer``."""
+
+    kind: str = "bpe"  # bpe | pretrained
+    path: str | None = None  # local dir or hub name, for kind=pretrained
+    vocab_size: int = 2048  # for kind=bpe, including special tokens
+    train_chars: int = 4_000_000  # BPE trains on at most this many characters of the corpus
+
+    def validate(self) -> None:
+        _choice("tokenizer", "kind", self.kind, ("bpe", "pretrained"))
+        if self.kind == "pretrained" and not self.path:
+            raise ConfigError("tokenizer.path: required when tokenizer.kind is 'pretrained' "
+                              "(a local tokenizer directory or a hub name)")
+        if self.kind == "bpe" and self.vocab_size < 260:
+            raise ConfigError(f"tokenizer.vocab_size: {self.vocab_size} is too small for a "
+                              "byte-level BPE; use >= 260 (256 bytes + special tokens)")
+        _positive("tokenizer", "train_chars", self.train_chars)
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is packed.
+
+    ``source``: ``embedded`` (text shipped with Python itself, no download; see
+    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), or ``hub``
+    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once).
+    """
+
+    source: str = "embedded"  # embedded | text | json | parquet | hub
+    embedded: str = "stdlib"  # stdlib (docs + sources) | pydoc | kjv
+    files: list[str] = field(default_factory=list)
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 128  # tokens per packed block
+    val_fraction: float = 0.05  # of blocks, the held-out tail of the corpus
+    max_chars: int | None = None  # truncate the corpus (characters), None = all
+    cache_dir: str = "~/.cache/bigbatch"
+    num_proc: int = 1  # datasets.map workers; the fast tokenizer already uses all cores
+
+    def validate(self) -> None:
+        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub"))
+        _choice("data", "embedded", self.embedded, ("stdlib", "pydoc", "kjv"))
+        if self.source in ("text", "json", "parquet") and not self.files:
+            raise ConfigError(f"data.files: required when data.source is {self.source!r}")
+        if self.source == "hub" and not self.name:
+            raise ConfigError("data.name: required when data.source is 'hub'")
+        _positive("data", "seq_len", self.seq_len)
+        _positive("data", "max_chars", self.max_chars)
+        _positive("data", "num_proc", self.num_proc)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: {self.val_fraction!r} must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its hyperparameters *at the reference global batch* (the batch planner
+    rescales them for the actual one). ``hparams`` are constructor kwargs."""
+
+    name: str = "adabound"  # registry short name or dotted class path
+    hparams: dict = field(default_factory=dict)
+    # Constructor kwargs that are not hyperparameters, passed unscaled: fused/foreach, or
+    # DeepSpeed's torch_adam for its AdamW type (torch_adam: true, fused: true = torch fused AdamW).
+    kwargs: dict = field(default_factory=dict)
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    no_decay_norms_and_biases: bool = True  # weight decay on matrices only
+
+    def validate(self) -> None:
+        from bigbatch.optim.registry import get_optimizer_class
+
+        try:
+            get_optimizer_class(self.name)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"optim.name: {exc}") from None
+        _positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        if "lr" not in self.hparams:
+            raise ConfigError("optim.hparams.lr: required (the learning rate at the reference batch)")
+
+
+@dataclass
+class BatchConfig:
+    """Global batch in sequences. ``policy: fixed`` keeps ``global_batch`` (default: the
+    reference) at any world size; ``scale`` uses ``per_device_batch`` x world size and rescales
+    hyperparameters by kappa = global / reference."""
+
+    reference_global_batch: int = 32
+    policy: str = "fixed"  # fixed | scale
+    global_batch: int | None = None
+    per_device_batch: int | None = None
+    micro_batch_sizes: list[int] = field(default_factory=lambda: [8])  # what fits per device
+    beta_form: str = "paper"  # paper | power
+
+    def validate(self) -> None:
+        _choice("batch", "policy", self.policy, ("fixed", "scale"))
+        _choice("batch", "beta_form", self.beta_form, ("paper", "power"))
+        _positive("batch", "reference_global_batch", self.reference_global_batch)
+        _positive("batch", "global_batch", self.global_batch)
+        _positive("batch", "per_device_batch", self.per_device_batch)
+        if not self.micro_batch_sizes or any(m <= 0 for m in self.micro_batch_sizes):
+            raise ConfigError(f"batch.micro_batch_sizes: {self.micro_batch_sizes!r} must be a "
+                              "non-empty list of positive integers")
+        if self.policy == "scale" and self.per_device_batch is None:
+            raise ConfigError("batch.per_device_batch: required when batch.policy is 'scale'")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule in tokens, so a change of batch size changes only the step count.
+    ``kind``: constant | cosine | linear | wsd (warmup-stable-decay)."""
+
+    kind: str = "cosine"
+    warmup_tokens: int = 0
+    decay_tokens: int | None = None  # wsd: length of the final decay; None = 20% of train.tokens
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+
+    def validate(self) -> None:
+        _choice("schedule", "kind", self.kind, ("constant", "cosine", "linear", "wsd"))
+        _positive("schedule", "warmup_tokens", self.warmup_tokens, allow_zero=True)
+        _positive("schedule", "decay_tokens", self.decay_tokens)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio: {self.min_lr_ratio!r} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length and cadence. ``tokens`` is the budget; ``max_steps`` caps it (tests)."""
+
+    tokens: int = 1_000_000
+    max_steps: int | None = None
+    seed: int = 1234
+    log_every: int = 10  # steps
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_blocks: int = 64  # validation blocks per evaluation (the same ones at any world size)
+    noise_scale_every: int = 0  # steps between gradient-noise-scale measurements; 0 = off
+    noise_scale_warn_factor: float = 2.0  # warn when global batch > factor x B_noise
+    threads: int | None = None  # torch intra-op threads per process; None = cores / local procs
+
+    def validate(self) -> None:
+        _positive("train", "tokens", self.tokens)
+        _positive("train", "max_steps", self.max_steps)
+        _positive("train", "log_every", self.log_every)
+        _positive("train", "eval_every", self.eval_every, allow_zero=True)
+        _positive("train", "eval_blocks", self.eval_blocks)
+        _positive("train", "noise_scale_every", self.noise_scale_every, allow_zero=True)
+        _positive("train", "threads", self.threads)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints go to ``OUT/checkpoints``. On SIGTERM/SIGUSR1 the run saves at the next step
+    boundary and exits with ``preempt_exit_code`` (75 = EX_TEMPFAIL: "try again later")."""
+
+    every_steps: int = 0  # 0 = only at the end and on a signal
+    at_end: bool = True
+    preempt_exit_code: int = 75
+
+    def validate(self) -> None:
+        _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
+        if not 1 <= self.preempt_exit_code <= 255:
+            raise ConfigError(f"checkpoint.preempt_exit_code: {self.preempt_exit_code} must be "
+                              "in 1..255 (0 would look like a finished run)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The engine: a DeepSpeed JSON (``config``, e.g. configs/deepspeed/zero2.json) with
+    ``zero_stage``/``precision`` and ``extra`` (a nested dict) applied on top."""
+
+    config: str | None = None
+    zero_stage: int | None = None  # None: the JSON's, else 0
+    precision: str | None = None  # fp32 | bf16 | fp16; None: the JSON's, else fp32
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: {self.zero_stage!r} must be one of [0, 1, 2, 3]")
+        if self.precision is not None:
+            _choice("deepspeed", "precision", self.precision, ("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class LoggingConfig:
+    progress: str = "auto"  # auto (bar on a terminal, else lines) | bar | lines | none
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    plot: bool = True  # OUT/loss.png at the end
+
+    def validate(self) -> None:
+        _choice("logging", "progress", self.progress, ("auto", "bar", "lines", "none"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing and coercion
+
+_FREE_FORM = {("optim", "hparams"), ("optim", "kwargs"), ("deepspeed", "extra")}
+
+
+def _numeric(value: Any) -> Any:
+    """'6e-4' -> 0.0006, '3' -> 3, nested containers recursively; other values unchanged."""
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+        return value
+    if isinstance(value, list):
+        return [_numeric(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numeric(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(where, args[0], value)
+    if value is None:
+        raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # CLI: "8,16" or "[8, 16]"
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _numeric(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{where}: {value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{where}: {value!r} is not an integer")
+        return int(as_float) if not isinstance(value, int) else value
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: RunConfig, path: list[str], value: Any, source: str) -> None:
+    """Set ``cfg.<path>`` = value with validation of every key along the path."""
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    dotted = ".".join(path)
+    if path[0] not in sections:
+        raise ConfigError(f"{source}: unknown section {path[0]!r} (in {dotted!r}); "
+                          f"valid sections are {sorted(sections)}")
+    section = getattr(cfg, path[0])
+    hints = _section_types(type(section))
+    if len(path) == 1:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted!r} is a section; give a mapping or "
+                              f"{dotted}.<key>, keys are {sorted(hints)}")
+        for key, sub in value.items():
+            _apply(cfg, path + [str(key)], sub, source)
+        return
+    key = path[1]
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {dotted!r}; valid keys in {path[0]!r} are "
+                          f"{sorted(hints)}")
+    if (path[0], key) in _FREE_FORM:
+        current = getattr(section, key)
+        if len(path) == 2:
+            setattr(section, key, _coerce(dotted, dict, value))
+        else:  # --optim.hparams.lr 1e-3 sets one entry of the mapping
+            node = current
+            for part in path[2:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{source}: {dotted!r} goes through a non-mapping value")
+            node[path[-1]] = _numeric(yaml.safe_load(value) if isinstance(value, str) else value)
+        return
+    if len(path) > 2:
+        raise ConfigError(f"{source}: {dotted!r} is too deep; {path[0]}.{key} is a plain value")
+    setattr(section, key, _coerce(dotted, hints[key], value))
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``["--model.hidden_size", "64", "--optim.hparams.lr=1e-3"]`` -> [(key, value), ...]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r}: expected --section.key VALUE or --section.key=VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg!r}: missing value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: list[tuple[str, str]] | list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, then validated. ``overrides`` are (dotted key, value)
+    pairs or raw ``--section.key value`` strings."""
+    cfg = RunConfig()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: file {str(path)!r} does not exist")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config: {path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path}: expected a mapping of sections at the top level")
+        for name, value in data.items():
+            _apply(cfg, [str(name)], value, str(path))
+    if overrides:
+        if isinstance(overrides[0], str):
+            overrides = parse_overrides(list(overrides))  # type: ignore[arg-type]
+        for key, value in overrides:  # type: ignore[misc]
+            _apply(cfg, key.split("."), value, f"--{key}")
+    return cfg.validate()
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConfig:
+    """Apply (dotted key, value) pairs to ``cfg`` in place and validate it."""
+    for key, value in overrides:
+        _apply(cfg, key.split("."), value, f"--{key}")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a resolved YAML)."""
+    cfg = RunConfig()
+    for name, value in data.items():
+        _apply(cfg, [str(name)], value, "dict")
+    return cfg.validate()
+
+
+def dump_yaml(data: dict, path: str | os.PathLike) -> None:
+    """Write YAML atomically (temp name, then os.replace)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)

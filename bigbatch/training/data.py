@@ -1,0 +1,191 @@
+"""Tokenize once, pack into fixed-length blocks, cache on disk, and feed global batches.
+
+Cache layout: ``<cache_dir>/blocks/<key>/{tokens.npy, meta.json}`` where ``key`` hashes the corpus
+fingerprint, the tokenizer fingerprint, ``seq_len`` and ``val_fraction``; any change makes a new
+key. Documents are joined with the tokenizer's eos token and cut into ``seq_len`` blocks (the
+ragged tail is dropped); the last ``val_fraction`` of blocks is the validation split.
+
+Data order is defined globally, independent of the world size: epoch ``e`` visits the training
+blocks in ``permutation(seed, e)``; a run's position is the number of samples consumed. Resuming
+at another world size (same global batch) therefore continues exactly the same sample stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bigbatch.training.config import ConfigError, DataConfig
+from bigbatch.training.corpus import Corpus
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PackedData:
+    """``train`` / ``val``: int arrays of shape (n_blocks, seq_len) (memory-mapped)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    path: str
+    meta: dict
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.shape[1])
+
+
+def cache_key(corpus: Corpus, tokenizer, cfg: DataConfig) -> str:
+    spec = f"v{CACHE_VERSION}|{corpus.fingerprint}|{tokenizer.fingerprint}|{cfg.seq_len}|{cfg.val_fraction}"
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str) -> None:
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids], "n": [len(x) + 1 for x in ids]}
+
+    # datasets caches nothing for in-memory datasets; our cache below is the one that counts.
+    tokenized = corpus.dataset.map(encode, batched=True, batch_size=256, remove_columns=["text"],
+                                   num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                                   desc="tokenizing", load_from_cache_file=False)
+    total = int(np.sum(np.asarray(tokenized["n"], dtype=np.int64)))
+    n_blocks = total // cfg.seq_len
+    n_val = max(1, int(round(n_blocks * cfg.val_fraction)))
+    if n_blocks - n_val < 1:
+        raise ConfigError(
+            f"data: the corpus ({corpus.description}) has {total} tokens, fewer than "
+            f"{2 * cfg.seq_len} needed for one training and one validation block of "
+            f"data.seq_len={cfg.seq_len}; use more text or a smaller seq_len")
+    vocab = len(tokenizer)
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".blocks-")
+    try:
+        arr = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), mode="w+", dtype=dtype,
+                                        shape=(n_blocks, cfg.seq_len))
+        flat = arr.reshape(-1)
+        pos, limit = 0, n_blocks * cfg.seq_len
+        for batch in tokenized.iter(batch_size=1024):
+            for ids in batch["ids"]:
+                take = min(len(ids), limit - pos)
+                if take <= 0:
+                    break
+                flat[pos:pos + take] = ids[:take]
+                pos += take
+        arr.flush()
+        del arr, flat
+        meta = {"version": CACHE_VERSION, "corpus": corpus.fingerprint, "corpus_description": corpus.description,
+                "tokenizer": tokenizer.fingerprint, "vocab_size": vocab, "seq_len": cfg.seq_len,
+                "tokens": total, "blocks": n_blocks, "train_blocks": n_blocks - n_val, "val_blocks": n_val,
+                "dtype": np.dtype(dtype).name}
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(tmp, out_dir)  # the directory appears complete or not at all
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(out_dir, "meta.json")):
+            raise
+        # else another process finished the same cache first: use theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_packed_data(corpus: Corpus, tokenizer, cfg: DataConfig, *, build: bool = True) -> PackedData:
+    """Load the packed blocks from the cache, building them first when ``build`` is true."""
+    out_dir = os.path.join(os.path.expanduser(cfg.cache_dir), "blocks", cache_key(corpus, tokenizer, cfg))
+    meta_path = os.path.join(out_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        if not build:
+            raise FileNotFoundError(f"token cache {out_dir} is missing")
+        _tokenize_and_pack(corpus, tokenizer, cfg, out_dir)
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    blocks = np.load(os.path.join(out_dir, "tokens.npy"), mmap_mode="r")
+    n_train = meta["train_blocks"]
+    return PackedData(train=blocks[:n_train], val=blocks[n_train:], path=out_dir, meta=meta)
+
+
+class BlockStream:
+    """The global sample order over ``n_blocks`` training blocks: epoch ``e`` is
+    ``randperm(n_blocks)`` seeded by (seed, e). Pure function of the position, so it needs no
+    state beyond the number of samples consumed."""
+
+    def __init__(self, n_blocks: int, seed: int):
+        self.n_blocks = n_blocks
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.n_blocks)
+            self._epoch = epoch
+        return self._perm
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        """Block indices of global samples ``start .. start+count-1``."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, self.n_blocks)
+            take = min(count - done, self.n_blocks - offset)
+            out[done:done + take] = self._permutation(epoch)[offset:offset + take]
+            done += take
+        return out
+
+
+class GlobalBatchLoader:
+    """Micro batches of this rank for one optimizer step.
+
+    A step consumes ``global_batch = micro_batch * grad_accum * world_size`` samples starting at
+    ``samples_seen``; micro step ``m`` of rank ``r`` takes the slice
+    ``[(m * world + r) * micro, ... + micro)`` of it. Yields LongTensors of shape
+    (micro_batch, seq_len)."""
+
+    def __init__(self, blocks: np.ndarray, *, micro_batch: int, grad_accum: int, rank: int,
+                 world_size: int, seed: int, samples_seen: int = 0):
+        self.blocks = blocks
+        self.stream = BlockStream(len(blocks), seed)
+        self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.rank = rank
+        self.world_size = world_size
+        self.samples_seen = samples_seen
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def next_step(self) -> list[torch.Tensor]:
+        idx = self.stream.indices(self.samples_seen, self.global_batch)
+        self.samples_seen += self.global_batch
+        out = []
+        for m in range(self.grad_accum):
+            lo = (m * self.world_size + self.rank) * self.micro_batch
+            rows = np.sort(idx[lo:lo + self.micro_batch])  # sorted reads are kinder to the memmap
+            order = np.argsort(np.argsort(idx[lo:lo + self.micro_batch]))
+            out.append(torch.from_numpy(self.blocks[rows][order].astype(np.int64)))
+        return out
+
+
+def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size: int,
+                 max_blocks: int) -> list[torch.Tensor]:
+    """This rank's validation micro batches: the first ``max_blocks`` validation blocks, block
+    ``i`` on rank ``i % world``; the evaluated set does not depend on the world size."""
+    mine = np.arange(rank, min(max_blocks, len(blocks)), world_size)
+    return [torch.from_numpy(blocks[mine[i:i + micro_batch]].astype(np.int64))
+            for i in range(0, len(mine), micro_batch)]

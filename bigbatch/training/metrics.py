@@ -1,0 +1,151 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard, progress display, loss-curve PNG.
+
+``metrics.jsonl`` holds one JSON object per line. Train records have ``kind: "train"`` and at
+least ``step, samples, tokens, loss, lr, grad_norm, tokens_per_s`` plus the other scaled
+hyperparameters; eval records have ``kind: "eval"`` with ``eval_loss`` and ``eval_ppl``; a
+``noise_scale`` key appears on train records when it was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+TRAIN_KEYS = ("step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
+EVAL_KEYS = ("step", "samples", "tokens", "eval_loss", "eval_ppl")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop records logged after ``last_step`` (they belong to steps a resume will redo);
+    rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        for r in kept:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A tqdm bar on a terminal, else one plain line per logged step (or nothing)."""
+
+    def __init__(self, mode: str, total_steps: int, initial: int = 0, enabled: bool = True):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, record: dict | None) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if record is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+        elif self.mode == "lines" and record is not None:
+            print(f"step {record['step']:>6} | tokens {record['tokens']:>11,} | loss {record['loss']:.4f}"
+                  f" | lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f}"
+                  f" | {record['tokens_per_s']:,.0f} tok/s", flush=True)
+
+    def write(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsLogger:
+    """Appends records to ``out_dir/metrics.jsonl`` (flushed per line so a killed run keeps
+    what it logged) and mirrors scalars to TensorBoard when it is installed and enabled.
+    Inactive (no files) on ranks other than 0."""
+
+    def __init__(self, out_dir: str, *, active: bool, tensorboard: bool = True):
+        self.active = active
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        self._fh = None
+        if not active:
+            return
+        self._fh = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSONL only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record.setdefault("time", time.time())
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self.tb is not None:
+            prefix = "eval" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if k not in ("step", "time", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
+    """Train and eval loss against tokens, and the learning rate, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("eval_loss") is not None]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    if train:
+        ax_loss.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="tab:gray")
+    if evals:
+        ax_loss.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        last = evals[-1]
+        ax_loss.annotate(f"ppl {last['eval_ppl']:.1f}", (last["tokens"], last["eval_loss"]),
+                         textcoords="offset points", xytext=(-10, 10), ha="right")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_loss.set_title(title)
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("tokens")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp.{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

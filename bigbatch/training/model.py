@@ -1,0 +1,83 @@
+"""Causal LMs from ``transformers`` configs (Llama by default, GPT-2 as an option), never
+downloaded: weights are initialised locally from ``model.init_std`` and the run seed."""
+
+from __future__ import annotations
+
+import torch
+
+from bigbatch.training.config import ModelConfig
+
+
+def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    """The embedding rows: ``cfg.vocab_size`` if set (must cover the tokenizer), else the
+    tokenizer's size rounded up to ``cfg.pad_vocab_to``."""
+    if cfg.vocab_size is not None:
+        if cfg.vocab_size < tokenizer_vocab:
+            from bigbatch.training.config import ConfigError
+
+            raise ConfigError(f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer_vocab} tokens")
+        return cfg.vocab_size
+    m = cfg.pad_vocab_to
+    return (tokenizer_vocab + m - 1) // m * m
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, *, eos_token_id: int | None = None):
+    """The ``transformers`` config object for ``cfg``."""
+    max_pos = cfg.max_position_embeddings or seq_len
+    if cfg.arch == "llama":
+        from transformers import LlamaConfig
+
+        inter = cfg.intermediate_size or (int(8 * cfg.hidden_size / 3) + 63) // 64 * 64
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=inter,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=max_pos,
+            rope_theta=cfg.rope_theta, initializer_range=cfg.init_std, attention_dropout=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings, use_cache=False,
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None,
+        )
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+        n_inner=cfg.intermediate_size, n_positions=max_pos, initializer_range=cfg.init_std,
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings, use_cache=False,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 0,
+                eos_token_id: int | None = None, device: str | torch.device | None = None):
+    """A freshly initialised ``AutoModelForCausalLM`` in fp32 (the engine casts for bf16/fp16).
+    ``device="meta"`` builds without memory (parameter counting)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(cfg, vocab_size, seq_len, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)  # same init on every rank and every resume
+    if device == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
+                                             dtype=torch.float32)
+    return model.to(device) if device is not None else model
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def param_groups(model, weight_decay: float, *, no_decay_norms_and_biases: bool = True) -> list[dict]:
+    """Two groups: matrices with ``weight_decay``, vectors (norm gains, biases) without, as GPT-2 /
+    Llama pretraining does. One group when ``no_decay_norms_and_biases`` is false."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norms_and_biases:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,103 @@
+"""Shared fixtures. ``slurm_cluster``: one real SLURM cluster (munged, slurmctld, two slurmd
+nodes) for the whole session, started by scripts/slurm_cluster.sh and torn down at the end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+SLURM_DIR = os.environ.get("BIGBATCH_SLURM_DIR", "/tmp/bigbatch-slurm")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def _cluster_prerequisites() -> str | None:
+    """Why the cluster cannot run here, or None."""
+    if os.geteuid() != 0:
+        return f"needs root to start slurmctld/slurmd and edit /etc/hosts; running as uid {os.geteuid()}"
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "srun") if shutil.which(b) is None]
+    if missing:
+        return (f"SLURM not installed ({', '.join(missing)} missing): run "
+                "`bash scripts/slurm_cluster.sh install` (root, Debian 12) first")
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        return "cannot create UTS namespaces (`unshare --uts true` failed): nodes need distinct host names"
+    return None
+
+
+class SlurmCluster:
+    """Handles to the running test cluster (2 nodes: node1, node2; partitions debug, high)."""
+
+    nodes = ("node1", "node2")
+
+    def __init__(self, conf: str):
+        self.conf = conf
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def job_info(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` fields; {} once the job has left slurmctld (MinJobAge)."""
+        proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        if proc.returncode != 0:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float = 120) -> dict[str, str]:
+        """Poll until the job is in one of ``states`` (or gone: returns {} if "GONE" in states)."""
+        end = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < end:
+            info = self.job_info(job_id)
+            if (not info and "GONE" in states) or info.get("JobState") in states:
+                return info
+            if not info:
+                raise AssertionError(f"job {job_id} vanished while waiting for {states}")
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {info}")
+
+    def wait_done(self, job_id: str, timeout: float = 180) -> dict[str, str]:
+        """Wait for a terminal state; the info is {} when the job already aged out."""
+        return self.wait_state(job_id, TERMINAL | {"GONE"}, timeout)
+
+    def logs(self) -> str:
+        """Tails of the daemons' logs, for failure messages."""
+        out = []
+        for p in sorted(Path(SLURM_DIR, "log").glob("*.log")):
+            out.append(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    why = _cluster_prerequisites()
+    if why:
+        pytest.fail(f"real SLURM cluster unavailable: {why}", pytrace=False)
+    env = {**os.environ, "BIGBATCH_SLURM_DIR": SLURM_DIR}
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, env=env, timeout=120)
+    conf = f"{SLURM_DIR}/slurm.conf"
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    try:
+        if up.returncode != 0:
+            pytest.fail(f"scripts/slurm_cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}",
+                        pytrace=False)
+        yield SlurmCluster(conf)
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], capture_output=True, env=env, timeout=120)
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf

@@ -1,0 +1,241 @@
+"""Run a list of DeepSpeed cases in ONE process group of ``--world`` real processes (gloo, CPU).
+
+    python tests/sharding_worker.py --world 2 --cases cases.json --out results.json
+
+Each case builds a fresh engine with ``bigbatch.sharding.build_engine``; rank 0 writes
+``{case name: result}`` to ``--out`` (an ``"error"`` entry holds a traceback). The pytest files
+compare the results against unsharded single-process runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sharding_common as common  # noqa: E402
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _tolist(full: dict) -> dict:
+    return {n: {"fp32": e["fp32"].tolist(), "state": {k: v.tolist() for k, v in e["state"].items()}}
+            for n, e in full.items()}
+
+
+def _plan(case: dict, world: int):
+    """A BatchPlan (bigbatch.optim.batch_planner) for the case's global batch, or None."""
+    if "plan" not in case:
+        return None
+    from bigbatch.optim.batch_planner import plan_batch
+
+    p = case["plan"]
+    return plan_batch(world, p["micro_batch_sizes"], reference_global_batch=p["reference_global_batch"],
+                      optimizer=case["opt"], hparams=common.ctor_hparams(case["opt"]), policy=p["policy"],
+                      global_batch=p.get("global_batch"), per_device_batch=p.get("per_device_batch"))
+
+
+def _build(case: dict, world: int, plan=None):
+    from bigbatch.sharding import build_engine
+
+    model = common.make_gpt2() if case.get("model") == "gpt2" else common.make_model(case.get("seed", 0))
+    extra = {}
+    if case.get("bf16"):
+        extra["bf16"] = {"enabled": True}
+    if case.get("offload"):
+        extra_zero = {"offload_optimizer": {"device": "cpu"}}
+    else:
+        extra_zero = {}
+    if "config" in case:  # a shipped JSON, with what the batch planner would fill given by hand
+        from bigbatch.sharding import load_ds_config
+
+        cfg = load_ds_config(case["config"])
+        cfg.update(train_batch_size=case["gb"], gradient_accumulation_steps=case["gas"],
+                   optimizer={"type": common.TYPE_NAMES[case["opt"]], "params": dict(common.HPARAMS[case["opt"]])})
+    else:
+        cfg = common.ds_config(case["opt"], case["stage"], case["gb"], case["gas"], **extra)
+        cfg["zero_optimization"].update(extra_zero)
+    if plan is not None:
+        for k in ("train_batch_size", "gradient_accumulation_steps"):
+            cfg[k] = "auto"
+        cfg["optimizer"]["params"] = {"foreach": True}
+    use_groups = case.get("groups", True) and case.get("model") != "gpt2"
+    groups = common.param_groups(model, common.HPARAMS[case["opt"]]["lr"]) if use_groups else None
+    sched = common.warmup if case.get("sched", True) else None
+    engine, _, _ = build_engine(model, cfg, plan=plan, param_groups=groups, lr_scheduler=sched)
+    return engine
+
+
+def _train(engine, start: int, steps: int, world: int, rank: int) -> list[float]:
+    gb, mb, gas = engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(), \
+        engine.gradient_accumulation_steps()
+    dtype = next(engine.module.parameters()).dtype
+    lm = hasattr(engine.module, "config")  # the GPT-2 case: token batches, the model's own LM loss
+    losses = []
+    for t in range(start, start + steps):
+        total = torch.zeros((), dtype=torch.float64)
+        for m in range(gas):
+            if lm:
+                lo = (m * world + rank) * mb
+                ids = common.token_batch(t, gb)[lo:lo + mb]
+                loss = engine(input_ids=ids, labels=ids).loss
+            else:
+                x, y = common.micro_batch(t, gb, world, rank, mb, m)
+                loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().double()
+        total /= gas
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
+    return losses
+
+
+def run_case(case: dict, world: int, rank: int) -> dict:
+    from bigbatch.sharding import CheckpointError, load_checkpoint, save_checkpoint
+    from bigbatch.sharding import state as st
+    from bigbatch.sharding.checkpoint import META, load_full_state
+
+    kind = case["kind"]
+    out: dict = {}
+    if kind == "train":
+        engine = _build(case, world)
+        out["losses"] = _train(engine, 0, case["steps"], world, rank)
+        out["full"] = _tolist(st.gather_full_state(engine))
+        out["micro_batch"] = engine.train_micro_batch_size_per_gpu()
+        out["stage"] = st.stage_of(engine)
+        out["bf16"] = next(engine.module.parameters()).dtype == torch.bfloat16
+    elif kind == "save":
+        engine = _build(case, world)
+        out["losses"] = _train(engine, 0, case["steps"], world, rank)
+        out["path"] = save_checkpoint(engine, case["dir"], tag=case.get("tag"),
+                                      client_state={"data_position": case["steps"]})
+        out["rng_after_save"] = torch.rand(3).tolist()  # resume must draw the same numbers
+        if case.get("continue_steps"):  # the uninterrupted run, for a resume at another world size
+            out["losses_after"] = _train(engine, case["steps"], case["continue_steps"], world, rank)
+    elif kind == "resume":
+        plan = _plan(case, world)
+        engine = _build(case, world, plan)
+        capture = _Capture()
+        logging.getLogger("bigbatch").addHandler(capture)
+        logging.getLogger("bigbatch").setLevel(logging.INFO)
+        try:
+            client = load_checkpoint(engine, case["dir"], tag=case.get("tag"), plan=plan)
+        finally:
+            logging.getLogger("bigbatch").removeHandler(capture)
+        out["client_state"] = client
+        out["rng_after_load"] = torch.rand(3).tolist()
+        out["log"] = capture.messages
+        out["global_steps"] = engine.global_steps
+        out["group_hparams"] = [{k: v for k, v in g.items() if k != "params"}
+                                for g in engine.basic_optimizer.param_groups]
+        out["group_steps"] = st.group_steps(engine)
+        full = st.gather_full_state(engine)
+        meta = torch.load(os.path.join(_tag_dir(case), META), weights_only=False)
+        saved, _ = load_full_state(_tag_dir(case), meta["full_state_parts"])
+        diffs = {}
+        for name, entry in saved.items():
+            diffs[f"{name}/fp32"] = float((full[name]["fp32"] - entry["fp32"]).abs().max())
+            for k, v in entry["state"].items():
+                diffs[f"{name}/{k}"] = float((full[name]["state"][k] - v).abs().max()) if k in full[name]["state"] \
+                    else float("inf")
+        out["state_diffs"] = diffs
+        out["state_keys"] = sorted({k for e in full.values() for k in e["state"]})
+        if case.get("more_steps"):
+            out["losses"] = _train(engine, case["start"], case["more_steps"], world, rank)
+            out["full"] = _tolist(st.gather_full_state(engine))
+    elif kind == "atomic":
+        engine = _build(case, world)
+        d = case["dir"]
+        _train(engine, 0, 3, world, rank)
+        save_checkpoint(engine, d, tag="good")
+        _train(engine, 3, 2, world, rank)
+        save_checkpoint(engine, d, tag="broken")
+        if rank == 0:  # truncate one of DeepSpeed's files after the save completed
+            victim = sorted(f for f in os.listdir(os.path.join(d, "broken")) if "optim_states" in f)[0]
+            path = os.path.join(d, "broken", victim)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+        dist.barrier()
+        try:
+            load_checkpoint(engine, d)
+            out["refused"] = None
+        except CheckpointError as exc:
+            out["refused"] = str(exc)
+        engine2 = _build(case, world)
+        load_checkpoint(engine2, d, fallback=True)
+        out["fallback_global_steps"] = engine2.global_steps
+        out["fallback_losses"] = _train(engine2, 3, 2, world, rank)
+        engine = engine2
+    else:
+        raise ValueError(f"unknown case kind {kind!r}")
+    engine.destroy()
+    return out
+
+
+def _tag_dir(case):
+    from bigbatch.sharding.checkpoint import read_latest
+
+    return os.path.join(case["dir"], case.get("tag") or read_latest(case["dir"]))
+
+
+def _worker(rank: int, world: int, cases: list, out_path: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    results = {}
+    for case in cases:
+        try:
+            results[case["name"]] = run_case(case, world, rank)
+        except Exception:  # recorded for the test to report; the other ranks fail the same way
+            results[case["name"]] = {"error": traceback.format_exc()}
+        dist.barrier()
+    if rank == 0:
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, out_path)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--world", type=int, required=True)
+    ap.add_argument("--cases", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    with open(args.cases) as f:
+        cases = json.load(f)
+    mp.spawn(_worker, args=(args.world, cases, args.out, _free_port()), nprocs=args.world, join=True)
+
+
+if __name__ == "__main__":
+    main()

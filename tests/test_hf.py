@@ -1,0 +1,232 @@
+"""bigbatch.hf: HF Trainer and Accelerate with AdaBound/AMSBound/RAdam, DeepSpeed configs, scaling rules.
+
+Real runs: tests/hf_worker.py under torchrun (1 and 2 gloo processes, with and without DeepSpeed
+ZeRO-2; every case in one launch per world size) and examples/accelerate_train.py under
+``accelerate launch`` (2 processes, with and without the DeepSpeed plugin).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.hf import (BigBatchTrainingArguments, ScalingRulesCallback, format_optim_args, optimizer_cls_and_kwargs,
+                         parse_optim_args, split_optimizer_block)
+from bigbatch.optim import AdaBound, AMSBound, RAdam, scale_hparams
+from bigbatch.sharding import DSConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": str(REPO)}
+for _k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+    ENV.pop(_k, None)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, timeout=300):
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout}s:\n{(exc.stdout or b'')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def _args(tmp_path, **kw):
+    kw.setdefault("report_to", [])
+    return BigBatchTrainingArguments(output_dir=str(tmp_path / "out"), **kw)
+
+
+# --- names, optim_args and errors (no launch) --------------------------------------------------------------
+
+
+def test_optim_by_name_and_optim_args(tmp_path):
+    args = _args(tmp_path, optim="AMSBound", optim_args="final_lr=0.2, gamma=2e-3", learning_rate=1e-3,
+                 adam_beta1=0.8, adam_epsilon=1e-7)
+    assert args.bigbatch_optim == "amsbound"
+    cls, kw = optimizer_cls_and_kwargs(args.bigbatch_optim, args)
+    assert cls is AMSBound
+    assert kw == {"lr": 1e-3, "betas": (0.8, 0.999), "eps": 1e-7, "final_lr": 0.2, "gamma": 2e-3}
+    extra = {"final_lr": 0.2, "gamma": 2e-3, "amsbound": True}
+    assert parse_optim_args(format_optim_args(extra), AdaBound) == extra
+
+
+def test_plain_trainer_optimizer_cls_and_kwargs_keeps_decay_groups(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, weight_decay=0.1, report_to=[],
+                             optim_args="degenerated_to_sgd=false", use_cpu=True)
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("radam", args))
+    opt = trainer.create_optimizer()
+    assert type(opt) is RAdam
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # Linear weight | Linear bias, LayerNorm w, b
+    assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["degenerated_to_sgd"] is False
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(optim="adabund"), r"optim='adabund': unknown; bigbatch's are \['adabound', 'amsbound', 'radam'\]"),
+    (dict(optim="adabound", optim_args="final_lr=-1"), r"final_lr: -1"),
+    (dict(optim="adabound", optim_args="gamma=1.5"), r"gamma: 1.5"),
+    (dict(optim="adabound", optim_args="gamma=abc"), r"gamma='abc' is not a number"),
+    (dict(optim="radam", optim_args="final_lr=0.1"), r"RAdam takes no 'final_lr'; allowed: \["),
+    (dict(optim="adabound", optim_args="lr=0.1"), r"lr is set by the training argument learning_rate"),
+    (dict(optim="adabound", optim_args="amsbound=maybe"), r"amsbound='maybe' is not a boolean"),
+    (dict(optim="radam", learning_rate=-1.0), r"RAdam\(lr=-1.0.*lr"),
+    (dict(optim="adabound", reference_batch_size=0), r"reference_batch_size: expected an int >= 1, got 0"),
+])
+def test_bad_names_and_hparams(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _args(tmp_path, **kwargs)
+
+
+def test_bad_name_in_factory():
+    with pytest.raises(ValueError, match=r"unknown name 'adabund'; known names are \['adabound'"):
+        optimizer_cls_and_kwargs("adabund")
+    with pytest.raises(ValueError, match=r"AdaBound takes no 'momentum' here"):
+        optimizer_cls_and_kwargs("adabound", momentum=0.9)
+
+
+# --- DeepSpeed configs ----------------------------------------------------------------------------------------
+
+
+def _ds(block):
+    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
+            "optimizer": block}
+
+
+def test_split_optimizer_block_our_types_only(tmp_path):
+    cfg, block = split_optimizer_block(_ds({"type": "AdaBound", "params": {"lr": "auto", "gamma": 0.01}}))
+    assert "optimizer" not in cfg and cfg["zero_allow_untested_optimizer"] is True
+    assert block.name == "adabound" and block.params == {"lr": "auto", "gamma": 0.01}
+    cfg, block = split_optimizer_block(_ds({"type": "AdamW", "params": {"lr": 1e-3}}))
+    assert block is None and cfg["optimizer"]["type"] == "AdamW"  # DeepSpeed's own: left to it
+    cfg, block = split_optimizer_block(str(REPO / "configs/deepspeed/zero3_offload.json"), "radam")
+    assert block.name == "radam" and cfg["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(DSConfigError, match=r"optimizer.params.final_lr: RAdam does not take it"):
+        split_optimizer_block(_ds({"type": "RAdam", "params": {"final_lr": 0.1}}))
+    with pytest.raises(DSConfigError, match=r"optimizer.type=\"auto\": name the optimizer"):
+        split_optimizer_block(_ds({"type": "auto"}))
+
+
+def test_ds_block_auto_filled_like_the_trainer(tmp_path):
+    ds = _ds({"type": "AMSBound", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
+                                              "final_lr": "auto", "gamma": 0.003}})
+    args = _args(tmp_path, deepspeed=ds, optim_args="final_lr=0.2", learning_rate=1e-3, weight_decay=0.05)
+    assert args.bigbatch_optim == "amsbound" and "optimizer" not in args.hf_deepspeed_config.config
+    assert args.hf_deepspeed_config.config["zero_allow_untested_optimizer"] is True
+    cls, kw = optimizer_cls_and_kwargs(args.bigbatch_optim, args)
+    assert cls is AMSBound and kw == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "final_lr": 0.2, "gamma": 0.003}
+
+
+@pytest.mark.parametrize("params, extra, match", [
+    ({"lr": 0.1}, {}, r"optimizer.params.lr=0.1 in the DeepSpeed config but the training argument learning_rate=5e-05"),
+    ({"final_lr": 0.3}, {"optim_args": "final_lr=0.2"}, r"optimizer.params.final_lr=0.3 .* contradicts optim_args"),
+    ({"nope": 1}, {}, r"optimizer.params.nope: AdaBound does not take it"),
+])
+def test_ds_block_errors(tmp_path, params, extra, match):
+    with pytest.raises(DSConfigError, match=match):
+        _args(tmp_path, deepspeed=_ds({"type": "AdaBound", "params": params}), **extra)
+
+
+def test_ds_block_name_conflict_and_use_cpu(tmp_path):
+    with pytest.raises(ValueError, match=r"optim='radam' but the DeepSpeed config's optimizer.type names 'adabound'"):
+        _args(tmp_path, optim="radam", deepspeed=_ds({"type": "AdaBound"}))
+    with pytest.raises(ValueError, match=r"use_cpu=True with deepspeed"):
+        _args(tmp_path, optim="radam", use_cpu=True, deepspeed=_ds({"type": "auto"}))
+
+
+# --- scaling callback -----------------------------------------------------------------------------------------
+
+
+def test_scaling_callback_values(tmp_path):
+    args = _args(tmp_path, optim="adabound", optim_args="final_lr=0.1,gamma=0.001,decoupled_weight_decay=true",
+                 learning_rate=1e-3, weight_decay=0.1, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                 max_steps=1000, warmup_steps=100, use_cpu=True)
+    cb = ScalingRulesCallback(reference_batch_size=4)
+    applied = cb.apply(args)  # world size 1 here: global batch 16, kappa 4
+    want = scale_hparams("adabound", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1,
+                                      "final_lr": 0.1, "gamma": 0.001, "decoupled_weight_decay": True}, 4.0)
+    assert applied.kappa == 4.0 and applied.global_batch == 16
+    assert math.isclose(args.learning_rate, 2e-3) and (args.adam_beta1, args.adam_beta2) == want["betas"]
+    assert math.isclose(args.adam_epsilon, 5e-9) and math.isclose(args.weight_decay, 0.2)  # decoupled: x sqrt(kappa)
+    assert (args.max_steps, args.warmup_steps) == (250, 25)
+    _, kw = optimizer_cls_and_kwargs("adabound", args)
+    assert math.isclose(kw["final_lr"], 0.4) and math.isclose(kw["gamma"], 0.004)
+    with pytest.raises(RuntimeError, match="already scaled once"):
+        cb.apply(args)
+
+
+def test_scaling_callback_refuses_invalid_beta(tmp_path):
+    args = _args(tmp_path, optim="radam", per_device_train_batch_size=44, use_cpu=True)
+    with pytest.raises(ValueError, match=r"beta_form=.power."):
+        ScalingRulesCallback(reference_batch_size=4).apply(args)  # kappa 11: 1 - 11 * 0.1 < 0
+
+
+# --- real runs ------------------------------------------------------------------------------------------------
+
+
+def _check_trainer_results(out: Path, cases, world):
+    for case in cases:
+        res = json.loads((out / f"{case}.json").read_text())
+        assert res["world_size"] == world and res["kappa"] == world
+        assert res["optimizer"] == {"adabound": "AdaBound", "radam": "RAdam", "amsbound_zero2": "AMSBound"}[case]
+        assert res["deepspeed"] == (case == "amsbound_zero2")
+        losses = [res["losses"][str(s)] for s in range(1, res["steps"] + 1)]
+        assert losses[-1] < losses[0] - 0.1, f"{case}: {losses}"
+        assert res["resume_max_abs_diff"] < 1e-4
+        for k, v in res["expected"].items():
+            if k in res["hparams"] and k != "weight_decay":
+                assert res["hparams"][k] == pytest.approx(v, rel=1e-12), (case, k)
+
+
+def test_trainer_one_process(tmp_path):
+    cases = ["adabound", "radam", "amsbound_zero2"]
+    _run([BIN / "torchrun", "--nproc_per_node", "1", "--master_port", str(_port()), "tests/hf_worker.py",
+          str(tmp_path), *cases])
+    _check_trainer_results(tmp_path, cases, 1)
+
+
+def test_trainer_two_processes(tmp_path):
+    # The DeepSpeed dict config under torchrun on CPU: the "4 != 4 * 1 * 2" trap must not come back.
+    cases = ["adabound", "amsbound_zero2"]
+    _run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(_port()), "tests/hf_worker.py",
+          str(tmp_path), *cases])
+    _check_trainer_results(tmp_path, cases, 2)
+
+
+@pytest.mark.parametrize("launch, optimizer, zero", [
+    (["--multi_gpu"], "adabound", None),
+    (["--use_deepspeed", "--deepspeed_config_file", "configs/deepspeed/zero2.json"], "amsbound", 2),
+], ids=["ddp", "deepspeed_zero2"])
+def test_accelerate_launch_two_processes(tmp_path, launch, optimizer, zero):
+    out = tmp_path / "result.json"
+    _run([BIN / "accelerate", "launch", *launch, "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+          "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), "examples/accelerate_train.py",
+          "--optimizer", optimizer, "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["is_ours"] and res["optimizer"] == {"adabound": "AdaBound", "amsbound": "AMSBound"}[optimizer]
+    assert res["num_processes"] == 2 and res["kappa"] == 2.0
+    assert res["distributed_type"] == ("DistributedType.DEEPSPEED" if zero else "DistributedType.MULTI_CPU")
+    assert res["zero_stage"] == zero and res["ds_world_size"] == (2 if zero else None)
+    assert [g["weight_decay"] for g in res["param_groups"]] == [res["expected"]["weight_decay"], 0.0]
+    for k in ("lr", "betas", "eps", "final_lr", "gamma"):
+        assert res["param_groups"][0][k] == pytest.approx(res["expected"][k], rel=1e-12), k
+    assert res["param_groups"][0]["amsbound"] is (optimizer == "amsbound")
+    assert res["losses"][-1] < res["losses"][0] - 0.5, res["losses"]

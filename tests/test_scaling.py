@@ -1,0 +1,198 @@
+"""Scaling rules: every family's formulas, weight decay, beta forms, round trips, validation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from bigbatch.optim import (AdaBound, AMSBound, RAdam, ScalingRuleWarning, get_optimizer_class, scale_hparams,
+                            scale_steps)
+from bigbatch.optim.scaling import adabound_rule_derivation
+
+FAMILY_HPARAMS = {
+    "adam": {"lr": 3e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01},
+    "adamw": {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+    "radam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "decoupled_weight_decay": True, "weight_decay": 0.05},
+    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "momentum": 0.5},
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True},
+    "adabound": {"lr": 1e-3, "betas": (0.9, 0.999), "final_lr": 0.1, "gamma": 1e-3, "eps": 1e-8},
+    "amsbound": {"lr": 1e-3, "final_lr": 0.05, "gamma": 2e-3, "weight_decay": 0.01, "decoupled_weight_decay": True},
+}
+
+
+def test_square_root_rule_adam_family():
+    k = 4.0
+    out = scale_hparams("adam", FAMILY_HPARAMS["adam"], k)
+    assert out["lr"] == pytest.approx(6e-4)
+    assert out["betas"] == pytest.approx((1 - 4 * 0.1, 1 - 4 * 0.02))
+    assert out["eps"] == pytest.approx(5e-7)
+    assert out["weight_decay"] == 0.01  # coupled L2: part of the gradient, unchanged
+
+    out = scale_hparams("adamw", FAMILY_HPARAMS["adamw"], k)
+    assert out["weight_decay"] == pytest.approx(0.2)  # decoupled: wd * sqrt(k)
+    assert out["lr"] * out["weight_decay"] == pytest.approx(k * 3e-4 * 0.1)  # lr*wd grows like samples/step
+
+    out = scale_hparams("adam", {**FAMILY_HPARAMS["adam"], "decoupled_weight_decay": True}, k)
+    assert out["weight_decay"] == pytest.approx(0.02)
+
+    out = scale_hparams("radam", FAMILY_HPARAMS["radam"], k)
+    assert out["betas"] == pytest.approx((0.6, 0.996)) and out["weight_decay"] == pytest.approx(0.1)
+
+
+def test_rmsprop_scales_alpha_keeps_momentum():
+    out = scale_hparams("rmsprop", FAMILY_HPARAMS["rmsprop"], 9.0)
+    assert out["lr"] == pytest.approx(3e-2)
+    assert out["alpha"] == pytest.approx(1 - 9 * 0.01)
+    assert out["eps"] == pytest.approx(1e-8 / 3)
+    assert out["momentum"] == 0.5
+
+
+def test_sgd_linear_rule_keeps_momentum_and_l2():
+    out = scale_hparams("sgd", FAMILY_HPARAMS["sgd"], 8)
+    assert out == {"lr": pytest.approx(0.8), "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    assert scale_hparams(torch.optim.SGD, {"lr": 0.4}, 0.25)["lr"] == pytest.approx(0.1)
+
+
+def test_adabound_derived_rule_and_effective_final_lr():
+    k = 4.0
+    ref = FAMILY_HPARAMS["adabound"]
+    out = scale_hparams("adabound", ref, k)
+    assert out["lr"] == pytest.approx(2e-3) and out["eps"] == pytest.approx(5e-9)
+    assert out["final_lr"] == pytest.approx(0.4) and out["gamma"] == pytest.approx(4e-3)
+    assert out["betas"] == pytest.approx((0.6, 0.996))
+    # The optimizer sets base_lr to the constructor lr, so the effective final step is final_lr * k.
+    opt = AdaBound([torch.nn.Parameter(torch.zeros(3))], **out)
+    g = opt.param_groups[0]
+    assert g["base_lr"] == pytest.approx(out["lr"])
+    assert g["final_lr"] * g["lr"] / g["base_lr"] == pytest.approx(ref["final_lr"] * k)
+    ams = scale_hparams(AMSBound, FAMILY_HPARAMS["amsbound"], k)
+    assert ams["weight_decay"] == pytest.approx(0.02) and ams["final_lr"] == pytest.approx(0.2)
+    # Users can replace any part of the derived rule.
+    kept = scale_hparams("adabound", ref, k, overrides={"gamma": 1e-3, "final_lr": 0.1})
+    assert kept["gamma"] == 1e-3 and kept["final_lr"] == 0.1 and kept["lr"] == pytest.approx(2e-3)
+    doc = adabound_rule_derivation()
+    assert "DERIVED" in doc and "gamma * kappa" in doc and "final_lr * kappa" in doc
+
+
+def test_defaults_are_filled_and_scaled():
+    out = scale_hparams("adam", {"lr": 1e-3}, 4)
+    assert out["betas"] == pytest.approx((0.6, 0.996)) and out["eps"] == pytest.approx(5e-9)
+    out = scale_hparams("adamw", {}, 4)  # torch AdamW's default weight_decay=0.01 is decoupled
+    assert out["weight_decay"] == pytest.approx(0.02) and out["lr"] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_HPARAMS))
+@pytest.mark.parametrize("beta_form", ["paper", "power"])
+@pytest.mark.parametrize("kappa", [0.3, 2.5, 4.0, 7.0])
+def test_round_trip(family, beta_form, kappa):
+    ref = FAMILY_HPARAMS[family]
+    there = scale_hparams(family, ref, kappa, beta_form=beta_form)
+    back = scale_hparams(family, there, 1 / kappa, beta_form=beta_form)
+    assert back.keys() == there.keys()
+    for key, value in ref.items():
+        assert back[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert ref == FAMILY_HPARAMS[family]  # input not modified
+    if family != "sgd":
+        assert there != back
+
+
+def test_scaled_kwargs_build_real_optimizers():
+    for family, hp in FAMILY_HPARAMS.items():
+        out = scale_hparams(family, hp, 3.0, beta_form="power")
+        opt = get_optimizer_class(family)([torch.nn.Parameter(torch.ones(2))], **out)
+        assert opt.param_groups[0]["lr"] == pytest.approx(out["lr"])
+
+
+def test_beta_forms():
+    with pytest.raises(ValueError, match=r"beta1=0.9 at kappa=20.*outside \[0, 1\).*beta_form='power'"):
+        scale_hparams("adam", {"betas": (0.9, 0.999)}, 20)
+    with pytest.raises(ValueError, match=r"alpha=0.99 at kappa=200"):
+        scale_hparams("rmsprop", {}, 200)
+    out = scale_hparams("adam", {"betas": (0.9, 0.999)}, 20, beta_form="power")
+    assert out["betas"] == pytest.approx((0.9**20, 0.999**20))
+    # Equal to first order in (1 - beta): for small kappa * (1 - beta) the two forms agree.
+    paper = scale_hparams("adam", {"betas": (0.999, 0.9999)}, 2)["betas"]
+    power = scale_hparams("adam", {"betas": (0.999, 0.9999)}, 2, beta_form="power")["betas"]
+    assert paper == pytest.approx(power, abs=2e-6)
+    with pytest.raises(ValueError, match="beta_form: must be 'paper' or 'power', got 'linear'"):
+        scale_hparams("adam", {}, 2, beta_form="linear")
+    with pytest.raises(ValueError, match=r"beta2: must be in \[0, 1\), got 1.0"):
+        scale_hparams("adam", {"betas": (0.9, 1.0)}, 2)
+
+
+def test_radam_rho_inf_guard():
+    # (beta1 = 0.999 so that the paper form stays valid) beta2 = 0.999 -> 1 - beta2 = 1e-3 * kappa; rho_inf = 2 / (1e-3 * kappa) - 1 <= 5 from kappa = 333.4.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale_hparams("radam", {"betas": (0.999, 0.999)}, 333)
+    with pytest.warns(ScalingRuleWarning, match=r"rho_inf .* <= 5"):
+        out = scale_hparams("radam", {"betas": (0.999, 0.999)}, 400)
+    RAdam([torch.nn.Parameter(torch.ones(1))], **out)
+    with pytest.raises(ValueError, match="degenerated_to_sgd=False"):
+        scale_hparams("radam", {"betas": (0.999, 0.999), "degenerated_to_sgd": False}, 400)
+
+
+def test_validation_errors():
+    for bad in (0, -1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="kappa"):
+            scale_hparams("adam", {}, bad)
+    with pytest.raises(ValueError, match=r"no batch-size scaling rule for torch.optim.adagrad.Adagrad"):
+        scale_hparams(torch.optim.Adagrad, {}, 2)
+    with pytest.raises(ValueError, match="unknown name 'lamb'"):
+        scale_hparams("lamb", {}, 2)
+    with pytest.raises(ValueError, match=r"hparams: 'momentum' is not an argument of Adam"):
+        scale_hparams("adam", {"momentum": 0.9}, 2)
+    with pytest.raises(ValueError, match=r"overrides: 'final_lr' is not an argument of Adam"):
+        scale_hparams("adam", {}, 2, overrides={"final_lr": 0.1})
+    with pytest.raises(ValueError, match="lr: expected a finite real number"):
+        scale_hparams("sgd", {"lr": "fast"}, 2)
+
+
+def test_subclass_uses_base_rule():
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    assert scale_hparams(MyAdamW, {"weight_decay": 0.1}, 4)["weight_decay"] == pytest.approx(0.2)
+
+
+def test_decoupled_decay_per_sample_is_kept():
+    """Zero gradients: AdamW only decays. Same samples at B and 4B -> same weights to O((lr wd)^2)."""
+    ref = {"lr": 1e-2, "weight_decay": 0.1}
+    final = []
+    for k in (1, 4):
+        p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = torch.optim.AdamW([p], **scale_hparams("adamw", ref, k))
+        for _ in range(400 // k):
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        final.append(float(p.detach()))
+    assert final[0] == pytest.approx((1 - 1e-3) ** 400)
+    assert final[1] == pytest.approx(final[0], rel=5e-3)  # 400 * (1e-3 * 4)^2 / 2 ~ 3e-3
+    p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))  # unscaled decay at 4B decays 2x less per sample
+    opt = torch.optim.AdamW([p], **scale_hparams("adamw", ref, 4, overrides={"weight_decay": 0.1}))
+    for _ in range(100):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert abs(math.log(float(p.detach())) / math.log(final[0]) - 0.5) < 0.01
+
+
+def test_scale_steps():
+    assert scale_steps(1000, 4) == 250
+    assert scale_steps(1000, 0.5) == 2000
+    assert scale_steps(3, 8) == 1 and scale_steps(0, 8) == 0
+    with pytest.raises(ValueError, match="steps: expected an int >= 0, got -5"):
+        scale_steps(-5, 2)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_HPARAMS))
+@pytest.mark.parametrize("beta_form", ["paper", "power"])
+def test_rules_compose(family, beta_form):
+    """Scaling by k1 then k2 equals scaling by k1 * k2 (a resumed run is rescaled relative to the saved one)."""
+    ref = FAMILY_HPARAMS[family]
+    two_steps = scale_hparams(family, scale_hparams(family, ref, 2.0, beta_form=beta_form), 1.5, beta_form=beta_form)
+    one_step = scale_hparams(family, ref, 3.0, beta_form=beta_form)
+    for key, value in one_step.items():
+        assert two_steps[key] == pytest.approx(value, rel=1e-12), key
