@@ -372,3 +372,13 @@ def test_launch_local_failure_stops_the_rest(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3
     assert time.monotonic() - t0 < 60  # the sleepers were terminated, not waited for
+
+
+def test_torchrun_master_port_zero_is_accepted_only_from_torchrun():
+    # `torchrun --master_port 0`: the agent picks the port and workers use its store.
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    assert detect_topology(env, allow_mpi4py=False).master_port == 0
+    with pytest.raises(LauncherEnvError, match="master_port=0"):
+        detect_topology({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "0"},
+                        allow_mpi4py=False)

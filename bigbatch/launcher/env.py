@@ -100,8 +100,9 @@ class Topology:
             raise bad(f"local_world_size={self.local_world_size} > world_size={self.world_size}")
         if self.num_nodes > self.world_size:
             raise bad(f"num_nodes={self.num_nodes} > world_size={self.world_size}")
-        if not 1 <= self.master_port <= 65535:
-            raise bad(f"master_port={self.master_port} must be in [1, 65535]")
+        # torchrun --master_port 0 lets its agent pick the port; workers reach the agent's store.
+        if not (1 <= self.master_port <= 65535 or (self.master_port == 0 and self.source == "torchrun")):
+            raise bad(f"master_port={self.master_port} must be in [1, 65535] (0 only under torchrun)")
         if not self.master_addr:
             raise bad("master_addr is empty")
         if self.hosts and len(self.hosts) != self.num_nodes:
