@@ -1,5 +1,6 @@
 """AdaBound / AMSBound / RAdam: exact to the papers' algorithms, torch.optim.RAdam and the
-official AdaBound code, in every implementation (fused, foreach, single)."""
+official AdaBound code, in every implementation (fused: the C kernel on CPU float32 or the
+torch.compile kernel; foreach; single)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import torch
 
 from bigbatch.optim import AdaBound, AMSBound, RAdam, canonical_name, get_optimizer_class
 
-IMPLS = ["fused", "foreach", "single"]
+IMPLS = ["fused", "compiled", "foreach", "single"]  # compiled: fused with the C kernel turned off
 
 
 def impl_kwargs(impl: str) -> dict:
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False, "fused": False}}[impl]
+    return {"fused": {"fused": True}, "compiled": {"fused": True}, "foreach": {"foreach": True},
+            "single": {"foreach": False, "fused": False}}[impl]
+
+
+@pytest.fixture
+def impl(request, monkeypatch):
+    """The implementation named by the test's parameter (``indirect``); sets up "compiled"."""
+    if request.param == "compiled":
+        monkeypatch.setenv("BIGBATCH_NATIVE_KERNELS", "0")
+    return request.param
 
 
 def make_params(seed=0, dtype=torch.float32):
@@ -121,7 +131,7 @@ ADABOUND_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
 @pytest.mark.parametrize("case", ADABOUND_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_adabound_matches_paper_reference(impl, case):
     kw = dict(case)
@@ -149,7 +159,7 @@ RADAM_CASES = [dict(), dict(weight_decay=0.05), dict(weight_decay=0.05, decouple
                dict(betas=(0.8, 0.99), eps=1e-6)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
 @pytest.mark.parametrize("case", RADAM_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_radam_matches_torch_and_paper(impl, case):
     ours, _ = run(lambda ps: RAdam(ps, lr=1e-2, **case, **impl_kwargs(impl)))
@@ -160,7 +170,7 @@ def test_radam_matches_torch_and_paper(impl, case):
     assert_close_params(ours, reference_radam(40, **ref_kw))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_radam_official_mode_does_not_move_below_threshold(impl):
     beta2 = 0.999
     rho_inf = 2 / (1 - beta2) - 1
@@ -177,7 +187,7 @@ def test_radam_official_mode_does_not_move_below_threshold(impl):
 
 # ---- base lr, schedulers, groups, checkpoints ----
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_bounds_follow_lr_scheduler_through_base_lr(impl):
     def factor(t):
         return 0.5 ** (t // 10)
@@ -203,7 +213,7 @@ def test_base_lr_is_per_group_and_survives_regrouping():
 
 
 @pytest.mark.parametrize("cls", [AdaBound, AMSBound, RAdam])
-@pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.parametrize("impl", ["fused", "compiled", "foreach"], indirect=True)
 def test_state_dict_round_trip_continues_bit_identically(cls, impl):
     params = make_params()
     opt = cls(params, lr=1e-2, **impl_kwargs(impl))
@@ -297,9 +307,10 @@ def test_invalid_hyperparameters_name_the_argument_and_value(cls, kwargs, field)
     assert repr(value if not isinstance(value, tuple) else value[0 if field == "beta1" else 1]) in str(info.value)
 
 
-def test_fused_kernel_does_not_recompile_as_lr_and_step_change():
+def test_fused_kernel_does_not_recompile_as_lr_and_step_change(monkeypatch):
     from torch._dynamo.utils import counters
 
+    monkeypatch.setenv("BIGBATCH_NATIVE_KERNELS", "0")  # the torch.compile kernel (CUDA, bf16)
     params = make_params()
     opt = AdaBound(params, lr=1e-2, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
@@ -314,6 +325,69 @@ def test_fused_kernel_does_not_recompile_as_lr_and_step_change():
         opt.step()
         sched.step()
     assert counters["stats"]["unique_graphs"] == before
+
+
+# ---- the C kernel (CPU float32) ----
+
+NATIVE_CASES = [
+    (AdaBound, dict()),
+    (AdaBound, dict(weight_decay=0.05, gamma=0.0)),
+    (AMSBound, dict(weight_decay=0.05, decoupled_weight_decay=True)),
+    (RAdam, dict()),
+    (RAdam, dict(degenerated_to_sgd=False, weight_decay=0.05)),
+    (RAdam, dict(betas=(0.6, 0.99), weight_decay=0.05, decoupled_weight_decay=True)),  # lerp weight >= 0.5
+]
+
+
+@pytest.mark.parametrize("cls,kw", NATIVE_CASES, ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
+def test_native_kernel_equals_compiled_kernel_bit_for_bit(cls, kw, monkeypatch):
+    from bigbatch.optim import _native
+
+    assert _native.library() is not None  # gcc is present here, so the C path is what runs
+    # Sizes around the 65536-float chunks, an empty tensor, and a NaN that must propagate.
+    sizes = [0, 1, 7, 65535, 65536, 65537, 3 * 65536 + 5]
+
+    def trajectory():
+        gen = torch.Generator().manual_seed(3)
+        ps = [torch.randn(n, generator=gen).requires_grad_() for n in sizes]
+        opt = cls(ps, lr=1e-2, fused=True, **kw)
+        for t in range(12):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * (1 + t % 3)
+            if t == 5:
+                ps[3].grad[17] = float("nan")
+            opt.step()
+        return [p.detach() for p in ps], opt
+
+    native, opt = trajectory()
+    monkeypatch.setenv("BIGBATCH_NATIVE_KERNELS", "0")
+    compiled, _ = trajectory()
+    for a, b in zip(native, compiled):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    assert native[3][17].isnan() and not native[3][16].isnan()
+    assert set(opt.state[opt.param_groups[0]["params"][2]]) >= {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_native_kernel_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch):
+    from bigbatch.optim import _native
+
+    monkeypatch.setenv("BIGBATCH_KERNEL_CACHE", str(tmp_path / "ok"))
+    built = _native.build("gcc")
+    stamp = built.stat().st_mtime_ns
+    assert _native.build("gcc") == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary left behind
+
+    expected, _ = run(lambda ps: AdaBound(ps, lr=1e-2, fused=True))
+    monkeypatch.setenv("BIGBATCH_KERNEL_CACHE", str(tmp_path / "broken"))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    _native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native CPU optimizer kernels failed"):
+            got, _ = run(lambda ps: AdaBound(ps, lr=1e-2, fused=True))
+    finally:
+        _native.library.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))  # the compiled kernel took over
+    assert list((tmp_path / "broken").iterdir()) == []
 
 
 def test_impl_can_be_forced_by_environment(monkeypatch):
@@ -342,7 +416,7 @@ MODES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.parametrize("impl", ["fused", "foreach"], indirect=True)
 @pytest.mark.parametrize("name,make", MODES, ids=[m[0] for m in MODES])
 def test_converges_on_rosenbrock(name, make, impl):
     # lr 1e-2: RAdam's un-rectified first steps (momentum SGD) diverge on Rosenbrock above ~2e-2.

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from bigbatch.optim import _fused
+from bigbatch.optim import _fused, _native
 
 
 def check_hparams(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -100,10 +100,18 @@ class AdamFamily(Optimizer):
                              pick(exp_avg_sqs), pick(max_sqs), s)
         return loss
 
+    def _native_kind(self, group: dict) -> str:
+        return self._kernel_name
+
     def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float]):
         if impl == "foreach":
             self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s)
             return
+        if (impl == "fused" and _native.enabled()
+                and all(_native.supports(ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, max_sqs))
+                and _native.step(self._native_kind(group), params, grads, exp_avgs, exp_avg_sqs,
+                                 max_sqs, s)):
+            return  # CPU float32: the whole group in one C call
         scal = None
         for i, p in enumerate(params):
             if scal is None or scal.device != p.device:

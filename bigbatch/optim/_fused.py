@@ -2,8 +2,10 @@
 
 Three implementations compute the same update:
 
-- ``"fused"``: one pass over memory per tensor. The elementwise update body is compiled once by
-  ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA) with dynamic shapes, and every
+- ``"fused"``: one pass over memory. On CPU with float32 tensors, one C call per parameter
+  group (:mod:`bigbatch.optim._native`). Otherwise one kernel per tensor: the elementwise update
+  body compiled once by ``torch.compile`` (Inductor: Triton on CUDA, C++/OpenMP for CPU bf16)
+  with dynamic shapes, and every
   per-step scalar (bias corrections, bounds, lr) enters as one small float32 tensor, so the kernel
   never recompiles as the step count or the learning rate changes. Inductor's on-disk caches make
   later processes reuse the compiled code.

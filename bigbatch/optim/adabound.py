@@ -82,6 +82,9 @@ class AdaBound(AdamFamily):
     def _uses_max(self, group: dict) -> bool:
         return bool(group["amsbound"])
 
+    def _native_kind(self, group: dict) -> str:
+        return "amsbound" if group["amsbound"] else "adabound"
+
     def _scalars(self, group: dict, step: float) -> list[float]:
         beta1, beta2 = group["betas"]
         lr, wd, gamma = group["lr"], group["weight_decay"], group["gamma"]
