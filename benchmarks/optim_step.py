@@ -3,6 +3,7 @@ official implementations, all measured in this one run.
 
     python benchmarks/optim_step.py [--params 20e6] [--tensors 20] [--steps 10] [--threads 2]
 
+On CPU, DeepSpeed's CPUAdam (what ZeRO-Offload steps with) is timed too, for information.
 On CPU with float32 our optimizers run the C kernel (``bigbatch/optim/csrc``); the row
 "bigbatch AdaBound compiled" runs the torch.compile kernel that CUDA and bf16 use instead.
 Rounds interleave the optimizers (one step each per round) so that a noisy machine slows them
@@ -50,6 +51,14 @@ def candidates(device: str):
         "bigbatch AdaBound compiled": lambda ps: WithoutNativeKernels(AdaBound(ps, lr=1e-3)),
         "torch RAdam foreach": lambda ps: torch.optim.RAdam(ps, lr=1e-3, foreach=True),
     }
+    if device == "cpu":
+        try:  # what ZeRO-Offload steps on CPU; DeepSpeed builds it on first use (~1 min here)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            DeepSpeedCPUAdam([torch.zeros(1, requires_grad=True)])
+            out["DeepSpeed CPUAdam"] = lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3)
+        except Exception as exc:  # no compiler for its extension, or an older DeepSpeed
+            print(f"(DeepSpeed CPUAdam unavailable: {exc!r}; its row is skipped)")
     try:
         import adabound  # the official implementation, PyPI adabound 0.0.5
 
@@ -152,6 +161,9 @@ def main() -> None:
         ("speed-up vs torch RAdam foreach", ms["torch RAdam foreach"] / ms["bigbatch RAdam"], ">= 3"),
         ("AdaBound compiled / torch Adam fused", ms["bigbatch AdaBound compiled"] / adam, "(information)"),
     ]
+    if "DeepSpeed CPUAdam" in ms:
+        checks.append(("AdaBound / DeepSpeed CPUAdam", ms["bigbatch AdaBound"] / ms["DeepSpeed CPUAdam"],
+                       "(information)"))
     if "official AdaBound" in ms:
         checks += [
             ("speed-up vs official AdaBound", ms["official AdaBound"] / ms["bigbatch AdaBound"], ">= 3"),
