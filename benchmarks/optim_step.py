@@ -6,6 +6,8 @@ official implementations, all measured in this one run.
 On CPU, DeepSpeed's CPUAdam (what ZeRO-Offload steps with) is timed too, for information.
 On CPU with float32 our optimizers run the C kernel (``bigbatch/optim/csrc``); the row
 "bigbatch AdaBound compiled" runs the torch.compile kernel that CUDA and bf16 use instead.
+"AMSBound" is its worst case (every max_exp_avg_sq moves each step), "AMSBound settled" the late-
+training case where the maxima stay put and the kernel leaves their memory unwritten.
 Rounds interleave the optimizers (one step each per round) so that a noisy machine slows them
 alike; the median per optimizer is reported. Targets (issue 2): AdaBound and RAdam <= 0.9x
 torch.optim.Adam(fused=True), AMSBound <= 1.0x, and >= 3x faster than the official code
@@ -46,6 +48,7 @@ def candidates(device: str):
         "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
         "bigbatch AdaBound": lambda ps: AdaBound(ps, lr=1e-3),
         "bigbatch AMSBound": lambda ps: AMSBound(ps, lr=1e-3),
+        "bigbatch AMSBound settled": settled_amsbound,
         "bigbatch RAdam": lambda ps: RAdam(ps, lr=1e-3),
         # The torch.compile kernel that CUDA and bf16 use, here for comparison with the C one.
         "bigbatch AdaBound compiled": lambda ps: WithoutNativeKernels(AdaBound(ps, lr=1e-3)),
@@ -67,6 +70,22 @@ def candidates(device: str):
     except ImportError:
         print("(PyPI adabound not installed: official AdaBound rows skipped)")
     return out
+
+
+def settled_amsbound(params):
+    """AMSBound once training has settled: no v passes its running max during the timed steps.
+
+    With the benchmark's fixed gradient g, v_t = (1 - b2^t) g^2 rises every step, so in the plain
+    AMSBound row every max_exp_avg_sq moves each step (the worst case). Here the maxima start at
+    g^2, above every later v, as in late training where v rarely sets a new max.
+    """
+    from bigbatch.optim import AMSBound
+
+    opt = AMSBound(params, lr=1e-3)
+    opt.step()
+    for p in params:
+        opt.state[p]["max_exp_avg_sq"].copy_(p.grad.square())
+    return opt
 
 
 class WithoutNativeKernels:
@@ -158,6 +177,7 @@ def main() -> None:
         ("AdaBound / torch Adam fused", ms["bigbatch AdaBound"] / adam, "<= 0.90"),
         ("RAdam / torch Adam fused", ms["bigbatch RAdam"] / adam, "<= 0.90"),
         ("AMSBound / torch Adam fused", ms["bigbatch AMSBound"] / adam, "<= 1.00"),
+        ("AMSBound settled / torch Adam fused", ms["bigbatch AMSBound settled"] / adam, "(information)"),
         ("speed-up vs torch RAdam foreach", ms["torch RAdam foreach"] / ms["bigbatch RAdam"], ">= 3"),
         ("AdaBound compiled / torch Adam fused", ms["bigbatch AdaBound compiled"] / adam, "(information)"),
     ]
