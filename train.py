@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from bigbatch.training import distributed as bbdist
+from bigbatch.sharding import step_with_grad_norm
 from bigbatch.training import engine as bbengine
 from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
                                       load_config, parse_overrides)
@@ -148,31 +149,22 @@ def evaluate(engine, batches, device) -> float:
     return total / max(count, 1)
 
 
-def grad_norm_now(model) -> float:
-    """L2 norm of the (already reduced) gradients, for engines that do not report one."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def train_step(engine, micro_batches, device, *, probe=None, measure=False, norm_from_grads=False):
+def train_step(engine, micro_batches, device, *, probe=None, measure=False):
     """One optimizer step over this rank's micro batches (LongTensors (micro, seq_len)); DeepSpeed
     averages over accumulation and ranks and steps at the last one. Returns (mean loss on this rank,
-    global grad norm before clipping). ``norm_from_grads``: ZeRO-0 fp32 engines report no norm, so
-    it is taken from the reduced ``.grad`` before the step zeroes it."""
-    total, gnorm = 0.0, None
+    global grad norm before clipping)."""
+    total, gnorm = 0.0, float("nan")
     for i, x in enumerate(micro_batches):
         x = x.to(device)
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         if probe is not None:  # record this micro batch's gradient for the noise scale, or drop it
             probe.micro_step_done() if measure else probe.hook.collect()
-        if norm_from_grads and i == len(micro_batches) - 1:
-            gnorm = grad_norm_now(engine.module)
-        engine.step()
+        if i == len(micro_batches) - 1:
+            gnorm = step_with_grad_norm(engine)
+        else:
+            engine.step()
         total += float(loss.detach())
-    if gnorm is None:
-        reported = engine.get_global_grad_norm()
-        gnorm = float(reported) if reported is not None else float("nan")
     return total / len(micro_batches), gnorm
 
 
@@ -240,7 +232,6 @@ def train(cfg: RunConfig, out: str, resuming: bool, overwrite: bool) -> int:
             scalar_hparams.update({f"beta{i + 1}" if k == "betas" else f"{k}_{i}": x for i, x in enumerate(v)})
         elif k != "lr" and isinstance(v, (int, float)):
             scalar_hparams[k] = v
-    stage0_fp32 = ds_config["zero_optimization"]["stage"] == 0 and bbengine.precision_of(ds_config) == "fp32"
     probe = None  # gradient noise scale: per-micro-batch grads (hooks) against the step's reduced grad
     if cfg.train.noise_scale_every:
         if plan.grad_accum * info.world_size < 2:
@@ -278,8 +269,7 @@ def train(cfg: RunConfig, out: str, resuming: bool, overwrite: bool) -> int:
         for g, peak in zip(optimizer.param_groups, peak_lrs):
             g["lr"] = peak * mult
         measure = probe is not None and step % cfg.train.noise_scale_every == 0
-        step_loss, gnorm = train_step(engine, loader.next_step(), info.device, probe=probe, measure=measure,
-                                      norm_from_grads=stage0_fp32)
+        step_loss, gnorm = train_step(engine, loader.next_step(), info.device, probe=probe, measure=measure)
         step += 1
         if measure and math.isfinite(gnorm):
             probe.step_done(global_sq_norm=gnorm**2)

@@ -46,7 +46,7 @@ def worker(args) -> None:
     from bigbatch.training import distributed as bbdist
     from bigbatch.training.config import load_config, parse_overrides
     from bigbatch.training.data import GlobalBatchLoader
-    from bigbatch.training.engine import precision_of, setup
+    from bigbatch.training.engine import setup
 
     extra = parse_overrides(args.overrides)
     cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in OPTIMIZERS.items()}
@@ -59,16 +59,15 @@ def worker(args) -> None:
         r = setup(cfg, info.world_size, tok, data.seq_len)
         loader = GlobalBatchLoader(data.train, micro_batch=r.plan.micro_batch, grad_accum=r.plan.grad_accum,
                                    rank=info.rank, world_size=info.world_size, seed=cfg.train.seed)
-        norm_from_grads = r.ds_config["zero_optimization"]["stage"] == 0 and precision_of(r.ds_config) == "fp32"
-        runs[name] = (r, loader, norm_from_grads)
+        runs[name] = (r, loader)
     tokens_per_step = first.batch.reference_global_batch * data.seq_len
 
     def steps(name: str, n: int) -> float:
-        r, loader, norm_from_grads = runs[name]
+        r, loader = runs[name]
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(n):
-            train.train_step(r.engine, loader.next_step(), info.device, norm_from_grads=norm_from_grads)
+            train.train_step(r.engine, loader.next_step(), info.device)
         dist.barrier()
         return time.perf_counter() - t0
 

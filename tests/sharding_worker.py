@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import noise_problem  # noqa: E402
 import sharding_common as common  # noqa: E402
 
 
@@ -108,6 +109,36 @@ def _train(engine, start: int, steps: int, world: int, rank: int) -> list[float]
     return losses
 
 
+def _noise_scale(case: dict, world: int, rank: int):
+    """The gradient noise scale of a DeepSpeed engine on a problem whose B_noise is known, measured as
+    train.py does it: probe hooks for the micro-batch norms, step_with_grad_norm for the reduced one."""
+    from bigbatch.optim import NoiseScaleProbe
+    from bigbatch.sharding import build_engine, reports_grad_norm, step_with_grad_norm
+
+    model = noise_problem.Quadratic(torch.float32)
+    truth = {"true_b_noise": noise_problem.TRUE_B_NOISE, "true_trace": model.trace,
+             "true_grad_sq": float(model.theta.detach().double().square().sum())}  # before ZeRO-3 partitions it
+    cfg = common.ds_config("radam", case["stage"], case["gb"], case["gas"])
+    cfg["optimizer"]["params"] = {"lr": 0.0}  # theta stays put, so G and Sigma stay known
+    engine, _, _ = build_engine(model, cfg)
+    mb, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    probe = NoiseScaleProbe(engine.module.parameters(), mb, micro_grad_scale=gas)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    for _ in range(case["steps"]):
+        for m in range(gas):
+            engine.backward(engine(model.sample(mb, gen)))
+            probe.micro_step_done()
+            if m < gas - 1:
+                engine.step()
+            else:
+                norm = step_with_grad_norm(engine)
+        est = probe.step_done(global_sq_norm=norm**2)
+    probe.remove()
+    out = {"b_noise": est.b_noise, "trace": est.trace_sigma, "grad_sq": est.grad_sq,
+           "reports_grad_norm": reports_grad_norm(engine), **truth}
+    return engine, out
+
+
 def run_case(case: dict, world: int, rank: int) -> dict:
     from bigbatch.sharding import CheckpointError, load_checkpoint, save_checkpoint
     from bigbatch.sharding import state as st
@@ -161,6 +192,8 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         if case.get("more_steps"):
             out["losses"] = _train(engine, case["start"], case["more_steps"], world, rank)
             out["full"] = _tolist(st.gather_full_state(engine))
+    elif kind == "noise":
+        engine, out = _noise_scale(case, world, rank)
     elif kind == "atomic":
         engine = _build(case, world)
         d = case["dir"]

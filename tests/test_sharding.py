@@ -6,7 +6,8 @@ session by the ``runs`` fixture, in the order the checkpoints need:
 1. world 1: save an AMSBound ZeRO-1 checkpoint (for 1 -> 2);
 2. world 2: AdaBound/AMSBound/RAdam x ZeRO 0-3 for 20 steps (two param groups with different lr
    and weight decay, a warmup scheduler, grad accumulation 2), ZeRO-3 with optimizer offload,
-   bf16 ZeRO-2; the shipped configs/deepspeed/*.json; saves at step 10; same-size resume; 1 -> 2; truncated checkpoint and fallback;
+   bf16 ZeRO-2; the shipped configs/deepspeed/*.json; the gradient noise scale at ZeRO 0-3;
+   saves at step 10; same-size resume; 1 -> 2; truncated checkpoint and fallback;
 3. world 1: 2 -> 1 (ZeRO-2 and ZeRO-3 saves), and a resume whose plan doubles the global batch;
 4. world 3: 2 -> 3 (ZeRO-2 -> ZeRO-2, ZeRO-3 -> ZeRO-3).
 
@@ -36,6 +37,7 @@ PY = sys.executable
 OPTS = ("adabound", "amsbound", "radam")
 STAGES = (0, 1, 2, 3)
 GB, GAS, STEPS, SAVE_AT = 12, 2, 20, 10
+NOISE_STEPS = 400  # as tests/test_noise_scale.py: the EMA estimate is then within a few % of the truth
 TOL = 1e-6
 CONFIGS = os.path.join(os.path.dirname(HERE), "configs", "deepspeed")
 SHIPPED = {"zero1": (1, False), "zero2": (2, False), "zero2_bf16": (2, True), "zero3": (3, False),
@@ -87,6 +89,7 @@ def runs(tmp_path_factory):
     ]
     w2 += [_case(f"shipped_{name}", "train", "radam", None, steps=3, config=os.path.join(CONFIGS, f"{name}.json"))
            for name in SHIPPED]
+    w2 += [dict(_case(f"noise_z{s}", "noise", "radam", s, steps=NOISE_STEPS), gb=16) for s in STAGES]
     res.update(_launch(2, w2, tmp, "w2"))
     w1 = [
         _case("resume_w2_to_w1_z2", "resume", "amsbound", 2, dir=ck("w2_z2"), start=SAVE_AT,
@@ -188,6 +191,18 @@ def test_bf16_zero2_trains(runs):
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
     ref = common.reference_run("amsbound", len(losses), GB)["losses"]
     assert max(abs(a - b) for a, b in zip(losses, ref)) < 1e-2
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_noise_scale_from_deepspeed_engine(runs, stage):
+    """B_noise measured through a real engine (2 ranks x micro batch 4 x accumulation 2 = 16
+    samples per step, against 4-sample micro batches) is within 10 % of the known value, as it is
+    with DDP in tests/test_noise_scale.py; stage 0 (fp32) takes the norm from .grad, 1-3 from ZeRO."""
+    r = _ok(runs, f"noise_z{stage}")
+    assert r["reports_grad_norm"] == (stage > 0)
+    assert r["b_noise"] == pytest.approx(r["true_b_noise"], rel=0.10)
+    assert r["trace"] == pytest.approx(r["true_trace"], rel=0.10)
+    assert r["grad_sq"] == pytest.approx(r["true_grad_sq"], rel=0.10)
 
 
 def test_resume_same_world_size_is_exact(runs):

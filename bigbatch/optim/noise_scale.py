@@ -22,20 +22,23 @@ Where the two squared norms come from:
   keeps it unbiased.
 * big batch: the averaged gradient of the whole optimizer step after the all-reduce and the
   accumulation: :func:`grad_sq_norm` of ``.grad`` when every rank holds the full reduced gradient
-  (DDP after the last backward, or one process). Under DeepSpeed this must come from the engine at
-  the accumulation boundary after its reduction and before ``step()`` zeroes the gradients. Not
-  yet settled (sharding issue): with DeepSpeed 0.19.8, fp32, ZeRO 0-3,
-  ``engine.get_global_grad_norm()`` returned None even with ``gradient_clipping`` set, and
-  ``deepspeed.utils.safe_get_full_grad`` before ``engine.step()`` returned the *local* unreduced
-  gradient at stages 0/1 (the reduction runs inside ``step()``) and raised at stage 2.
+  (DDP after the last backward, or one process). Under DeepSpeed the reduction (and ZeRO's
+  partitioning) happens inside ``engine.step()``, so the norm is taken there:
+  :func:`bigbatch.sharding.step_with_grad_norm` steps the engine and returns it (the engine's
+  own global norm; a stage-0 fp32 engine computes none, but holds the full reduced ``.grad``
+  before its step). Before ``step()``, ``engine.get_global_grad_norm()`` is None and
+  ``deepspeed.utils.safe_get_full_grad`` returns the local, unreduced gradient at stages 0/1
+  (measured with DeepSpeed 0.19.8).
 
-Hook point for the DeepSpeed engine (sharding issue): create a :class:`NoiseScaleProbe` on
-``engine.module.parameters()`` with ``micro_grad_scale = gradient_accumulation_steps`` (DeepSpeed
-divides the loss by it; with fp16 also divide by the loss scale), call ``probe.micro_step_done()``
-after each ``engine.backward(loss)``, and ``probe.step_done(global_sq_norm=...)`` once per optimizer
-step with the reduced squared norm described above; then ``probe.estimator.check_batch(global_batch)``
-logs the warning. On a single process without data parallelism the micro steps of gradient
-accumulation are the small batches: the same calls work with ``group=None``.
+Use with a DeepSpeed engine (what train.py does; tests/test_sharding.py checks the estimate on a
+problem with known covariance at ZeRO stages 0-3 on 2 gloo ranks): create a
+:class:`NoiseScaleProbe` on ``engine.module.parameters()`` with ``micro_grad_scale =
+gradient_accumulation_steps`` (DeepSpeed divides the loss by it; with fp16 also divide by the loss
+scale), call ``probe.micro_step_done()`` after each ``engine.backward(loss)``, step the last micro
+batch with ``norm = step_with_grad_norm(engine)`` and call ``probe.step_done(global_sq_norm=norm**2)``;
+then ``probe.estimator.check_batch(global_batch)`` logs the warning. On a single process without
+data parallelism the micro steps of gradient accumulation are the small batches: the same calls
+work with ``group=None``.
 """
 
 from __future__ import annotations

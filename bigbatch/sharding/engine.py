@@ -102,3 +102,31 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, param_groups=N
         lr_scheduler=lr_scheduler, config=resolved.ds_config)
     engine._bigbatch_config = resolved  # read by save/load_checkpoint (optimizer name, batch)
     return engine, optimizer, scheduler
+
+
+def reports_grad_norm(engine) -> bool:
+    """Whether ``engine.step()`` computes the global gradient norm (DeepSpeed 0.19: all ZeRO
+    stages and precisions except fp32 at stage 0, whose plain step computes none)."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def step_with_grad_norm(engine) -> float:
+    """``engine.step()`` at a gradient-accumulation boundary, returning the L2 norm of the step's
+    reduced gradient (averaged over ranks and micro steps, before clipping).
+
+    This is the large-batch norm that :class:`bigbatch.optim.NoiseScaleProbe` needs under DeepSpeed:
+    ZeRO reduces (and partitions) the gradient inside ``step()``, so its norm exists only there
+    (``engine.get_global_grad_norm()`` afterwards); a stage-0 fp32 engine computes none, but has
+    already all-reduced the full ``.grad`` on every rank before its step. NaN if neither is there.
+    """
+    if not engine.is_gradient_accumulation_boundary():
+        raise RuntimeError("step_with_grad_norm: call it on the last micro step of an optimizer step")
+    norm = None
+    if not reports_grad_norm(engine):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    if norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = float(reported) if reported is not None else float("nan")
+    return norm
