@@ -8,8 +8,9 @@ On CPU with float32 our optimizers run the C kernel (``bigbatch/optim/csrc``); t
 "bigbatch AdaBound compiled" runs the torch.compile kernel that CUDA and bf16 use instead.
 "AMSBound" is its worst case (every max_exp_avg_sq moves each step), "AMSBound settled" the late-
 training case where the maxima stay put and the kernel leaves their memory unwritten.
-Rounds interleave the optimizers (one step each per round) so that a noisy machine slows them
-alike; the median per optimizer is reported. Targets (issue 2): AdaBound and RAdam <= 0.9x
+Rounds interleave the optimizers (one step each per round, in a new random order each round) so
+that a noisy machine slows them alike and none always follows the same neighbour (whose dirty
+cache lines it would write back); the median per optimizer is reported. Targets (issue 2): AdaBound and RAdam <= 0.9x
 torch.optim.Adam(fused=True), AMSBound <= 1.0x, and >= 3x faster than the official code
 (PyPI ``adabound`` 0.0.5; torch.optim.RAdam(foreach=True) for RAdam). The one-time compile cost
 is measured in fresh processes: first with empty kernel caches, then with the caches that the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -117,8 +119,11 @@ def time_steps(args) -> dict[str, float]:
         opts[name] = opt
     sync(args.device)
     times: dict[str, list[float]] = {name: [] for name in opts}
+    order, rng = list(opts), random.Random(0)
     for _ in range(args.steps):
-        for name, opt in opts.items():
+        rng.shuffle(order)  # each optimizer follows a different one each round (cache state, write-backs)
+        for name in order:
+            opt = opts[name]
             sync(args.device)
             t0 = time.perf_counter()
             opt.step()
