@@ -27,8 +27,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from bigbatch.training import distributed as bbdist
 from bigbatch.sharding import step_with_grad_norm
+from bigbatch.training import distributed as bbdist
 from bigbatch.training import engine as bbengine
 from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
                                       load_config, parse_overrides)

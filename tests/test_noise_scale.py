@@ -18,9 +18,7 @@ import torch.multiprocessing as mp
 from bigbatch.optim import GradientNoiseScale, GradSqNormHook, NoiseScaleProbe, grad_sq_norm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from noise_problem import TRUE_B_NOISE, Quadratic  # noqa: E402
-
-STEPS = 400
+from noise_problem import STEPS, TRUE_B_NOISE, Quadratic  # noqa: E402
 
 
 def _train(model, probe, step_model, gen, micro, accum, steps, sync=contextlib.nullcontext):

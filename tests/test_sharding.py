@@ -31,13 +31,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import noise_problem  # noqa: E402
 import sharding_common as common  # noqa: E402
 
 PY = sys.executable
 OPTS = ("adabound", "amsbound", "radam")
 STAGES = (0, 1, 2, 3)
 GB, GAS, STEPS, SAVE_AT = 12, 2, 20, 10
-NOISE_STEPS = 400  # as tests/test_noise_scale.py: the EMA estimate is then within a few % of the truth
 TOL = 1e-6
 CONFIGS = os.path.join(os.path.dirname(HERE), "configs", "deepspeed")
 SHIPPED = {"zero1": (1, False), "zero2": (2, False), "zero2_bf16": (2, True), "zero3": (3, False),
@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
     ]
     w2 += [_case(f"shipped_{name}", "train", "radam", None, steps=3, config=os.path.join(CONFIGS, f"{name}.json"))
            for name in SHIPPED]
-    w2 += [dict(_case(f"noise_z{s}", "noise", "radam", s, steps=NOISE_STEPS), gb=16) for s in STAGES]
+    w2 += [_case(f"noise_z{s}", "noise", "radam", s, steps=noise_problem.STEPS, gb=16) for s in STAGES]
     res.update(_launch(2, w2, tmp, "w2"))
     w1 = [
         _case("resume_w2_to_w1_z2", "resume", "amsbound", 2, dir=ck("w2_z2"), start=SAVE_AT,
