@@ -10,7 +10,7 @@ On CPU with float32 our optimizers run the C kernel (``bigbatch/optim/csrc``); t
 training case where the maxima stay put and the kernel leaves their memory unwritten.
 Rounds interleave the optimizers (one step each per round, in a new random order each round) so
 that a noisy machine slows them alike and none always follows the same neighbour (whose dirty
-cache lines it would write back); the median per optimizer is reported. Targets (issue 2):
+cache lines it would write back); the median per optimizer is reported. Targets:
 AdaBound and RAdam <= 0.9x torch.optim.Adam(fused=True), AMSBound <= 1.0x, and >= 3x faster than
 the official code (PyPI ``adabound`` 0.0.5; torch.optim.RAdam(foreach=True) for RAdam). The
 one-time compile cost is measured in fresh processes: first with empty kernel caches, then with

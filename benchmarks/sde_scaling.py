@@ -22,14 +22,15 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from bigbatch.optim import AdaBound, scale_hparams
+from bigbatch.atomic import atomic_path
+from bigbatch.optim import AdaBound
+from bigbatch.scaling import scale_hparams
 
 SIGMA = 1.0
 BASE_BATCH = 16
@@ -135,14 +136,8 @@ def plot(results: dict[str, dict[str, SimResult]], path: str) -> None:
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)  # never a half-written PNG
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:  # never a half-written PNG
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -2,8 +2,8 @@
 
 Same pipeline for all four: configs/tiny.yaml (plus any overrides given) -> the packed embedded
 corpus -> ``bigbatch.training.engine.setup`` (batch plan, Llama model, DeepSpeed engine with the
-config's ZeRO stage) -> train.py's ``train_step``; only the optimizer differs. AdamW is DeepSpeed's
-"AdamW" type with ``torch_adam: true, fused: true``, i.e. torch's fused AdamW inside DeepSpeed.
+config's ZeRO stage) -> the training loop's step (``DeepSpeedRun.train_step``); only the optimizer
+differs. AdamW is ``torch.optim.AdamW(fused=True)``, torch's fused AdamW, as DeepSpeed's client optimizer.
 
 The four engines live in the same ``N`` processes (``torchrun --standalone``, gloo on CPU) and take
 turns in short slices of ``--steps`` optimizer steps, in a rotating order, after ``--warmup`` steps
@@ -33,26 +33,24 @@ OPTIMIZERS = {
     "radam": ["--optim.name", "radam", "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8}"],
     "adamw-torch-fused": ["--optim.name", "adamw",
                           "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}",
-                          "--optim.kwargs", "{torch_adam: true, fused: true}"],
+                          "--optim.kwargs", "{fused: true}"],
 }
 REFERENCE = "adamw-torch-fused"
 
 
 def worker(args) -> None:
-    sys.path.insert(0, str(REPO))
     import torch.distributed as dist
 
-    import train  # train_step, prepare_data: the loop body and data path of train.py itself
-    from bigbatch.training import distributed as bbdist
+    from bigbatch import distributed as bbdist
     from bigbatch.training.config import load_config, parse_overrides
-    from bigbatch.training.data import GlobalBatchLoader
+    from bigbatch.training.data import GlobalBatchLoader, prepare_data
     from bigbatch.training.engine import setup
 
     extra = parse_overrides(args.overrides)
     cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in OPTIMIZERS.items()}
     first = next(iter(cfgs.values()))
-    info = bbdist.init_distributed(first.train.threads)
-    tok, data, _ = train.prepare_data(first, info)
+    info = bbdist.init_training_process(first.train.threads)
+    tok, data, _ = prepare_data(first, info)
 
     runs = {}
     for name, cfg in cfgs.items():
@@ -67,7 +65,7 @@ def worker(args) -> None:
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(n):
-            train.train_step(r.engine, loader.next_step(), info.device)
+            r.engine.train_step(loader.next_step(), info.device)
         dist.barrier()
         return time.perf_counter() - t0
 
@@ -88,7 +86,7 @@ def worker(args) -> None:
         ref_total = args.rounds * args.steps * tokens_per_step / seconds[REFERENCE]
         r0 = runs[names[0]][0]
         print(f"{args.config} {' '.join(args.overrides)}: {info.world_size} processes, ZeRO-"
-              f"{r0.ds_config['zero_optimization']['stage']}, global batch {r0.plan.global_batch} x {data.seq_len} "
+              f"{r0.engine.zero_stage}, global batch {r0.plan.global_batch} x {data.seq_len} "
               f"tokens, {args.rounds} rounds x {args.steps} steps per optimizer after {args.warmup} warm-up steps")
         print(f"{'optimizer':<20} {'tokens/s':>10} {'ratio':>7} {'median round ratio':>19}")
         for name in names:

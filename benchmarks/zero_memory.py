@@ -21,11 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.multiprocessing as mp
+
+from bigbatch.launcher.env import free_port
 
 OPTS = {"adabound": ("AdaBound", 2), "amsbound": ("AMSBound", 3), "radam": ("RAdam", 2)}
 STAGES = (0, 1, 2, 3)
@@ -94,12 +95,6 @@ def _worker(rank: int, world: int, args, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
             out = os.path.join(tmp, f"w{world}.json")
-            mp.spawn(_worker, args=(world, args, _free_port(), out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, args, free_port(), out), nprocs=world, join=True)
             with open(out) as f:
                 rows += json.load(f)
     print(f"optimizer-state bytes per rank (max over ranks) / ideal; P = {rows[0]['params']} params")

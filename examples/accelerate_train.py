@@ -24,7 +24,8 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from bigbatch.hf import decay_groups, init_distributed_state, take_optimizer_block  # noqa: E402
-from bigbatch.optim import SampleSchedule, get_optimizer_class, plan_batch  # noqa: E402
+from bigbatch.optim import get_optimizer_class  # noqa: E402
+from bigbatch.scaling import SampleSchedule, plan_batch
 
 
 def parse_args(argv=None):

@@ -2,7 +2,7 @@
 
     python tests/dist_probe.py --out DIR [--steps N] [--step-seconds S] [--mpi4py] [--strip-mpi-env]
 
-Every rank: ``bigbatch.launcher.init_distributed()`` (gloo), writes ``DIR/rank<R>.json`` (its
+Every rank: ``bigbatch.distributed.init_distributed()`` (gloo), writes ``DIR/rank<R>.json`` (its
 topology, host name, an all-reduce result), then runs ``--steps`` steps of one all-reduce each.
 SIGUSR1 or SIGTERM: all ranks stop at the same step boundary, rank 0 writes ``DIR/ckpt.json``
 (atomically) and every rank exits 75. A restart resumes from ``ckpt.json``; when the world size
@@ -60,7 +60,7 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from bigbatch.launcher import init_distributed
+    from bigbatch.distributed import init_distributed
 
     torch.set_num_threads(1)
     topo = init_distributed(backend="gloo")

@@ -17,7 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bigbatch.optim import AdaBound, RAdam, scale_hparams, scale_steps  # noqa: E402
+from bigbatch.optim import AdaBound, RAdam  # noqa: E402
+
+from bigbatch.scaling import scale_hparams, scale_steps
 
 REFERENCE_BATCH = 4
 PER_DEVICE = 4

@@ -14,13 +14,14 @@ import datetime
 import json
 import logging
 import os
-import socket
 import sys
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bigbatch.launcher.env import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import noise_problem  # noqa: E402
@@ -42,10 +43,10 @@ def _tolist(full: dict) -> dict:
 
 
 def _plan(case: dict, world: int):
-    """A BatchPlan (bigbatch.optim.batch_planner) for the case's global batch, or None."""
+    """A BatchPlan (bigbatch.scaling.planner) for the case's global batch, or None."""
     if "plan" not in case:
         return None
-    from bigbatch.optim.batch_planner import plan_batch
+    from bigbatch.scaling.planner import plan_batch
 
     p = case["plan"]
     return plan_batch(world, p["micro_batch_sizes"], reference_global_batch=p["reference_global_batch"],
@@ -112,7 +113,7 @@ def _train(engine, start: int, steps: int, world: int, rank: int) -> list[float]
 def _noise_scale(case: dict, world: int, rank: int):
     """The gradient noise scale of a DeepSpeed engine on a problem whose B_noise is known, measured as
     train.py does it: probe hooks for the micro-batch norms, step_with_grad_norm for the reduced one."""
-    from bigbatch.optim import NoiseScaleProbe
+    from bigbatch.scaling import NoiseScaleProbe
     from bigbatch.sharding import build_engine, reports_grad_norm, step_with_grad_norm
 
     model = noise_problem.Quadratic(torch.float32)
@@ -253,12 +254,6 @@ def _worker(rank: int, world: int, cases: list, out_path: str, port: int) -> Non
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, required=True)
@@ -267,7 +262,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     with open(args.cases) as f:
         cases = json.load(f)
-    mp.spawn(_worker, args=(args.world, cases, args.out, _free_port()), nprocs=args.world, join=True)
+    mp.spawn(_worker, args=(args.world, cases, args.out, free_port()), nprocs=args.world, join=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch
 
 from bigbatch.hf import (BigBatchTrainingArguments, ScalingRulesCallback, format_optim_args, optimizer_cls_and_kwargs,
                          parse_optim_args, split_optimizer_block)
-from bigbatch.optim import AdaBound, AMSBound, RAdam, scale_hparams
+from bigbatch.optim import AdaBound, AMSBound, RAdam
+from bigbatch.scaling import scale_hparams
 from bigbatch.sharding import DSConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,13 @@ def test_optim_by_name_and_optim_args(tmp_path):
     assert kw == {"lr": 1e-3, "betas": (0.8, 0.999), "eps": 1e-7, "final_lr": 0.2, "gamma": 2e-3}
     extra = {"final_lr": 0.2, "gamma": 2e-3, "amsbound": True}
     assert parse_optim_args(format_optim_args(extra), AdaBound) == extra
+
+
+def test_a_class_path_is_built_by_bigbatch(tmp_path):
+    args = _args(tmp_path, optim="torch.optim.NAdam", learning_rate=2e-3, adam_beta1=0.8)
+    assert args.bigbatch_optim == "torch.optim.NAdam" and args.optim == "adamw_torch"
+    cls, kw = optimizer_cls_and_kwargs(args.bigbatch_optim, args)
+    assert cls is torch.optim.NAdam and kw["lr"] == 2e-3 and kw["betas"] == (0.8, 0.999)
 
 
 def test_plain_trainer_optimizer_cls_and_kwargs_keeps_decay_groups(tmp_path):

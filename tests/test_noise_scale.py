@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bigbatch.optim import GradientNoiseScale, GradSqNormHook, NoiseScaleProbe, grad_sq_norm
+from bigbatch.scaling import GradientNoiseScale, GradSqNormHook, NoiseScaleProbe, grad_sq_norm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from noise_problem import STEPS, TRUE_B_NOISE, Quadratic  # noqa: E402
@@ -54,7 +54,7 @@ def test_formulas_are_unbiased_and_ema_bias_corrected():
 def test_warning_past_critical_batch(caplog):
     est = GradientNoiseScale(warn_factor=2.0)
     est.observe(3.0 + 60.0 / 4, 3.0 + 60.0 / 32, 4, 32)  # B_noise = 20
-    with caplog.at_level(logging.WARNING, logger="bigbatch.optim.noise_scale"):
+    with caplog.at_level(logging.WARNING, logger="bigbatch.scaling.noise_scale"):
         assert est.check_batch(40) is False
         assert not caplog.records
         assert est.check_batch(41) is True and est.check_batch(64) is True

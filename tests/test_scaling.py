@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from bigbatch.optim import (AdaBound, AMSBound, RAdam, ScalingRuleWarning, get_optimizer_class, scale_hparams,
-                            scale_steps)
-from bigbatch.optim.scaling import adabound_rule_derivation
+from bigbatch.optim import AdaBound, AMSBound, RAdam, get_optimizer_class
+from bigbatch.scaling import ScalingRuleWarning, scale_hparams, scale_steps
+from bigbatch.scaling.rules import adabound_rule_derivation
 
 FAMILY_HPARAMS = {
     "adam": {"lr": 3e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01},

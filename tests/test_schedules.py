@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from bigbatch.optim import SampleSchedule, scale_steps
+from bigbatch.scaling import SampleSchedule, scale_steps
 
 
 def test_shapes():

@@ -260,7 +260,7 @@ def test_resume_bf16_other_world_size(runs):
 
 
 def test_resume_with_larger_global_batch_rescales_and_logs(runs):
-    from bigbatch.optim.scaling import scale_hparams
+    from bigbatch.scaling.rules import scale_hparams
 
     r = _ok(runs, "rescale_w2_to_w1_gb24")
     kappa = 24 / GB

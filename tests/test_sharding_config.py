@@ -7,7 +7,7 @@ import json
 import os
 import pytest
 
-from bigbatch.optim.batch_planner import BatchPlan
+from bigbatch.scaling.planner import BatchPlan
 from bigbatch.sharding import DSConfigError, load_ds_config, resolve_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +39,33 @@ def test_ours_becomes_client_optimizer():
     assert "zero_force_ds_cpu_optimizer" not in r.ds_config
     off = _cfg(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}})
     assert resolve_ds_config(off, world_size=2).ds_config["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_any_name_of_the_registry_is_built_by_bigbatch():
+    """One registry decides: a class path in the JSON, or any optimizer a plan names, becomes the client
+    optimizer; DeepSpeed's own type of the same name is not used then."""
+    import torch
+
+    from bigbatch.scaling import plan_batch
+
+    r = resolve_ds_config(_cfg(optimizer={"type": "torch.optim.SGD", "params": {"lr": 0.1, "momentum": 0.9}}),
+                          world_size=2)
+    assert r.optimizer_cls is torch.optim.SGD and r.optimizer_kwargs == {"lr": 0.1, "momentum": 0.9}
+    assert "optimizer" not in r.ds_config
+    for name in ("torch.optim.AdamW", "adamw"):
+        plan = plan_batch(2, [4], reference_global_batch=8, optimizer=name, hparams={"lr": 1e-3, "weight_decay": 0.1},
+                          global_batch=16)
+        for block in ({"type": "auto"}, {"type": "AdamW"}):
+            r = resolve_ds_config(_cfg(train_batch_size="auto", gradient_accumulation_steps="auto",
+                                       optimizer=block), world_size=2, plan=plan, optimizer_kwargs={"foreach": True})
+            assert r.optimizer_cls is torch.optim.AdamW and r.optimizer_kwargs == {**plan.hparams, "foreach": True}
+            assert r.optimizer_kwargs["lr"] == pytest.approx(1e-3 * 2**0.5)
+    with pytest.raises(DSConfigError, match=r"optimizer.type='Lamb' but the batch plan was made for 'adamw'"):
+        resolve_ds_config(_cfg(train_batch_size="auto", gradient_accumulation_steps="auto",
+                               optimizer={"type": "Lamb"}), world_size=2, plan=plan)
+    with pytest.raises(DSConfigError, match=r"optimizer.params: 'final_lr' is not an argument of AdamW"):
+        resolve_ds_config(_cfg(train_batch_size="auto", gradient_accumulation_steps="auto", optimizer={"type": "auto"}),
+                          world_size=2, plan=plan, optimizer_kwargs={"final_lr": 0.1})
 
 
 def test_other_types_go_to_deepspeed_unchanged():
@@ -135,13 +162,11 @@ def test_load_ds_config_errors(tmp_path):
 
 def test_param_group_overrides_are_scaled_like_the_defaults():
     """A group's lr/weight decay are reference-batch values: scaled by the plan's kappa too."""
-    from bigbatch.optim.scaling import scale_hparams
-    from bigbatch.sharding.engine import _scaled_group_overrides
+    from bigbatch.scaling.rules import scale_hparams
 
     ref = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": 0.0}
-    plan = _Plan(kappa=2.0, hparams=scale_hparams("amsbound", ref, 2.0))
-    resolved = resolve_ds_config(_cfg(optimizer={"type": "auto"}), world_size=2, plan=plan)
-    got = _scaled_group_overrides({"params": [], "lr": 3e-3, "foreach": True}, resolved, plan)
+    plan = _Plan(kappa=2.0, hparams=scale_hparams("amsbound", ref, 2.0), reference_hparams=ref)
+    got = plan.scale_group({"lr": 3e-3, "foreach": True})
     want = scale_hparams("amsbound", {**ref, "lr": 3e-3}, 2.0)
     assert got["lr"] == pytest.approx(want["lr"], rel=1e-12) and got["foreach"] is True
     assert set(got) == {"lr", "foreach"}

@@ -153,6 +153,21 @@ def test_sigterm_saves_and_resume_on_two_processes_continues_exactly(reference, 
         assert r["samples"] == ref[r["step"]]["samples"]
 
 
+def test_optimizer_named_by_class_path(tmp_path, cache):
+    """Any optimizer the registry resolves runs in train.py: built by bigbatch, scaled by its rule."""
+    out = tmp_path / "adamw"
+    proc = run([PY, "train.py", "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache),
+                "--optim.name", "torch.optim.AdamW", "--optim.hparams", "{lr: 1e-2, betas: [0.9, 0.95], weight_decay: 0.1}",
+                "--optim.kwargs", "{foreach: true}", "--batch.policy", "scale", "--batch.per_device_batch", "16",
+                "--train.max_steps", "3"])
+    check_ok(proc)
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())["resolved"]
+    assert resolved["plan"]["optimizer"] == "adamw" and resolved["plan"]["kappa"] == 2.0
+    first = records(out)[0]
+    assert first["weight_decay"] == pytest.approx(0.1 * 2**0.5) and first["beta2"] == pytest.approx(0.9)
+    assert first["lr"] == pytest.approx(1e-2 * 2**0.5, rel=1e-3)  # cosine: just below the peak after step 1
+
+
 # ------------------------------------------------------------------ bad input, in-process
 
 
@@ -196,6 +211,9 @@ def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, cache, capsys, monkeypatc
     assert "fewer than 128 needed for one training and one validation block" in capsys.readouterr().err
     assert not (tmp_path / "c" / "metrics.jsonl").exists()
 
+    assert main([*base, "--out", str(tmp_path / "e"), "--optim.hparams.momentum", "0.9"]) == 2
+    assert "optim.hparams: 'momentum' is not an argument of AdaBound" in capsys.readouterr().err
+
     # a global batch that no micro batch reaches on 1 process
     assert main([*base, "--out", str(tmp_path / "d"), "--batch.reference_global_batch", "6",
                  "--batch.micro_batch_sizes", "4"]) == 2
@@ -205,15 +223,12 @@ def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, cache, capsys, monkeypatc
 
 
 def test_sigusr1_and_sigterm_set_the_stop_flag():
-    sys.path.insert(0, str(REPO))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
+    from bigbatch.training.loop import StopFlag
+
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            flag = train.StopFlag()
+            flag = StopFlag()
             assert flag.signum is None
             os.kill(os.getpid(), sig)  # a real signal, delivered to this process
             assert flag.signum == sig

@@ -9,9 +9,8 @@
 * :func:`init_distributed_state` -- the accelerate state with the right backend (Accelerate scripts).
 """
 
-from bigbatch.hf.accelerate import decay_groups, take_optimizer_block
+from bigbatch.hf.accelerate import decay_groups, init_distributed_state, take_optimizer_block
 from bigbatch.hf.deepspeed import OptimizerBlock, split_optimizer_block
-from bigbatch.hf.distributed import init_distributed_state
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args
 from bigbatch.hf.scaling import AppliedScaling, ScalingRulesCallback
 from bigbatch.hf.trainer import BigBatchTrainer, BigBatchTrainingArguments

@@ -1,10 +1,10 @@
-"""DeepSpeed configs for the HF Trainer / Accelerate: take our optimizer block out before DeepSpeed sees it.
+"""DeepSpeed configs for the HF Trainer / Accelerate: take the optimizer block out when bigbatch builds it.
 
 The Trainer hands a config's ``"optimizer"`` block to DeepSpeed (``DummyOptim``), and DeepSpeed knows
 neither AdaBound, AMSBound nor RAdam-with-our-semantics. :func:`split_optimizer_block` removes a block
-naming one of ours and returns it; the Trainer then builds our optimizer from the training arguments
-(its decay / no-decay groups) and gives it to DeepSpeed as the client optimizer. Other types are
-left to DeepSpeed. ``"auto"`` values are filled by :meth:`OptimizerBlock.fill` as HF fills lr,
+naming an optimizer of bigbatch's registry (ours, a class path, ...) and returns it; the Trainer then
+builds it from the training arguments (its decay / no-decay groups) and gives it to DeepSpeed as the
+client optimizer. DeepSpeed's own types (``AdamW``, ``Lamb``, ...) are left to DeepSpeed. ``"auto"`` values are filled by :meth:`OptimizerBlock.fill` as HF fills lr,
 betas, eps and weight_decay; ``final_lr``, ``gamma`` and the rest from ``optim_args`` or the
 constructor's defaults.
 The block checks themselves are :func:`bigbatch.sharding.config.take_optimizer_block`, shared with
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bigbatch.sharding.config import (OUR_OPTIMIZERS, DSConfigError, is_auto, load_ds_config, optimizer_defaults,
-                                      take_optimizer_block)
+from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, constructor_defaults, get_optimizer_class
+from bigbatch.sharding.config import DSConfigError, is_auto, load_ds_config, take_optimizer_block
 
 #: optimizer param -> (TrainingArguments field, getter)
 _FROM_ARGS = {
@@ -42,9 +42,7 @@ class OptimizerBlock:
         them), like HF's ``fill_match``; they stay in the arguments. Other keys: ``"auto"`` takes
         ``optim_args``' value, else the default; a value must not contradict ``optim_args``.
         """
-        from bigbatch.optim.registry import get_optimizer_class
-
-        defaults = optimizer_defaults(get_optimizer_class(self.name))
+        defaults = constructor_defaults(get_optimizer_class(self.name))
         out = dict(optim_args)
         for key, value in self.params.items():
             if key in _FROM_ARGS:
@@ -70,18 +68,18 @@ class OptimizerBlock:
 
 
 def split_optimizer_block(ds_config, default_type: str | None = None) -> tuple[dict, OptimizerBlock | None]:
-    """``(config without our block, the block)``; ``(config, None)`` when the block is not ours.
+    """``(config without the block, the block)``; ``(config, None)`` when DeepSpeed builds it.
 
     ``"type": "auto"`` (as in ``configs/deepspeed/``) takes ``default_type`` (the optimizer named on
-    the command line); it must then be one of ours.
+    the command line).
 
     Sets ``zero_allow_untested_optimizer`` (and ``zero_force_ds_cpu_optimizer: false`` with optimizer
     offload) as DeepSpeed requires for a client optimizer. Raises :class:`DSConfigError` naming the field.
     """
     cfg = load_ds_config(ds_config)
     auto_type = isinstance(cfg.get("optimizer"), dict) and is_auto(cfg["optimizer"].get("type"))
-    if auto_type and (default_type is None or default_type.lower() not in OUR_OPTIMIZERS):
-        raise DSConfigError(f"optimizer.type=\"auto\": name the optimizer (optim=) as one of {list(OUR_OPTIMIZERS)}, "
+    if auto_type and default_type is None:
+        raise DSConfigError(f"optimizer.type=\"auto\": name the optimizer (optim=), e.g. one of {list(BIGBATCH_OPTIMIZERS)}, "
                             f"got {default_type!r}; or give the type in the config")
     if "optimizer" not in cfg:
         return cfg, None

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from bigbatch.optim.registry import canonical_name, get_optimizer_class
-from bigbatch.sharding.config import optimizer_defaults, optimizer_param_names
+from bigbatch.optim.registry import canonical_name, constructor_defaults, constructor_params, get_optimizer_class
 
 #: taken from the TrainingArguments, never from optim_args (one source per value)
 FROM_ARGS = ("lr", "betas", "eps")
@@ -43,8 +42,8 @@ def _coerce(key: str, text: str, default: Any) -> Any:
 def parse_optim_args(optim_args: str | dict | None, optimizer: str | type) -> dict[str, Any]:
     """``"final_lr=0.1,gamma=1e-3"`` (or a dict) -> typed kwargs, checked against the constructor."""
     cls = get_optimizer_class(optimizer)
-    allowed = optimizer_param_names(cls)
-    defaults = optimizer_defaults(cls)
+    allowed = constructor_params(cls)
+    defaults = constructor_defaults(cls)
     if optim_args is None or optim_args == "":
         return {}
     if isinstance(optim_args, dict):
@@ -100,7 +99,7 @@ def optimizer_cls_and_kwargs(name: str | type, args=None, **hparams) -> tuple[ty
     Raises ``ValueError`` naming the bad name, key or value.
     """
     cls = get_optimizer_class(name)
-    allowed = optimizer_param_names(cls)
+    allowed = constructor_params(cls)
     kwargs: dict[str, Any] = {}
     if args is not None:
         from_args = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}

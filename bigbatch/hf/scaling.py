@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args, short_name
-from bigbatch.optim.batch_planner import plan_batch
+from bigbatch.scaling.planner import plan_batch
 from bigbatch.optim.registry import get_optimizer_class
-from bigbatch.optim.scaling import scale_steps
+from bigbatch.scaling.rules import scale_steps
 
 logger = logging.getLogger(__name__)
 

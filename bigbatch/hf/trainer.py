@@ -10,7 +10,7 @@ Trainer's own; ``--optim adabound --optim_args final_lr=0.1`` works from ``HfArg
 DeepSpeed config whose ``"optimizer"`` block names one of ours is taken apart by
 :func:`bigbatch.hf.deepspeed.split_optimizer_block`. With ``reference_batch_size`` the trainer adds a
 :class:`~bigbatch.hf.scaling.ScalingRulesCallback`. Under a launcher on a host without an accelerator
-the accelerate state is built with gloo (:mod:`bigbatch.hf.distributed`).
+the accelerate state is built with gloo (:mod:`bigbatch.hf.accelerate`).
 """
 
 from __future__ import annotations
@@ -23,26 +23,28 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from bigbatch.hf.deepspeed import split_optimizer_block
-from bigbatch.hf.distributed import init_distributed_state, needs_backend_fix
+from bigbatch.hf.accelerate import init_distributed_state, needs_backend_fix
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args
 from bigbatch.hf.scaling import ScalingRulesCallback
-from bigbatch.sharding.config import OUR_OPTIMIZERS
+from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, get_optimizer_class, is_bigbatch_optimizer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BigBatchTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` whose ``optim`` also takes ``adabound``, ``amsbound``, ``radam``.
+    """``TrainingArguments`` whose ``optim`` also takes ``adabound``, ``amsbound``, ``radam`` and any other
+    name of bigbatch's registry or a class path (``torch.optim.NAdam``).
 
-    After construction ``bigbatch_optim`` holds our optimizer's short name (or ``None``), ``optim``
+    After construction ``bigbatch_optim`` holds that optimizer's name (or ``None``), ``optim``
     the Trainer's placeholder, ``optim_args`` the merged, typed-checked extra kwargs, and
     ``deepspeed`` the config dict without our optimizer block.
     """
 
     # Re-declared as a plain str so that HfArgumentParser offers no closed list of choices for --optim.
     optim: str = field(default="adamw_torch", metadata={
-        "help": "Optimizer: bigbatch's adabound, amsbound, radam, or any of the Trainer's names (adamw_torch, ...)."})
+        "help": "Optimizer: bigbatch's adabound, amsbound, radam (or a torch optimizer class path), or any of the "
+                "Trainer's names (adamw_torch, ...)."})
     reference_batch_size: int | None = field(default=None, metadata={
         "help": "Global batch (samples per optimizer step) at which the optimizer arguments were tuned; when "
                 "given, bigbatch's scaling rules carry them to this run's global batch."})
@@ -51,12 +53,16 @@ class BigBatchTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.bigbatch_optim = None
-        if isinstance(self.optim, str) and self.optim.lower() in OUR_OPTIMIZERS:
-            self.bigbatch_optim = self.optim.lower()
-            self.optim = "adamw_torch"  # placeholder for the Trainer's enum; BigBatchTrainer builds ours
-        elif isinstance(self.optim, str) and self.optim not in {o.value for o in OptimizerNames}:
-            raise ValueError(f"optim={self.optim!r}: unknown; bigbatch's are {list(OUR_OPTIMIZERS)}, the Trainer's "
-                             f"{sorted(o.value for o in OptimizerNames)}")
+        trainer_names = {o.value for o in OptimizerNames}
+        if isinstance(self.optim, str) and (is_bigbatch_optimizer(self.optim) or self.optim not in trainer_names):
+            # ours shadow the Trainer's names; any other registry name or class path is built by bigbatch too
+            try:
+                get_optimizer_class(self.optim)
+            except (ValueError, TypeError):
+                raise ValueError(f"optim={self.optim!r}: unknown; bigbatch's are {list(BIGBATCH_OPTIMIZERS)} (or any "
+                                 f"torch optimizer class path), the Trainer's {sorted(trainer_names)}") from None
+            self.bigbatch_optim = self.optim.lower() if self.optim.lower() in BIGBATCH_OPTIMIZERS else self.optim
+            self.optim = "adamw_torch"  # placeholder for the Trainer's enum; BigBatchTrainer builds the optimizer
         block = None
         if self.deepspeed:
             if self.use_cpu:

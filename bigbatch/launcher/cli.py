@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 
-from bigbatch.launcher.env import LauncherEnvError, Topology, _free_port, detect_topology
-from bigbatch.launcher.submit import TEMPLATES, SubmitConfig, SubmitError, render_sbatch, submit
+from bigbatch.launcher.env import LauncherEnvError, Topology, detect_topology, free_port
+from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, TEMPLATES, SubmitConfig, SubmitError, render_sbatch,
+                                      submit)
 
 __all__ = ["main", "launch_local", "worker_command"]
 
@@ -37,7 +38,7 @@ def worker_command(command: list[str], python: str = sys.executable) -> list[str
 
 def launch_local(command: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str = "127.0.0.1", master_port: int | None = None,
-                 grace_s: float = 30.0) -> int:
+                 grace_s: float = DEFAULT_EXIT_GRACE_S) -> int:
     """Start ``nproc`` workers of ``command`` with the ``env://`` variables of node ``node_rank``
     of ``nnodes``; forward INT/TERM/USR1/USR2 to them; when one fails, TERM the rest (KILL after
     ``grace_s`` seconds). Returns the first non-zero exit status (a signal N gives 128+N), else 0.
@@ -48,7 +49,7 @@ def launch_local(command: list[str], nproc: int, *, nnodes: int = 1, node_rank: 
         raise SystemExit(f"bigbatch launch: --node-rank {node_rank} must be in [0, --nnodes={nnodes})")
     if nnodes > 1 and master_port is None:
         raise SystemExit("bigbatch launch: --master-port is required with --nnodes > 1")
-    port = master_port or _free_port()
+    port = master_port or free_port()
     world = nnodes * nproc
     procs: list[subprocess.Popen] = []
     for local_rank in range(nproc):
@@ -93,7 +94,7 @@ def _cmd_launch(args) -> int:
     in_allocation = os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID") is None
     if in_allocation and not args.local:
         # Inside sbatch/salloc: srun starts the workers on every node of the allocation.
-        srun = ["srun", "--wait=60"]
+        srun = ["srun", f"--wait={args.exit_grace}"]
         if args.nproc_per_node:
             srun += [f"--ntasks-per-node={args.nproc_per_node}",
                      f"--nodes={os.environ.get('SLURM_NNODES', '1')}",
@@ -102,7 +103,7 @@ def _cmd_launch(args) -> int:
         print("[bigbatch] " + shlex.join(argv), file=sys.stderr, flush=True)
         return launch_exec(argv)
     return launch_local(command, args.nproc_per_node or 1, nnodes=args.nnodes, node_rank=args.node_rank,
-                        master_addr=args.master_addr, master_port=args.master_port)
+                        master_addr=args.master_addr, master_port=args.master_port, grace_s=args.exit_grace)
 
 
 def launch_exec(argv: list[str]) -> int:
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--master-addr", default="127.0.0.1")
     la.add_argument("--master-port", type=int, default=None, help="default: a free port (one node)")
     la.add_argument("--local", action="store_true", help="inside an allocation, still start workers here")
+    la.add_argument("--exit-grace", type=int, default=DEFAULT_EXIT_GRACE_S,
+                    help="seconds the other workers get once one has failed (then they are stopped)")
     la.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     la.add_argument("command", nargs=argparse.REMAINDER, help="train.py ARGS, -m MODULE ARGS or a program")
     la.set_defaults(func=_cmd_launch)
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--output", default="slurm-%j.out")
     su.add_argument("--chdir", default=None)
     su.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the time limit")
-    su.add_argument("--exit-grace", type=int, default=60,
+    su.add_argument("--exit-grace", type=int, default=DEFAULT_EXIT_GRACE_S,
                     help="seconds the other workers get after the first exits (srun --wait)")
     su.add_argument("--no-requeue", action="store_true")
     su.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")

@@ -324,7 +324,7 @@ def _mpi4py_importable() -> bool:
     return importlib.util.find_spec("mpi4py") is not None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -334,7 +334,7 @@ def _mpi_bcast_port() -> int:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    return comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
+    return comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0)
 
 
 def _from_mpi4py(env: Mapping[str, str], via: str = "mpi4py discovery") -> Topology:
@@ -353,7 +353,7 @@ def _from_mpi4py(env: Mapping[str, str], via: str = "mpi4py discovery") -> Topol
     node_rank = hosts.index(host)
     local_rank = hosts_by_rank[:rank].count(host)
     local_world = hosts_by_rank.count(host)
-    port = _port(env, src, 0) or comm.bcast(_free_port() if rank == 0 else None, root=0)
+    port = _port(env, src, 0) or comm.bcast(free_port() if rank == 0 else None, root=0)
     master = env.get("MASTER_ADDR") or ("127.0.0.1" if len(hosts) == 1 else hosts[0])
     return Topology(rank, world, local_rank, local_world, node_rank, len(hosts), master, port,
                     src, tuple(hosts))
@@ -395,5 +395,5 @@ def detect_topology(environ: Mapping[str, str] | None = None, *, allow_mpi4py: b
                          or any(env.get(h) for h in _MPI_HINTS)):
         return _from_mpi4py(env)
     # A lone process: any free port, so that concurrent single-process runs never collide.
-    return Topology(master_port=_port(env, "single", 0) or _free_port(), source="single")
+    return Topology(master_port=_port(env, "single", 0) or free_port(), source="single")
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigbatch import exit_codes
 from bigbatch.launcher.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 __all__ = ["SubmitConfig", "SubmitError", "render_sbatch", "submit", "TEMPLATES", "template_dir"]
@@ -22,6 +23,8 @@ __all__ = ["SubmitConfig", "SubmitError", "render_sbatch", "submit", "TEMPLATES"
 TEMPLATES = ("srun", "torchrun")
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^UNLIMITED$|^INFINITE$")
+#: seconds the other workers get once one has exited (srun --wait; bigbatch launch)
+DEFAULT_EXIT_GRACE_S = 60
 
 
 class SubmitError(ValueError):
@@ -61,8 +64,8 @@ class SubmitConfig:
     workdir: str = field(default_factory=os.getcwd)
     signal_seconds: int = 120
     requeue: bool = True
-    preempt_exit_code: int = 75
-    exit_grace: int = 60  # seconds the other workers get once one has exited (srun --wait)
+    preempt_exit_code: int = exit_codes.PREEMPTED
+    exit_grace: int = DEFAULT_EXIT_GRACE_S
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
     sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH" options, verbatim

@@ -1,8 +1,7 @@
-"""Optimizers and batch-size scaling for large-batch training.
-
-``AdaBound``, ``AMSBound`` and ``RAdam`` are torch optimizers exact to their papers' official
-code, with a fused (compiled) single-pass update; ``get_optimizer_class`` resolves a name or a
-class path.
+"""Optimizers: AdaBound, AMSBound and RAdam, exact to their papers' official code, with a fused
+single-pass update (a C kernel on CPU, a compiled kernel elsewhere); the registry that resolves
+an optimizer named by a string, a class path or a class. Batch-size scaling is
+:mod:`bigbatch.scaling`.
 """
 
 from bigbatch.optim.adabound import AdaBound, AMSBound
@@ -10,15 +9,3 @@ from bigbatch.optim.radam import RAdam
 from bigbatch.optim.registry import OPTIMIZERS, canonical_name, get_optimizer_class
 
 __all__ = ["AdaBound", "AMSBound", "RAdam", "OPTIMIZERS", "canonical_name", "get_optimizer_class"]
-
-# --- scaling (issue 3) ---
-from bigbatch.optim.batch_planner import BatchPlan, plan_batch
-from bigbatch.optim.noise_scale import GradientNoiseScale, GradSqNormHook, NoiseScaleProbe, grad_sq_norm
-from bigbatch.optim.scaling import ScalingRuleWarning, scale_hparams, scale_steps
-from bigbatch.optim.schedules import SampleSchedule
-
-__all__ += [
-    "BatchPlan", "plan_batch", "GradientNoiseScale", "GradSqNormHook", "NoiseScaleProbe", "grad_sq_norm",
-    "ScalingRuleWarning", "scale_hparams", "scale_steps", "SampleSchedule",
-]
-# --- end scaling ---

@@ -1,24 +1,33 @@
-"""Optimizers named by a string or a class path (as litgpt does).
+"""The optimizer registry: every fact about optimizers that other parts of bigbatch need.
 
-``get_optimizer_class("adabound")``, ``get_optimizer_class("torch.optim.AdamW")`` and
-``get_optimizer_class(AdaBound)`` all return a class; ``canonical_name`` maps a class back to the
-short name that the scaling rules and configs use.
+An optimizer is named by a short name (``"adabound"``), a dotted class path
+(``"torch.optim.AdamW"``) or a class, as litgpt does; :func:`get_optimizer_class` resolves any of
+them, and whatever it accepts works everywhere (train.py, ``bigbatch.sharding.build_engine``, the HF
+integration). :func:`canonical_name` maps a class back to the short name whose scaling rule applies
+(subclasses take their base's); :func:`constructor_params` / :func:`constructor_defaults` read a
+class's keyword arguments.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 
 from bigbatch.optim.adabound import AdaBound, AMSBound
 from bigbatch.optim.radam import RAdam
 
-# Short names, case-insensitive. Ours first; torch's "radam" is deliberately shadowed by ours.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+#: bigbatch's own optimizers; under these names they shadow torch's RAdam and the HF Trainer's names
+BIGBATCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adabound": AdaBound,
     "amsbound": AMSBound,
     "radam": RAdam,
+}
+
+#: short names, case-insensitive
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    **BIGBATCH_OPTIMIZERS,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
@@ -58,3 +67,39 @@ def canonical_name(optimizer: str | type) -> str | None:
             if klass is known:
                 return short
     return None
+
+
+def is_bigbatch_optimizer(optimizer: str | type) -> bool:
+    """Whether ``optimizer`` names one of :data:`BIGBATCH_OPTIMIZERS` (by short name or class)."""
+    if isinstance(optimizer, str) and optimizer.lower() in BIGBATCH_OPTIMIZERS:
+        return True
+    return isinstance(optimizer, type) and any(optimizer is c for c in BIGBATCH_OPTIMIZERS.values())
+
+
+def constructor_params(cls: type) -> set[str]:
+    """Keyword names that ``cls.__init__`` takes besides ``params``."""
+    sig = inspect.signature(cls.__init__)
+    return {n for n, p in sig.parameters.items()
+            if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def takes_any_keyword(cls: type) -> bool:
+    """Whether ``cls.__init__`` has a ``**kwargs``."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+def constructor_defaults(cls: type) -> dict:
+    """``{name: default}`` of the keyword arguments of ``cls.__init__`` that have one."""
+    sig = inspect.signature(cls.__init__)
+    return {n: p.default for n, p in sig.parameters.items()
+            if n in constructor_params(cls) and p.default is not inspect.Parameter.empty}
+
+
+def check_kwargs(cls: type, kwargs, what: str) -> None:
+    """Raise ValueError naming the first key of ``kwargs`` that ``cls`` does not take."""
+    if takes_any_keyword(cls):
+        return
+    allowed = sorted(constructor_params(cls))
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"{what}: {key!r} is not an argument of {cls.__qualname__}; allowed: {allowed}")

@@ -9,8 +9,8 @@ changes. See docs in each module.
 from bigbatch.sharding.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, rescale_engine,
                                           save_checkpoint, verify_checkpoint)
 from bigbatch.sharding.config import DSConfigError, ResolvedConfig, load_ds_config, resolve_ds_config
-from bigbatch.sharding.engine import build_engine, reports_grad_norm, step_with_grad_norm
+from bigbatch.sharding.engine import build_engine, reports_grad_norm, set_engine_batch, step_with_grad_norm
 
 __all__ = ["build_engine", "save_checkpoint", "load_checkpoint", "load_ds_config", "resolve_ds_config",
            "rescale_engine", "verify_checkpoint", "list_checkpoints", "CheckpointError", "DSConfigError",
-           "ResolvedConfig", "reports_grad_norm", "step_with_grad_norm"]
+           "ResolvedConfig", "reports_grad_norm", "set_engine_batch", "step_with_grad_norm"]

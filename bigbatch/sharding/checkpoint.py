@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from bigbatch import atomic
+from bigbatch import distributed as bbdist
 from bigbatch.sharding import state as st
 
 logger = logging.getLogger(__name__)
@@ -48,34 +49,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or partial; the message names the file."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict:
     out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -89,6 +62,14 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _optimizer_name(optimizer) -> str:
+    """The registry name of the optimizer's scaling rule, else its class path."""
+    from bigbatch.optim.registry import canonical_name
+
+    cls = type(optimizer)
+    return canonical_name(cls) or f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _group_hparams(group: dict) -> dict:
@@ -124,7 +105,7 @@ def _load_module_extras(engine, extras: dict[str, torch.Tensor]) -> None:
             p = params[name]
             if hasattr(p, "ds_id"):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if _rank() == 0:
+                    if bbdist.rank() == 0:
                         p.data.copy_(value)
             else:
                 p.data.copy_(value)
@@ -140,32 +121,31 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
     if os.sep in tag or tag in ("", ".", ".."):
         raise ValueError(f"tag={tag!r}: must be a plain directory name")
     path = os.path.join(ckpt_dir, tag)
-    rank = _rank()
+    rank = bbdist.rank()
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         # re-saving a tag: drop its manifest first so a crash mid-save leaves it refused
         if os.path.exists(os.path.join(path, MANIFEST)):
             os.remove(os.path.join(path, MANIFEST))
-    _barrier()
+    bbdist.barrier()
     client_state = dict(client_state or {})
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
                            save_latest=False)
-    world = _world()
+    world = bbdist.world_size()
     full = st.gather_full_state(engine, keep=lambda i: i % world == rank)
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
     group_of = st.group_index_by_name(engine)
-    cfg = engine._bigbatch_config if hasattr(engine, "_bigbatch_config") else None
-    _atomic_torch_save(_rng_state(), os.path.join(path, f"bigbatch_rng_rank{rank}.pt"))
-    _atomic_torch_save({"params": full, "extras": extras if rank == 0 else {}},
+    atomic.torch_save(_rng_state(), os.path.join(path, f"bigbatch_rng_rank{rank}.pt"))
+    atomic.torch_save({"params": full, "extras": extras if rank == 0 else {}},
                        os.path.join(path, FULL.format(rank)))
     if rank == 0:
         meta = {
-            "format": FORMAT, "tag": tag, "world_size": _world(), "zero_stage": st.stage_of(engine),
+            "format": FORMAT, "tag": tag, "world_size": bbdist.world_size(), "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "grad_accum": engine.gradient_accumulation_steps(),
-            "optimizer": cfg.optimizer_name if cfg else type(engine.basic_optimizer).__name__.lower(),
+            "optimizer": _optimizer_name(engine.basic_optimizer),
             "group_hparams": [_group_hparams(g) for g in engine.basic_optimizer.param_groups],
             "group_steps": steps,
             "steps_by_name": {n: steps[g] for n, g in group_of.items()},
@@ -174,20 +154,21 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps, "client_state": client_state,
         }
-        _atomic_torch_save(meta, os.path.join(path, META))
-    _barrier()  # every rank's files are on disk
+        atomic.torch_save(meta, os.path.join(path, META))
+    bbdist.barrier()  # every rank's files are on disk
     if rank == 0:
         files = {}
         for root, _, names in os.walk(path):
             for name in names:
-                if name == MANIFEST or ".tmp" in name:
+                if name == MANIFEST or atomic.TMP_MARK in name:
                     continue
                 full_name = os.path.join(root, name)
                 files[os.path.relpath(full_name, path)] = os.path.getsize(full_name)
-        _atomic_write_text(os.path.join(path, MANIFEST), json.dumps(
-            {"format": FORMAT, "tag": tag, "world_size": _world(), "files": files}, indent=1, sort_keys=True))
-        _atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
-    _barrier()
+        atomic.write_text(os.path.join(path, MANIFEST), json.dumps(
+            {"format": FORMAT, "tag": tag, "world_size": bbdist.world_size(), "files": files}, indent=1, sort_keys=True),
+            fsync=True)
+        atomic.write_text(os.path.join(ckpt_dir, LATEST), tag, fsync=True)
+    bbdist.barrier()
     return path
 
 
@@ -275,7 +256,7 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
         tag = good[0]
     path = os.path.join(ckpt_dir, tag)
     meta = _torch_load(os.path.join(path, META))
-    rank, world = _rank(), _world()
+    rank, world = bbdist.rank(), bbdist.world_size()
     same = meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
     if same:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
@@ -300,7 +281,7 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
     if plan is not None and plan.global_batch != meta["global_batch"]:
         rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
                        beta_form=plan.beta_form)
-    _barrier()
+    bbdist.barrier()
     return meta["client_state"]
 
 
@@ -340,18 +321,18 @@ def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "pa
     continue smoothly; the scheduler's ``last_epoch`` and the engine's ``global_steps`` are
     converted the same way (rounded). Returns and logs the new values.
     """
-    from bigbatch.optim.scaling import scale_hparams
-    from bigbatch.sharding.config import optimizer_param_names
-    from bigbatch.optim import get_optimizer_class
+    from bigbatch.optim.registry import constructor_params, get_optimizer_class
+    from bigbatch.scaling.rules import scale_hparams
 
-    names = optimizer_param_names(get_optimizer_class(optimizer))
-    report: dict[str, Any] = {"kappa": kappa, "groups": []}
+    names = constructor_params(get_optimizer_class(optimizer))
+    report: dict[str, Any] = {"kappa": kappa, "groups": [], "lr_ratios": []}
     ratios = []
     for group in engine.basic_optimizer.param_groups:
         hp = {k: group[k] for k in names if k in group and k not in ("foreach", "fused")}
         new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form)
         ratio = new["lr"] / hp["lr"] if hp.get("lr") else 1.0
         ratios.append(ratio)
+        report["lr_ratios"].append(ratio)
         for key in ("base_lr", "initial_lr"):
             if key in group:
                 group[key] = group[key] * ratio
@@ -373,9 +354,8 @@ def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "pa
     old_gs = engine.global_steps
     engine.global_steps = int(round(old_gs / kappa))
     report["global_steps"] = (old_gs, engine.global_steps)
-    if _rank() == 0:
+    if bbdist.rank() == 0:
         logger.warning("bigbatch: global batch changed by kappa=%.6g; rescaled hyperparameters %s; "
                        "step counters %s -> %s; global_steps %d -> %d", kappa, report["groups"], steps,
                        new_steps, old_gs, engine.global_steps)
-    engine._bigbatch_last_rescale = report
     return report

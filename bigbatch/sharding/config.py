@@ -1,15 +1,21 @@
-"""DeepSpeed JSON configs: load, fill ``"auto"`` values, check, and split out our optimizer.
+"""DeepSpeed JSON configs: load, fill ``"auto"`` values, check, and decide who builds the optimizer.
 
 One way for data to flow: ``dict | path`` -> :func:`load_ds_config` -> :func:`resolve_ds_config`
-(batch fields and scaled optimizer hyperparameters from a :class:`BatchPlan`, ``"auto"`` filled as
-HF's DeepSpeed integration does) -> :class:`ResolvedConfig` -> ``deepspeed.initialize``. Every
-inconsistency is refused here, naming the field, before DeepSpeed starts.
+(batch fields from a :class:`~bigbatch.scaling.BatchPlan`, ``"auto"`` filled as HF's DeepSpeed
+integration does) -> :class:`ResolvedConfig` -> ``deepspeed.initialize``. Every inconsistency is
+refused here, naming the field, before DeepSpeed starts.
+
+Who builds the optimizer. An optimizer named by the caller (a batch plan's, or ``optimizer=``) is
+built by bigbatch from the registry (:mod:`bigbatch.optim.registry`) with the plan's scaled
+hyperparameters, and handed to DeepSpeed as its client optimizer; the JSON's ``"optimizer"`` block
+may then say ``"auto"`` or name the same optimizer. When only the JSON names one, DeepSpeed's own
+types (``Adam``, ``AdamW``, ``Lamb``, ...) are left to DeepSpeed and any other name the registry
+resolves (``AdaBound``, ``torch.optim.SGD``, a class path) is built by bigbatch.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -18,10 +24,11 @@ from typing import Any
 
 import torch
 
+from bigbatch.optim.registry import (OPTIMIZERS, check_kwargs, constructor_defaults, constructor_params,
+                                     get_optimizer_class)
+
 logger = logging.getLogger(__name__)
 
-#: optimizer types that bigbatch builds itself and hands to DeepSpeed as the client optimizer
-OUR_OPTIMIZERS = ("adabound", "amsbound", "radam")
 AUTO = "auto"
 BATCH_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -42,7 +49,7 @@ class ResolvedConfig:
     world_size: int
     optimizer_cls: type[torch.optim.Optimizer] | None = None
     optimizer_kwargs: dict = field(default_factory=dict)
-    optimizer_name: str | None = None  # short name (adabound, ...) or DeepSpeed's type string
+    optimizer_name: str | None = None  # registry short name, class path, or DeepSpeed's type string
 
     @property
     def zero_stage(self) -> int:
@@ -79,29 +86,22 @@ def is_auto(v: Any) -> bool:
     return isinstance(v, str) and v.lower() == AUTO
 
 
-def optimizer_param_names(cls: type) -> set[str]:
-    """Keyword names that ``cls.__init__`` takes (besides ``params``)."""
-    sig = inspect.signature(cls.__init__)
-    return {n for n, p in sig.parameters.items()
-            if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def optimizer_defaults(cls: type) -> dict:
-    sig = inspect.signature(cls.__init__)
-    return {n: p.default for n, p in sig.parameters.items()
-            if n in optimizer_param_names(cls) and p.default is not inspect.Parameter.empty}
-
-
-def _our_class(name: str) -> type[torch.optim.Optimizer]:
-    from bigbatch.optim import get_optimizer_class
-
-    return get_optimizer_class(name)
-
-
-def _known_ds_type(type_name: str) -> bool:
+def _deepspeed_type(type_name) -> bool:
+    """One of DeepSpeed's own optimizer types (it builds FusedAdam, Lamb, ... itself)."""
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    return type_name.lower() in DEEPSPEED_OPTIMIZERS or getattr(torch.optim, type_name, None) is not None
+    return isinstance(type_name, str) and type_name.lower() in DEEPSPEED_OPTIMIZERS
+
+
+def _registry_class(type_name) -> type[torch.optim.Optimizer]:
+    try:
+        return get_optimizer_class(type_name)
+    except (ValueError, TypeError):
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+        raise DSConfigError(f"optimizer.type={type_name!r}: unknown; use a name of bigbatch's registry "
+                            f"{sorted(OPTIMIZERS)}, a dotted class path, or one of DeepSpeed's "
+                            f"{DEEPSPEED_OPTIMIZERS}") from None
 
 
 def _fill_batch(cfg: dict, plan, world_size: int) -> None:
@@ -197,7 +197,7 @@ def _check_stage(cfg: dict) -> int:
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise DSConfigError(f"zero_optimization.stage={stage!r}: must be 0, 1, 2 or 3")
     if "elasticity" in cfg:
-        raise DSConfigError("elasticity: DeepSpeed 0.19 removed elastic training; use bigbatch.optim's batch "
+        raise DSConfigError("elasticity: DeepSpeed (0.19 and later) has no elastic training; use bigbatch.scaling's batch "
                             "planner (pass plan=) instead")
     return stage
 
@@ -209,31 +209,32 @@ def _offload_optimizer(cfg: dict) -> bool:
 
 @dataclass
 class OptimizerChoice:
-    """What a config's ``"optimizer"`` block names: ``cls`` is None for DeepSpeed's own optimizers."""
+    """What a config's ``"optimizer"`` block names: ``cls`` is None when DeepSpeed builds it."""
 
-    name: str  # our short name, or DeepSpeed's type as written
+    name: str  # registry short name, the class path as written, or DeepSpeed's type as written
     cls: type | None
     params: dict
     type_name: str  # as the config wrote it (after "auto" was resolved)
 
 
-def take_optimizer_block(cfg: dict, default_type: str | None = None, *,
+def take_optimizer_block(cfg: dict, default_type: str | type | None = None, *,
                          auto_hint: str = "name the optimizer") -> OptimizerChoice | None:
-    """Check the ``"optimizer"`` block of ``cfg``; take it out (in place) when it names one of ours.
+    """Check the ``"optimizer"`` block of ``cfg``; take it out (in place) when bigbatch builds it.
 
-    A missing block means ``default_type`` (None: no optimizer named); ``"type": "auto"`` takes
-    ``default_type``. For ours, every param must be a constructor argument, the block is removed
-    (DeepSpeed gets our optimizer as a client optimizer) and ``zero_allow_untested_optimizer``
-    (plus ``zero_force_ds_cpu_optimizer: false`` with optimizer offload) is set as DeepSpeed
-    requires. DeepSpeed's and torch's own types stay in the config. Raises DSConfigError naming
-    the field.
+    ``default_type`` is the optimizer the caller names: it stands for a missing block and for
+    ``"type": "auto"``, and a block naming DeepSpeed's own type for the same class is built by
+    bigbatch too. Otherwise DeepSpeed's own types stay in the config for DeepSpeed; any other
+    name is resolved by the registry, its params are checked against the constructor, the block is
+    removed, and ``zero_allow_untested_optimizer`` (plus ``zero_force_ds_cpu_optimizer: false``
+    with optimizer offload) is set as DeepSpeed requires for a client optimizer. Raises
+    DSConfigError naming the field.
     """
     block = cfg.get("optimizer")
     if block is None:
         if default_type is None:
             return None
         block = {"type": default_type, "params": {}}
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+    if not isinstance(block, dict) or not isinstance(block.get("type"), (str, type)):
         raise DSConfigError(f"optimizer={block!r}: must be an object with a string \"type\"")
     type_name = block["type"]
     if is_auto(type_name):
@@ -245,16 +246,12 @@ def take_optimizer_block(cfg: dict, default_type: str | None = None, *,
     params = block.get("params") or {}
     if not isinstance(params, dict):
         raise DSConfigError(f"optimizer.params={params!r}: must be an object")
-    key = type_name.lower()
-    if key not in OUR_OPTIMIZERS:
-        if not _known_ds_type(type_name):
-            from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-
-            raise DSConfigError(f"optimizer.type={type_name!r}: unknown; use one of {list(OUR_OPTIMIZERS)}, "
-                                f"DeepSpeed's {DEEPSPEED_OPTIMIZERS} or a torch.optim class name")
-        return OptimizerChoice(name=type_name, cls=None, params=dict(params), type_name=type_name)
-    cls = _our_class(key)
-    allowed = optimizer_param_names(cls)
+    if _deepspeed_type(type_name):
+        named = get_optimizer_class(default_type) if default_type is not None else None
+        if named is None or OPTIMIZERS.get(type_name.lower()) is not named:
+            return OptimizerChoice(name=type_name, cls=None, params=dict(params), type_name=type_name)
+    cls = _registry_class(type_name)
+    allowed = constructor_params(cls)
     for name in params:
         if name not in allowed:
             raise DSConfigError(f"optimizer.params.{name}: {cls.__name__} does not take it; "
@@ -263,17 +260,22 @@ def take_optimizer_block(cfg: dict, default_type: str | None = None, *,
     cfg["zero_allow_untested_optimizer"] = True
     if _offload_optimizer(cfg):
         cfg["zero_force_ds_cpu_optimizer"] = False
-    return OptimizerChoice(name=key, cls=cls, params=dict(params), type_name=type_name)
+    written = type_name if isinstance(type_name, str) else f"{cls.__module__}.{cls.__qualname__}"
+    name = written.lower() if written.lower() in OPTIMIZERS else written
+    return OptimizerChoice(name=name, cls=cls, params=dict(params), type_name=written)
 
 
-def resolve_ds_config(ds_config, *, model=None, plan=None, world_size: int | None = None) -> ResolvedConfig:
+def resolve_ds_config(ds_config, *, model=None, plan=None, optimizer: str | type | None = None,
+                      optimizer_kwargs: dict | None = None, world_size: int | None = None) -> ResolvedConfig:
     """Check and complete a DeepSpeed config; build nothing.
 
     Args:
         ds_config: dict or JSON path.
         model: used only to size ``"auto"`` ZeRO buckets from ``model.config.hidden_size``.
-        plan: a ``bigbatch.optim.batch_planner.BatchPlan``; its batch fields and its (already
-            kappa-scaled) hyperparameters win over ``"auto"`` entries and over reference values.
+        plan: a :class:`~bigbatch.scaling.BatchPlan`; its batch fields, its optimizer and its (already
+            kappa-scaled) hyperparameters win over ``"auto"`` entries and over the JSON's values.
+        optimizer: the optimizer to build (a registry name, class path or class), when no plan names it.
+        optimizer_kwargs: constructor kwargs that are no hyperparameters (``foreach``, ``fused``), unscaled.
         world_size: defaults to :func:`current_world_size`.
     """
     cfg = load_ds_config(ds_config)
@@ -282,16 +284,18 @@ def resolve_ds_config(ds_config, *, model=None, plan=None, world_size: int | Non
     _fill_batch(cfg, plan, world_size)
 
     resolved = ResolvedConfig(ds_config=cfg, world_size=world_size)
-    choice = take_optimizer_block(cfg, plan.optimizer if plan is not None else None,
-                                  auto_hint="only with a batch plan (plan=), which names the optimizer")
+    named = optimizer if optimizer is not None else (
+        (plan.optimizer_class or plan.optimizer) if plan is not None else None)
+    choice = take_optimizer_block(cfg, named,
+                                  auto_hint="only with a batch plan (plan=) or optimizer=, which name the optimizer")
     if choice is not None:
-        if plan is not None and choice.name.lower() != str(plan.optimizer).lower():
-            raise DSConfigError(f"optimizer.type={choice.type_name!r} but the batch plan was made for "
-                                f"{plan.optimizer!r}")
+        if named is not None and choice.cls is not get_optimizer_class(named):
+            what = f"the batch plan was made for {plan.optimizer!r}" if optimizer is None else f"optimizer={optimizer!r}"
+            raise DSConfigError(f"optimizer.type={choice.type_name!r} but {what}")
         if choice.cls is None:  # DeepSpeed's own optimizer
             resolved.optimizer_name = choice.name
         else:
-            params = choice.params
+            params = {**choice.params, **(optimizer_kwargs or {})}
             if plan is not None:
                 for name, value in plan.hparams.items():
                     given = params.get(name, AUTO)
@@ -299,12 +303,16 @@ def resolve_ds_config(ds_config, *, model=None, plan=None, world_size: int | Non
                         logger.info("optimizer.params.%s=%r replaced by the batch plan's scaled value %r",
                                     name, given, value)
                     params[name] = value
-            defaults = optimizer_defaults(choice.cls)
+            defaults = constructor_defaults(choice.cls)
             for name, value in list(params.items()):
                 if is_auto(value):
                     if name not in defaults:
                         raise DSConfigError(f"optimizer.params.{name}=\"auto\": no plan value and no default")
                     params[name] = defaults[name]
+            try:
+                check_kwargs(choice.cls, params, "optimizer.params")
+            except ValueError as exc:
+                raise DSConfigError(str(exc)) from None
             if "betas" in params:
                 params["betas"] = tuple(params["betas"])
             resolved.optimizer_cls, resolved.optimizer_kwargs, resolved.optimizer_name = choice.cls, params, choice.name

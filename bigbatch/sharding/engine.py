@@ -1,4 +1,5 @@
-"""Build a DeepSpeed engine whose client optimizer is one of ours (AdaBound, AMSBound, RAdam)."""
+"""Build a DeepSpeed engine whose client optimizer bigbatch builds from its registry (AdaBound,
+AMSBound, RAdam, torch's optimizers, any class path), with the batch plan's scaled hyperparameters."""
 
 from __future__ import annotations
 
@@ -7,50 +8,23 @@ from typing import Callable
 
 import torch
 
+from bigbatch.optim.registry import constructor_params
 from bigbatch.sharding.config import DSConfigError, ResolvedConfig, resolve_ds_config
 
 logger = logging.getLogger(__name__)
 
 _GROUP_RESERVED = ("params", "name")
-_NOT_HPARAMS = ("foreach", "fused", "base_lr")  # implementation switches and derived values: never scaled
-
-
-def _init_distributed() -> None:
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed()  # CPU accelerator -> gloo
-
-
-def _scaled_group_overrides(group: dict, resolved: ResolvedConfig, plan) -> dict:
-    """Per-group hyperparameters are given at the reference batch; scale them like the defaults.
-
-    The plan holds only the scaled defaults, so the reference defaults are recovered by scaling
-    back with 1/kappa (the rules round-trip), the group's overrides are laid on top, and the
-    result is scaled by kappa again. Only the keys the group overrides are returned.
-    """
-    overrides = {k: v for k, v in group.items() if k not in _GROUP_RESERVED}
-    scalable = {k: v for k, v in overrides.items() if k not in _NOT_HPARAMS}
-    if plan is None or not scalable or plan.kappa == 1:
-        return overrides
-    from bigbatch.optim.scaling import scale_hparams
-
-    beta_form = plan.beta_form
-    defaults = {k: v for k, v in resolved.optimizer_kwargs.items() if k not in _NOT_HPARAMS}
-    reference = scale_hparams(resolved.optimizer_name, defaults, 1.0 / plan.kappa, beta_form=beta_form)
-    scaled = scale_hparams(resolved.optimizer_name, {**reference, **scalable}, plan.kappa, beta_form=beta_form)
-    return {**overrides, **{k: scaled[k] for k in scalable}}
 
 
 def _model_parameters(model: torch.nn.Module, param_groups, resolved: ResolvedConfig, plan):
+    """Parameter groups for the optimizer; a group's overrides are given at the reference batch and
+    scaled by the plan's rule (:meth:`BatchPlan.scale_group`)."""
     if param_groups is None:
         return [p for p in model.parameters() if p.requires_grad]
     groups = []
     allowed = None
     if resolved.optimizer_cls is not None:
-        from bigbatch.sharding.config import optimizer_param_names
-
-        allowed = optimizer_param_names(resolved.optimizer_cls) | {"base_lr"}
+        allowed = constructor_params(resolved.optimizer_cls) | {"base_lr"}
     for i, group in enumerate(param_groups):
         if not isinstance(group, dict) or "params" not in group:
             raise DSConfigError(f"param_groups[{i}]: expected a dict with 'params', got {type(group).__name__}")
@@ -59,32 +33,39 @@ def _model_parameters(model: torch.nn.Module, param_groups, resolved: ResolvedCo
                 if key not in _GROUP_RESERVED and key not in allowed:
                     raise DSConfigError(f"param_groups[{i}].{key}: {resolved.optimizer_cls.__name__} does not "
                                         f"take it; allowed: {sorted(allowed)}")
+        overrides = {k: v for k, v in group.items() if k not in _GROUP_RESERVED}
+        if plan is not None and resolved.optimizer_cls is not None:
+            overrides = plan.scale_group(overrides)
         params = [p for p in group["params"] if p.requires_grad]
-        g = {"params": params, **({"name": group["name"]} if "name" in group else {})}
-        g.update(_scaled_group_overrides(group, resolved, plan) if resolved.optimizer_cls else
-                 {k: v for k, v in group.items() if k not in _GROUP_RESERVED})
-        groups.append(g)
+        groups.append({"params": params, **({"name": group["name"]} if "name" in group else {}), **overrides})
     return groups
 
 
-def build_engine(model: torch.nn.Module, ds_config, *, plan=None, param_groups=None,
-                 lr_scheduler: Callable | None = None):
-    """``deepspeed.initialize`` with our optimizer as client optimizer.
+def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str | type | None = None,
+                 optimizer_kwargs: dict | None = None, param_groups=None, lr_scheduler: Callable | None = None):
+    """``deepspeed.initialize`` with a client optimizer built by bigbatch.
 
     Args:
         model: the module (unpartitioned; ZeRO-3 partitions it here).
         ds_config: dict or JSON path; see :func:`bigbatch.sharding.config.resolve_ds_config`.
-        plan: a ``BatchPlan``; batch fields and kappa-scaled optimizer hyperparameters come from it.
+        plan: a ``BatchPlan``; batch fields, the optimizer and its kappa-scaled hyperparameters.
+        optimizer, optimizer_kwargs: the optimizer when no plan names it; unscaled constructor
+            kwargs (``foreach``, ``fused``) either way.
         param_groups: list of dicts (``params`` plus per-group overrides at the reference batch).
         lr_scheduler: callable ``optimizer -> scheduler`` (DeepSpeed steps it at each boundary).
 
     Returns:
         ``(engine, optimizer, lr_scheduler)`` as ``deepspeed.initialize`` returns them.
     """
-    resolved = resolve_ds_config(ds_config, model=model, plan=plan)  # refuse bad configs before DeepSpeed
+    # refuse bad configs before DeepSpeed starts
+    resolved = resolve_ds_config(ds_config, model=model, plan=plan, optimizer=optimizer,
+                                 optimizer_kwargs=optimizer_kwargs)
     model_parameters = _model_parameters(model, param_groups, resolved, plan)
-    _init_distributed()
     import deepspeed
+
+    from bigbatch.distributed import init_distributed
+
+    init_distributed(use_deepspeed=True)  # no-op when a process group exists
 
     if torch.distributed.get_world_size() != resolved.world_size:
         raise DSConfigError(f"world size: the config was resolved for {resolved.world_size} processes ($WORLD_SIZE)"
@@ -100,8 +81,20 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, param_groups=N
         model=model, optimizer=client_optimizer,
         model_parameters=model_parameters if client_optimizer is None else None,
         lr_scheduler=lr_scheduler, config=resolved.ds_config)
-    engine._bigbatch_config = resolved  # read by save/load_checkpoint (optimizer name, batch)
     return engine, optimizer, scheduler
+
+
+def set_engine_batch(engine, micro_batch: int, grad_accum: int) -> None:
+    """Change a live engine's micro batch and gradient accumulation (call between optimizer steps):
+    its global batch becomes ``micro_batch * grad_accum * world_size`` and it steps at the new
+    accumulation boundary. ZeRO-1/2 with optimizer offload keeps its own copy of the count."""
+    if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
+        raise RuntimeError("set_engine_batch: the engine is inside an accumulation window; change the "
+                           "batch between optimizer steps")
+    engine.set_train_micro_batch_size(micro_batch)
+    engine.set_train_batch_size(micro_batch * grad_accum * engine.dp_world_size)
+    if hasattr(engine.optimizer, "gradient_accumulation_steps"):
+        engine.optimizer.gradient_accumulation_steps = grad_accum
 
 
 def reports_grad_norm(engine) -> bool:

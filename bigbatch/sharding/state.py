@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bigbatch.distributed import all_reduce_floats
+
 
 def stage_of(engine) -> int:
     return int(engine.zero_optimization_stage()) if engine.zero_optimization() else 0
@@ -82,10 +84,9 @@ def group_steps(engine) -> list[float | None]:
         if "step" in state.get(owner, {}):
             v = float(state[owner]["step"])
             steps[g] = v if steps[g] is None else max(steps[g], v)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # a rank may hold no state for a group
-        t = torch.tensor([-1.0 if s is None else s for s in steps], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        steps = [None if v < 0 else float(v) for v in t.tolist()]
+    # a rank may hold no state for a group
+    reduced = all_reduce_floats([-1.0 if s is None else s for s in steps], "max")
+    steps = [None if v < 0 else float(v) for v in reduced]
     return steps
 
 

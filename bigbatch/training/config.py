@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from bigbatch import atomic, exit_codes
+
 
 class ConfigError(ValueError):
     """A bad run configuration; the message names the key, the value and what is allowed."""
@@ -134,19 +136,23 @@ class OptimConfig:
 
     name: str = "adabound"  # registry short name or dotted class path
     hparams: dict = field(default_factory=dict)
-    # Constructor kwargs that are not hyperparameters, passed unscaled: fused/foreach, or
-    # DeepSpeed's torch_adam for its AdamW type (torch_adam: true, fused: true = torch fused AdamW).
+    # Constructor kwargs that are not hyperparameters, passed unscaled (fused, foreach, ...).
     kwargs: dict = field(default_factory=dict)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
     no_decay_norms_and_biases: bool = True  # weight decay on matrices only
 
     def validate(self) -> None:
-        from bigbatch.optim.registry import get_optimizer_class
+        from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 
         try:
-            get_optimizer_class(self.name)
+            cls = get_optimizer_class(self.name)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"optim.name: {exc}") from None
+        for section in ("hparams", "kwargs"):
+            try:
+                check_kwargs(cls, getattr(self, section), f"optim.{section}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         _positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         if "lr" not in self.hparams:
             raise ConfigError("optim.hparams.lr: required (the learning rate at the reference batch)")
@@ -227,7 +233,7 @@ class CheckpointConfig:
 
     every_steps: int = 0  # 0 = only at the end and on a signal
     at_end: bool = True
-    preempt_exit_code: int = 75
+    preempt_exit_code: int = exit_codes.PREEMPTED
 
     def validate(self) -> None:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
@@ -463,8 +469,5 @@ def config_from_dict(data: dict) -> RunConfig:
 
 
 def dump_yaml(data: dict, path: str | os.PathLike) -> None:
-    """Write YAML atomically (temp name, then os.replace)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    """Write YAML atomically."""
+    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))

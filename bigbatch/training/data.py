@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bigbatch.training.config import ConfigError, DataConfig
-from bigbatch.training.corpus import Corpus
+from bigbatch.training.config import ConfigError, DataConfig, RunConfig
+from bigbatch.training.corpus import Corpus, load_corpus
 
 CACHE_VERSION = 1
 
@@ -189,3 +189,30 @@ def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size:
     mine = np.arange(rank, min(max_blocks, len(blocks)), world_size)
     return [torch.from_numpy(blocks[mine[i:i + micro_batch]].astype(np.int64))
             for i in range(0, len(mine), micro_batch)]
+
+
+def prepare_data(cfg: RunConfig, info):
+    """``(tokenizer, packed data, corpus)`` for a run. Local rank 0 builds the caches, the others
+    then read them; an error on the builder is raised on every rank (no rank is left waiting)."""
+    import torch.distributed as dist
+
+    from bigbatch.training.tokenizer import build_tokenizer
+
+    corpus = load_corpus(cfg.data)
+    error = None
+    if info.local_rank == 0:
+        try:
+            tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
+            build_packed_data(corpus, tok, cfg.data)
+        except (ConfigError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ConfigError) else str(exc)
+    errors = [error]
+    if info.world_size > 1:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, error)
+        errors = gathered
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+    tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir, train=False)
+    return tok, build_packed_data(corpus, tok, cfg.data, build=False), corpus

@@ -1,17 +1,20 @@
-"""Run config -> batch plan -> DeepSpeed config -> engine.
+"""Run config -> batch plan -> model -> engine: everything between the data and the training loop.
 
-The batch plan comes from ``bigbatch.optim.batch_planner.plan_batch`` (issue 3) and the engine
-from ``bigbatch.sharding.build_engine`` (issue 4); this module only translates the run config
-into their arguments and builds the DeepSpeed JSON (ZeRO stage, precision, clipping, batch
-fields from the plan, optimizer block with the *reference* hyperparameters).
+The plan (:func:`bigbatch.scaling.plan_batch`) turns the reference global batch and hyperparameters
+of ``cfg.optim`` into this world size's micro batch, accumulation and scaled hyperparameters; the
+engine (:func:`bigbatch.sharding.build_engine`) builds the optimizer from the plan and hands it to
+DeepSpeed. :class:`DeepSpeedRun` is the loop's view of that engine: a training step over micro
+batches, evaluation, checkpoints, and a change of the global batch in place.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
-from bigbatch.sharding.config import DSConfigError, load_ds_config
+import torch
+
 from bigbatch.training.config import ConfigError, RunConfig
 from bigbatch.training.model import build_model, padded_vocab, param_groups
 
@@ -21,18 +24,21 @@ def _tuples(hparams: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
 
 
-def make_plan(cfg: RunConfig, world_size: int):
-    """The :class:`BatchPlan` for this world size. Planner errors become ConfigErrors (they
-    name the infeasible batch and the nearest feasible ones)."""
-    from bigbatch.optim.batch_planner import plan_batch
+def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None):
+    """The :class:`~bigbatch.scaling.BatchPlan` for this world size: ``cfg.batch``'s policy, or
+    the given ``global_batch`` (a batch schedule's). Planner errors become ConfigErrors (they name
+    the infeasible batch and the nearest feasible ones)."""
+    from bigbatch.scaling.planner import plan_batch
 
     b = cfg.batch
+    policy = "fixed" if global_batch is not None else b.policy
     try:
         return plan_batch(world_size, list(b.micro_batch_sizes),
                           reference_global_batch=b.reference_global_batch,
                           optimizer=cfg.optim.name, hparams=_tuples(cfg.optim.hparams),
-                          policy=b.policy, global_batch=b.global_batch,
-                          per_device_batch=b.per_device_batch, beta_form=b.beta_form)
+                          policy=policy, global_batch=global_batch if global_batch is not None else b.global_batch,
+                          per_device_batch=None if policy == "fixed" else b.per_device_batch,
+                          beta_form=b.beta_form)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"batch: {exc}") from None
 
@@ -45,7 +51,11 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(cfg: RunConfig, plan) -> dict:
-    """The DeepSpeed config dict: JSON file <- run-config fields <- ``deepspeed.extra``."""
+    """The DeepSpeed config dict: JSON file <- run-config fields <- ``deepspeed.extra``. The batch
+    fields come from the plan; the optimizer is the run config's (built by bigbatch), so the JSON
+    may only leave its ``"optimizer"`` block to it (``"type": "auto"``)."""
+    from bigbatch.sharding.config import DSConfigError, load_ds_config
+
     ds: dict = {}
     if cfg.deepspeed.config:
         try:
@@ -65,12 +75,6 @@ def deepspeed_config(cfg: RunConfig, plan) -> dict:
     ds["train_batch_size"] = plan.global_batch
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
     ds["gradient_accumulation_steps"] = plan.grad_accum
-    # The plan's (kappa-scaled) hyperparameters plus the unscaled implementation kwargs. For our
-    # optimizers build_engine takes the plan's values anyway; DeepSpeed's own types (AdamW, ...)
-    # take the block as written, so it must already hold the scaled values.
-    params = {**plan.hparams, **cfg.optim.kwargs}
-    ds["optimizer"] = {"type": cfg.optim.name,
-                       "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
     ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -84,21 +88,9 @@ def precision_of(ds: dict) -> str:
     return "fp32"
 
 
-def build(cfg: RunConfig, model, plan, *, param_groups=None):
-    """(engine, optimizer, ds_config) from ``bigbatch.sharding.build_engine``."""
-    from bigbatch.sharding import build_engine
-
-    ds = deepspeed_config(cfg, plan)
-    try:
-        engine, optimizer, _ = build_engine(model, ds, plan=plan, param_groups=param_groups)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"deepspeed: {exc}") from None
-    return engine, optimizer, ds
-
-
 def lr_schedule(cfg: RunConfig):
-    """The run's :class:`~bigbatch.optim.schedules.SampleSchedule` in tokens over ``train.tokens``."""
-    from bigbatch.optim.schedules import SampleSchedule
+    """The run's :class:`~bigbatch.scaling.SampleSchedule` in tokens over ``train.tokens``."""
+    from bigbatch.scaling.schedules import SampleSchedule
 
     s = cfg.schedule
     decay_length = 0
@@ -111,51 +103,122 @@ def lr_schedule(cfg: RunConfig):
         raise ConfigError(f"schedule (with train.tokens={cfg.train.tokens}): {exc}") from None
 
 
-def save_checkpoint(engine, ckpt_dir: str, *, tag: str, client_state: dict) -> None:
-    """Collective atomic save (bigbatch.sharding): 'latest' moves only when every rank is done."""
-    from bigbatch.sharding import save_checkpoint as save
+class DeepSpeedRun:
+    """The training loop's view of a DeepSpeed engine (``engine``) built from ``ds_config``."""
 
-    save(engine, ckpt_dir, tag=tag, client_state=client_state)
+    def __init__(self, engine, ds_config: dict):
+        self.engine = engine
+        self.ds_config = ds_config
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
 
-def has_checkpoint(ckpt_dir: str) -> bool:
-    from bigbatch.sharding import list_checkpoints
+    @property
+    def param_groups(self) -> list[dict]:
+        """The client optimizer's groups: the loop sets their ``lr`` every step."""
+        return self.engine.basic_optimizer.param_groups
 
-    return bool(list_checkpoints(ckpt_dir))
+    @property
+    def precision(self) -> str:
+        return precision_of(self.ds_config)
 
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
-def load_checkpoint(engine, ckpt_dir: str, *, plan) -> dict:
-    """Restore the latest good checkpoint (falling back past a partial one) and return its
-    client state; resharding and hyperparameter rescaling are bigbatch.sharding's."""
-    from bigbatch.sharding import CheckpointError, load_checkpoint as load
+    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None) -> tuple[float, float]:
+        """One optimizer step over this rank's micro batches (LongTensors (micro, seq_len));
+        DeepSpeed averages over accumulation and ranks and steps at the last one.
+        ``after_backward()`` runs after each backward pass (the noise-scale probe). Returns (mean
+        loss on this rank, global gradient norm before clipping)."""
+        from bigbatch.sharding import step_with_grad_norm
 
-    try:
-        return load(engine, ckpt_dir, plan=plan, fallback=True)
-    except CheckpointError as exc:
-        raise ConfigError(f"--resume: {exc}") from None
+        total, gnorm = 0.0, float("nan")
+        for i, x in enumerate(micro_batches):
+            x = x.to(device)
+            loss = self.engine(input_ids=x, labels=x).loss
+            self.engine.backward(loss)
+            if after_backward is not None:
+                after_backward()
+            if i == len(micro_batches) - 1:
+                gnorm = step_with_grad_norm(self.engine)
+            else:
+                self.engine.step()
+            total += float(loss.detach())
+        return total / len(micro_batches), gnorm
+
+    @torch.no_grad()
+    def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
+        """(summed cross-entropy in nats, predicted positions) over this rank's batches."""
+        self.engine.eval()
+        total, count = 0.0, 0
+        for x in batches:
+            x = x.to(device)
+            loss = self.engine(input_ids=x, labels=x).loss
+            n = x.numel() - x.shape[0]  # predicted positions
+            total += float(loss) * n
+            count += n
+        self.engine.train()
+        return total, count
+
+    def save(self, ckpt_dir: str, *, tag: str, client_state: dict) -> None:
+        """Collective atomic save (bigbatch.sharding): 'latest' moves only when every rank is done."""
+        from bigbatch.sharding import save_checkpoint
+
+        save_checkpoint(self.engine, ckpt_dir, tag=tag, client_state=client_state)
+
+    def load(self, ckpt_dir: str) -> dict | None:
+        """Restore the latest good checkpoint (falling back past a partial one) on any world size
+        and return its client state; None when there is none. The batch it was saved at is kept:
+        :meth:`set_batch` moves it to another one."""
+        from bigbatch.sharding import CheckpointError, list_checkpoints, load_checkpoint
+
+        if not list_checkpoints(ckpt_dir):
+            return None
+        try:
+            return load_checkpoint(self.engine, ckpt_dir, fallback=True)
+        except CheckpointError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+
+    def set_batch(self, plan, from_global_batch: int) -> dict:
+        """Move the engine from ``from_global_batch`` to ``plan``'s global batch: DeepSpeed's batch
+        fields (the engine then steps at the new accumulation boundary), every group's
+        hyperparameters by the scaling rule for kappa = new / old, and the step counters by samples
+        (:func:`bigbatch.sharding.rescale_engine`). Returns its report."""
+        from bigbatch.sharding import rescale_engine, set_engine_batch
+
+        set_engine_batch(self.engine, plan.micro_batch, plan.grad_accum)
+        return rescale_engine(self.engine, plan.global_batch / from_global_batch, optimizer=plan.optimizer,
+                              beta_form=plan.beta_form)
 
 
 @dataclass
-class RunEngine:
+class RunSetup:
     plan: object  # BatchPlan
-    model: object
-    engine: object
-    optimizer: object
-    ds_config: dict
+    model: torch.nn.Module
+    engine: DeepSpeedRun
 
 
-def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int) -> RunEngine:
-    """Plan -> model (seeded, identical on every rank) -> parameter groups (no decay on vectors)
-    -> DeepSpeed engine: everything between the data and the loop."""
-    plan = make_plan(cfg, world_size)
+def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None) -> RunSetup:
+    """Plan -> model (seeded, identical on every rank) -> parameter groups (no decay on vectors,
+    overrides at the reference batch) -> DeepSpeed engine with the optimizer built from the plan."""
+    from bigbatch.sharding import build_engine
+
+    plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id)
-    from bigbatch.sharding.config import OUR_OPTIMIZERS
+    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
+    ds = deepspeed_config(cfg, plan)
+    try:
+        engine, _, _ = build_engine(model, ds, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
+    except (ValueError, TypeError, KeyError) as exc:  # DSConfigError is a ValueError
+        raise ConfigError(f"deepspeed: {exc}") from None
+    return RunSetup(plan, model, DeepSpeedRun(engine, ds))
 
-    # build_engine rescales group overrides for our optimizers (given at the reference batch);
-    # DeepSpeed's own types take groups as written, so they get the plan's scaled value.
-    ours = cfg.optim.name.lower() in OUR_OPTIMIZERS
-    wd = (cfg.optim.hparams if ours else plan.hparams).get("weight_decay", 0.0)
-    groups = param_groups(model, float(wd), no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
-    engine, optimizer, ds = build(cfg, model, plan, param_groups=groups)
-    return RunEngine(plan, model, engine, optimizer, ds)
+
+def steps_for_tokens(tokens_left: int, tokens_per_step: int) -> int:
+    """Optimizer steps that cover ``tokens_left`` tokens at ``tokens_per_step`` (the last one may
+    overrun)."""
+    return max(0, math.ceil(tokens_left / tokens_per_step))

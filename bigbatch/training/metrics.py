@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from bigbatch import atomic
+
 TRAIN_KEYS = ("step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
 EVAL_KEYS = ("step", "samples", "tokens", "eval_loss", "eval_ppl")
 
@@ -29,11 +31,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
     if not os.path.isfile(path):
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        for r in kept:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class Progress:
@@ -144,8 +142,7 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     ax_lr.set_xlabel("tokens")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{png_path}.tmp.{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic.atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path

@@ -37,10 +37,12 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+
+from bigbatch.optim.registry import canonical_name, check_kwargs, constructor_defaults, get_optimizer_class
 
 BetaForm = Literal["paper", "power"]
 
@@ -54,16 +56,8 @@ class ScalingRuleWarning(UserWarning):
     """A scaling rule was applied where it is known to lose validity."""
 
 
-def _registry() -> tuple[Callable[[Any], type], Callable[[Any], str | None]]:
-    # Imported late so that importing the rules never depends on every optimizer module importing.
-    from bigbatch.optim.registry import canonical_name, get_optimizer_class
-
-    return get_optimizer_class, canonical_name
-
-
 def resolve_family(optimizer: str | type) -> tuple[type[torch.optim.Optimizer], str]:
     """Class and rule family (a short name in :data:`SCALABLE`) of an optimizer name or class."""
-    get_optimizer_class, canonical_name = _registry()
     cls = get_optimizer_class(optimizer)
     family = canonical_name(cls)
     if family not in SCALABLE:
@@ -110,21 +104,6 @@ def scale_beta(field: str, beta: Any, kappa: float, beta_form: BetaForm = "paper
     return scaled
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
-def _check_keys(cls: type, hparams: Mapping[str, Any], what: str) -> None:
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = sorted(n for n in params if n not in ("self", "params"))
-    for key in hparams:
-        if key not in allowed:
-            raise ValueError(f"{what}: {key!r} is not an argument of {cls.__qualname__}; allowed: {allowed}")
-
-
 def _decoupled(family: str, hp: Mapping[str, Any]) -> bool:
     return family == "adamw" or bool(hp.get("decoupled_weight_decay", False))
 
@@ -160,10 +139,10 @@ def scale_hparams(
     cls, family = resolve_family(optimizer)
     if not isinstance(hparams, Mapping):
         raise ValueError(f"hparams: expected a mapping of constructor kwargs, got {type(hparams).__name__}")
-    _check_keys(cls, hparams, "hparams")
+    check_kwargs(cls, hparams, "hparams")
     if overrides is not None:
-        _check_keys(cls, overrides, "overrides")
-    defaults = _defaults(cls)
+        check_kwargs(cls, overrides, "overrides")
+    defaults = constructor_defaults(cls)
     out = dict(hparams)
 
     def get(key: str) -> Any:
@@ -222,7 +201,7 @@ def scale_steps(steps: int, kappa: float) -> int:
     """A step count tuned at the reference batch (warmup, decay, total) at ``kappa`` times the batch.
 
     ``round(steps / kappa)``, at least 1 when ``steps > 0``, so the same number of samples is covered.
-    Prefer schedules defined in samples (:mod:`bigbatch.optim.schedules`), which need no conversion.
+    Prefer schedules defined in samples (:mod:`bigbatch.scaling.schedules`), which need no conversion.
     """
     k = check_kappa(kappa)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -1,13 +1,13 @@
 """Batch planner: micro batch, gradient accumulation and scaled hyperparameters for a world size.
 
-Replaces DeepSpeed's elasticity module (removed in DeepSpeed 0.19). Two policies:
+Two policies:
 
 * ``"fixed"``: the global batch stays at ``global_batch`` (default: the reference batch); the
   planner picks a micro batch and gradient accumulation that reach it exactly on ``world_size``
   devices. With the default target ``kappa == 1`` and the hyperparameters are unchanged.
 * ``"scale"``: each device processes ``per_device_batch`` samples per optimizer step, so the global
   batch follows the world size; ``kappa = global / reference`` and the hyperparameters are carried
-  over by :func:`bigbatch.optim.scaling.scale_hparams`.
+  over by :func:`bigbatch.scaling.rules.scale_hparams`.
 
 The largest micro batch that works is chosen (fewest accumulation steps, best device use).
 """
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bigbatch.optim.scaling import BetaForm, resolve_family, scale_hparams
+from bigbatch.optim.registry import constructor_params, get_optimizer_class
+from bigbatch.scaling.rules import BetaForm, resolve_family, scale_hparams
 
 Policy = Literal["fixed", "scale"]
 
@@ -34,17 +35,27 @@ class BatchPlan:
     global_batch: int
     reference_global_batch: int
     kappa: float
-    optimizer: str
+    optimizer: str  # the scaling rule's family (a short name such as "adabound")
     hparams: dict  # scaled constructor kwargs
     beta_form: str = "paper"  # how betas were scaled; a resume on another batch scales the same way
+    reference_hparams: dict | None = None  # the constructor kwargs at the reference batch
+    optimizer_class: type | None = field(default=None, compare=False)  # the class planned for
 
-    def deepspeed_config(self) -> dict[str, int]:
-        """The batch keys of a DeepSpeed config (they must agree, DeepSpeed checks it)."""
-        return {
-            "train_batch_size": self.global_batch,
-            "train_micro_batch_size_per_gpu": self.micro_batch,
-            "gradient_accumulation_steps": self.grad_accum,
-        }
+    def scale_group(self, overrides: Mapping[str, Any]) -> dict:
+        """A parameter group's overrides (given at the reference batch, like ``reference_hparams``)
+        at this plan's batch: the reference hyperparameters with the overrides laid on top, scaled
+        by the same rule; keys that are no constructor argument (``params``, ``name``, ``base_lr``)
+        come back unchanged."""
+        cls = self.optimizer_class or self.optimizer
+        ctor = constructor_params(get_optimizer_class(cls))
+        given = {k: v for k, v in overrides.items() if k in ctor}
+        if not given or self.kappa == 1:
+            return dict(overrides)
+        if self.reference_hparams is None:
+            raise ValueError("reference_hparams: this plan has none, so parameter-group overrides "
+                             f"{sorted(given)} cannot be scaled; make the plan with plan_batch")
+        scaled = scale_hparams(cls, {**self.reference_hparams, **given}, self.kappa, beta_form=self.beta_form)
+        return {k: (scaled[k] if k in given else v) for k, v in overrides.items()}
 
 
 def _positive_int(field: str, value: Any) -> int:
@@ -101,7 +112,7 @@ def plan_batch(
         world_size: data-parallel devices, >= 1.
         micro_batch_sizes: micro batch sizes (samples per device per forward) that fit in memory.
         reference_global_batch: global batch at which ``hparams`` were tuned.
-        optimizer: name or class, as for :func:`~bigbatch.optim.scaling.scale_hparams`.
+        optimizer: name or class, as for :func:`~bigbatch.scaling.rules.scale_hparams`.
         hparams: reference constructor kwargs.
         policy: ``"fixed"`` or ``"scale"``.
         global_batch: ``"fixed"`` only: target global batch (default ``reference_global_batch``).
@@ -116,7 +127,7 @@ def plan_batch(
         )
     sizes = _micro_sizes(micro_batch_sizes)
     ref = _positive_int("reference_global_batch", reference_global_batch)
-    _, family = resolve_family(optimizer)
+    cls, family = resolve_family(optimizer)
 
     if policy == "fixed":
         if per_device_batch is not None:
@@ -159,4 +170,6 @@ def plan_batch(
         optimizer=family,
         hparams=scaled,
         beta_form=beta_form,
+        reference_hparams=dict(hparams),
+        optimizer_class=cls,
     )

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bigbatch.distributed import all_reduce_floats
+
 log = logging.getLogger(__name__)
 
 
@@ -61,17 +63,6 @@ def grad_sq_norm(parameters: Iterable[torch.Tensor]) -> float:
         if p.grad is not None:
             total += p.grad.detach().to(torch.float64).square().sum().cpu()
     return float(total)
-
-
-def mean_over_ranks(value: float, group: dist.ProcessGroup | None = None) -> float:
-    """``value`` averaged over the ranks of ``group`` (itself when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    # gloo and nccl both reduce float64; nccl needs the tensor on the current device.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return float(t.item()) / dist.get_world_size(group)
 
 
 class GradSqNormHook:
@@ -160,7 +151,7 @@ class GradientNoiseScale:
 
         Every rank must call it (one scalar all-reduce); all ranks then hold the same estimate.
         """
-        return self.observe(mean_over_ranks(local_sq_norm, group), global_sq_norm, b_local, b_global)
+        return self.observe(all_reduce_floats([local_sq_norm], "mean", group)[0], global_sq_norm, b_local, b_global)
 
     @property
     def estimate(self) -> NoiseScaleEstimate:
