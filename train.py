@@ -19,16 +19,15 @@ torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is co
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from bigbatch import distributed as bbdist
 from bigbatch import exit_codes
 from bigbatch.training.config import ConfigError, parse_overrides
 from bigbatch.training.data import prepare_data
-from bigbatch.training.engine import setup
+from bigbatch.training.engine import check_batch, setup
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import clear_run, resolve_run
+from bigbatch.training.run_dir import prepare, resolve_run
 
 
 def parse_args(argv):
@@ -45,11 +44,9 @@ def main(argv=None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
-        info = bbdist.init_training_process(cfg.train.threads)
-        if info.is_main:
-            if args.overwrite and not resuming:
-                clear_run(out)
-            os.makedirs(out, exist_ok=True)
+        info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
+        check_batch(cfg, info.world_size)  # before any work
+        prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
         run = setup(cfg, info.world_size, tok, data.seq_len)
         return Trainer(cfg, out, info, data, corpus, run, resuming=resuming).run()

@@ -92,6 +92,7 @@ def _worker(rank: int, world: int, args, port: int, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
+    dist.barrier()  # leave the group together (see tests/sharding_worker.py)
     dist.destroy_process_group()
 
 

@@ -101,6 +101,20 @@ def init_training_process(threads: int | None = None, *, timeout_s: float = DEFA
     return DistInfo(topo.rank, topo.world_size, topo.local_rank, topo.local_world_size, device, backend)
 
 
+_LONG_WAIT = {}
+
+
+def long_wait_group(hours: float = 24.0):
+    """A gloo group of every rank whose collectives wait up to ``hours``: for the waits that take as
+    long as one rank's work (building a data cache), where the default group's timeout (meant to
+    catch a hung rank within minutes) would fire. Created on first use (collective)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return None
+    if "group" not in _LONG_WAIT:
+        _LONG_WAIT["group"] = dist.new_group(backend="gloo", timeout=_dt.timedelta(hours=hours))
+    return _LONG_WAIT["group"]
+
+
 def _collective_device(group=None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -125,6 +139,16 @@ def all_reduce_floats(values: list[float], op: str = "sum", group=None) -> list[
     return out
 
 
+def agree(error: str | None) -> list[str]:
+    """Every rank's error (``"rank R: ..."``) after a step that may have failed on some of them, so
+    that all ranks go on or stop together; empty when it worked everywhere. Collective."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [f"rank 0: {error}"] if error else []
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
+
+
 def any_rank(flag: bool, group=None) -> bool:
     """True when ``flag`` is true on any rank (so that every rank stops at the same step)."""
     return all_reduce_floats([1.0 if flag else 0.0], "max", group)[0] > 0
@@ -136,5 +160,6 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    _LONG_WAIT.clear()
     if is_initialized():
         dist.destroy_process_group()

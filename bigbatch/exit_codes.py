@@ -5,3 +5,9 @@ BAD_INPUT = 2
 #: stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job with --resume
 #: (EX_TEMPFAIL, "try again later")
 PREEMPTED = 75
+#: training stopped: too many optimizer steps in a row had non-finite gradients
+NOT_FINITE = 3
+#: a checkpoint could not be written (a full disk, an unwritable directory); the message names the file
+SAVE_FAILED = 74
+#: a rank made no progress within train.step_timeout_s, or a signal arrived while it was stuck
+HUNG = 124

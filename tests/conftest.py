@@ -81,6 +81,12 @@ class SlurmCluster:
 
 
 @pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> str:
+    """The data cache (tokenizer, packed blocks) of the tests that launch train.py: built once."""
+    return str(tmp_path_factory.mktemp("bbcache"))
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster():
     why = _cluster_prerequisites()
     if why:

@@ -29,10 +29,9 @@ REFERENCE_LR = 1e-3  # at the first run's global batch; square-root rule on a re
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
+    from bigbatch.atomic import write_text
+
+    write_text(path, json.dumps(obj))
 
 
 def main() -> int:

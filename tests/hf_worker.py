@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bigbatch.atomic import write_text  # noqa: E402
 from bigbatch.optim import AdaBound, RAdam  # noqa: E402
 
 from bigbatch.scaling import scale_hparams, scale_steps
@@ -160,10 +161,7 @@ def main(argv):
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         for case, res in results.items():
-            tmp = os.path.join(out_dir, f"{case}.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(tmp, os.path.join(out_dir, f"{case}.json"))
+            write_text(os.path.join(out_dir, f"{case}.json"), json.dumps(res, indent=1))
             print(f"OK {case}: world={res['world_size']} kappa={res['kappa']} loss {res['losses'][1]:.4f} -> "
                   f"{res['losses'][max(res['losses'])]:.4f}, resume diff {res['resume_max_abs_diff']:.2g}", flush=True)
 

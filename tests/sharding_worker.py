@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bigbatch.atomic import write_text
 from bigbatch.launcher.env import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,6 +196,22 @@ def run_case(case: dict, world: int, rank: int) -> dict:
             out["full"] = _tolist(st.gather_full_state(engine))
     elif kind == "noise":
         engine, out = _noise_scale(case, world, rank)
+    elif kind == "set_batch":
+        from bigbatch.sharding import set_engine_batch
+
+        engine = _build(case, world)
+        _train(engine, 0, case["steps"], world, rank)
+        out["before"] = {"global_batch": engine.train_batch_size(), "accum": engine.gradient_accumulation_steps()}
+        mb = engine.train_micro_batch_size_per_gpu()
+        set_engine_batch(engine, mb, 2 * engine.gradient_accumulation_steps())
+        out["after"] = {"global_batch": engine.train_batch_size(), "accum": engine.gradient_accumulation_steps()}
+        out["boundaries"], out["global_steps"] = [], [engine.global_steps]
+        for m in range(8):
+            x, y = common.micro_batch(case["steps"] + m // 4, engine.train_batch_size(), world, rank, mb, m % 4)
+            out["boundaries"].append(engine.is_gradient_accumulation_boundary())
+            engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y))
+            engine.step()
+            out["global_steps"].append(engine.global_steps)
     elif kind == "atomic":
         engine = _build(case, world)
         d = case["dir"]
@@ -247,10 +264,10 @@ def _worker(rank: int, world: int, cases: list, out_path: str, port: int) -> Non
             results[case["name"]] = {"error": traceback.format_exc()}
         dist.barrier()
     if rank == 0:
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp, out_path)
+        write_text(out_path, json.dumps(results))
+    # Every rank leaves the group together: a rank that tears its gloo pairs down while another is still
+    # busy makes that one's transport thread see "connection closed" and abort the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 

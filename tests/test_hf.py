@@ -238,3 +238,56 @@ def test_accelerate_launch_two_processes(tmp_path, launch, optimizer, zero):
         assert res["param_groups"][0][k] == pytest.approx(res["expected"][k], rel=1e-12), k
     assert res["param_groups"][0]["amsbound"] is (optimizer == "amsbound")
     assert res["losses"][-1] < res["losses"][0] - 0.5, res["losses"]
+
+
+# --- batch schedule through gradient accumulation ----------------------------------------------------------------
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        return {"loss": torch.nn.functional.mse_loss(self.lin(x), y)}
+
+
+def test_batch_schedule_callback_grows_accumulation_and_rescales(tmp_path):
+    from bigbatch.hf import BatchScheduleCallback, BigBatchTrainer
+    from transformers import TrainerCallback
+
+    class Count(TrainerCallback):
+        micro = 0
+        per_step: list = []
+
+        def on_substep_end(self, args, state, control, **kw):
+            self.micro += 1
+
+        def on_step_end(self, args, state, control, **kw):
+            self.per_step.append(self.micro + 1)
+            self.micro = 0
+
+    gen = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, generator=gen), "y": torch.randn(1, generator=gen)} for _ in range(64)]
+    args = _args(tmp_path, optim="adabound", optim_args="final_lr=0.1,gamma=1e-3", learning_rate=1e-3,
+                 adam_beta1=0.9, adam_beta2=0.99, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 num_train_epochs=1, lr_scheduler_type="constant", use_cpu=True, save_strategy="no",
+                 logging_strategy="no")
+    schedule, count = BatchScheduleCallback([[0, 4], [16, 8]]), Count()
+    trainer = BigBatchTrainer(model=_Regression(), args=args, train_dataset=data, callbacks=[schedule, count])
+    trainer.train()
+    # 4 steps of 2 x 2 micro batches, then 6 steps of 2 x 4: every sample once
+    assert count.per_step == [2] * 4 + [4] * 6 and trainer.state.global_step == 10
+    assert [(c["step"], c["samples"], c["old_global_batch"], c["global_batch"]) for c in schedule.changes] == \
+        [(4, 16, 4, 8)]
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3 * 2**0.5) and group["betas"] == pytest.approx((0.8, 0.98))
+    assert group["final_lr"] == pytest.approx(0.2) and group["gamma"] == pytest.approx(2e-3)
+    steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {4 / 2 + 6}  # the counters moved to samples / new batch at the change
+    assert schedule.state()["attributes"] == {"samples": 64, "global_batch": 8}
+    with pytest.raises(ValueError, match=r"schedule\[1\]: \[16, 6\]: the global batch must be a multiple"):
+        BigBatchTrainer(model=_Regression(), args=_args(tmp_path, optim="adabound", per_device_train_batch_size=4,
+                                                        use_cpu=True, save_strategy="no"),
+                        train_dataset=data, callbacks=[BatchScheduleCallback([[0, 4], [16, 6]])]).train()

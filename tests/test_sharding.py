@@ -86,6 +86,7 @@ def runs(tmp_path_factory):
         _case("resume_w1_to_w2_z1", "resume", "amsbound", 1, dir=ck("w1_z1"), start=SAVE_AT,
               more_steps=STEPS - SAVE_AT),
         _case("atomic_w2", "atomic", "amsbound", 2, dir=os.path.join(tmp, "ckpt", "atomic")),
+        *[_case(f"set_batch_z{s}", "set_batch", "adabound", s, steps=3) for s in (1, 3)],
     ]
     w2 += [_case(f"shipped_{name}", "train", "radam", None, steps=3, config=os.path.join(CONFIGS, f"{name}.json"))
            for name in SHIPPED]
@@ -278,6 +279,17 @@ def test_resume_with_larger_global_batch_rescales_and_logs(runs):
         assert group["base_lr"] == pytest.approx(lr * want["lr"] / saved["lr"], rel=1e-9)
     assert any("kappa=2" in m and "rescaled" in m for m in r["log"]), r["log"]
     assert all(l == l and l < 10 for l in r["losses"])  # noqa: E741  (finite, sane)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_live_engine_steps_at_the_new_accumulation_boundary(runs, stage):
+    """set_engine_batch between two steps: accumulation 2 -> 4 (global batch 12 -> 24 on 2 ranks); the
+    engine then reports a boundary on every 4th micro step and steps once per 4 backward passes."""
+    r = runs[f"set_batch_z{stage}"]
+    assert "error" not in r, r.get("error")
+    assert r["before"] == {"global_batch": 12, "accum": 2} and r["after"] == {"global_batch": 24, "accum": 4}
+    assert r["boundaries"] == [False, False, False, True] * 2
+    assert r["global_steps"] == [3, 3, 3, 3, 4, 4, 4, 4, 5]
 
 
 def test_truncated_checkpoint_refused_and_previous_loads(runs):

@@ -7,7 +7,6 @@ run stopped by SIGTERM and its 2-process resume. Bad inputs run in-process throu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -19,45 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_common import (EVAL_KEYS, PY, REPO, TORCHRUN, TRAIN_KEYS, check_ok, env, main, records, run,  # noqa: E402
+                          small_args)
+
 REF_STEPS = 100
-
-TRAIN_KEYS = {"kind", "step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "beta1", "beta2",
-              "final_lr", "gamma", "eps", "weight_decay"}
-EVAL_KEYS = {"kind", "step", "samples", "tokens", "eval_loss", "eval_ppl"}
-
-
-def small_args(cache: str) -> list[str]:
-    return ["--data.cache_dir", cache, "--data.embedded", "pydoc", "--data.max_chars", "300000",
-            "--tokenizer.vocab_size", "512", "--data.seq_len", "64", "--model.hidden_size", "32",
-            "--model.intermediate_size", "64", "--model.num_heads", "2", "--train.log_every", "1",
-            "--train.eval_every", "5", "--train.eval_blocks", "16", "--batch.reference_global_batch", "8",
-            "--batch.micro_batch_sizes", "4", "--train.tokens", "200000", "--schedule.warmup_tokens", "0",
-            "--optim.hparams.lr", "1e-2", "--train.threads", "1", "--logging.progress", "lines"]
-
-
-def env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def records(out: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("bbcache"))
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +134,6 @@ def test_optimizer_named_by_class_path(tmp_path, cache):
 
 
 # ------------------------------------------------------------------ bad input, in-process
-
-
-def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(REPO))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
-    return train.main(argv)
 
 
 def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, cache, capsys, monkeypatch):

@@ -14,7 +14,6 @@ bigbatch's own engine builder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, constructor_defaults, get_optimizer_class
 from bigbatch.sharding.config import DSConfigError, is_auto, load_ds_config, take_optimizer_block

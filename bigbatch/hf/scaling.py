@@ -1,10 +1,11 @@
-"""A ``TrainerCallback`` that applies bigbatch's batch-size scaling rules before the optimizer is built.
+"""Trainer callbacks for bigbatch's batch-size scaling: the rules before the optimizer is built
+(:class:`ScalingRulesCallback`) and a batch schedule during training (:class:`BatchScheduleCallback`).
 
 The user gives the hyperparameters tuned at ``reference_batch_size`` (global samples per optimizer
 step) in the usual training arguments. At the end of ``Trainer.__init__`` (``on_init_end``; the
 optimizer is built later, in ``train``) the callback reads the run's global batch = world size x
 ``per_device_train_batch_size`` x ``gradient_accumulation_steps``, plans it with
-:func:`bigbatch.optim.plan_batch` (policy ``"scale"``), and writes the scaled values back into the
+:func:`bigbatch.scaling.plan_batch` (policy ``"scale"``), and writes the scaled values back into the
 arguments: ``learning_rate``, ``adam_beta1``/``adam_beta2``, ``adam_epsilon``, ``weight_decay``
 (decoupled decay only), ``optim_args`` (``final_lr``, ``gamma``), and the step counts ``max_steps`` and
 integer ``warmup_steps`` (divided by kappa: same samples). It logs them and keeps them in
@@ -17,10 +18,11 @@ import logging
 from dataclasses import dataclass
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args, short_name
-from bigbatch.scaling.planner import plan_batch
 from bigbatch.optim.registry import get_optimizer_class
+from bigbatch.scaling.planner import plan_batch
 from bigbatch.scaling.rules import scale_steps
 
 logger = logging.getLogger(__name__)
@@ -103,3 +105,96 @@ class ScalingRulesCallback(TrainerCallback):
                            plan.global_batch, plan.world_size, per_device, args.gradient_accumulation_steps, ref,
                            plan.kappa, reference, scaled, *max_steps, *warmup)
         return self.applied
+
+
+class BatchScheduleCallback(TrainerCallback, ExportableState):
+    """Follow a global-batch schedule in the HF Trainer through gradient accumulation, rescaling the
+    live optimizer by the scaling rules at every change.
+
+    Args:
+        schedule: ``[[samples, global_batch], ...]`` (piecewise constant from each sample count on,
+            the first at 0), as :class:`bigbatch.scaling.batch_schedule.FixedBatchSchedule`.
+        optimizer: the scaling rule's optimizer (default: ``args.bigbatch_optim``, else the
+            optimizer's class).
+        beta_form: as for :func:`bigbatch.scaling.scale_hparams`.
+
+    Every batch must be ``world size x per_device_train_batch_size x accumulation``; the run must
+    start at the schedule's first batch (set ``gradient_accumulation_steps`` to match). At a change
+    the callback sets ``args.gradient_accumulation_steps`` (the Trainer reads it for every optimizer
+    step), rescales every parameter group (lr through the scheduler's base lrs, betas, eps,
+    decoupled weight decay, AdaBound's final_lr and gamma) and divides the optimizer's step counters
+    by kappa. The Trainer counts micro batches per epoch and syncs gradients every
+    ``gradient_accumulation_steps`` of them, so a change waits for the first step boundary at which
+    the micro batches of the epoch so far are a multiple of the new accumulation (at most one
+    step at the new batch's samples late). What the Trainer does not allow: its lr scheduler and
+    ``max_steps`` stay in optimizer steps (after a growth the same steps cover more samples: bound
+    the run by ``num_train_epochs``, or use a constant schedule after warmup); DeepSpeed engines keep
+    their own accumulation (refused here; train.py changes batches under DeepSpeed); the data order
+    is the Trainer's, so the batches after a change hold the next samples of the epoch but not a
+    global order independent of the batch as in train.py. Its position is saved with Trainer
+    checkpoints (``ExportableState``).
+    """
+
+    def __init__(self, schedule, optimizer=None, *, beta_form: str = "paper"):
+        from bigbatch.scaling.batch_schedule import FixedBatchSchedule
+
+        self.schedule = schedule if isinstance(schedule, FixedBatchSchedule) else FixedBatchSchedule(schedule, "samples")
+        self.optimizer = optimizer
+        self.beta_form = beta_form
+        self.samples = 0
+        self.global_batch: int | None = None
+        self.micro_in_epoch = 0
+        self.changes: list[dict] = []
+
+    def state(self) -> dict:
+        return {"args": {"schedule": [list(e) for e in self.schedule.entries], "optimizer": self.optimizer,
+                         "beta_form": self.beta_form},
+                "attributes": {"samples": self.samples, "global_batch": self.global_batch}}
+
+    def _unit(self, args) -> int:
+        return args.world_size * args.per_device_train_batch_size
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.deepspeed:
+            raise ValueError("BatchScheduleCallback: DeepSpeed keeps its own gradient accumulation; train.py "
+                             "(batch.schedule) changes batches under DeepSpeed")
+        unit = self._unit(args)
+        for i, (pos, batch) in enumerate(self.schedule.entries):
+            if batch % unit:
+                raise ValueError(f"schedule[{i}]: [{pos}, {batch}]: the global batch must be a multiple of world size "
+                                 f"x per_device_train_batch_size = {unit}; nearest: {batch // unit * unit or unit}, "
+                                 f"{(batch // unit + 1) * unit}")
+        now = unit * args.gradient_accumulation_steps
+        if self.global_batch is None:
+            self.global_batch = now
+        if now != self.global_batch and state.global_step == 0:
+            raise ValueError(f"BatchScheduleCallback: the run starts at global batch {now} (gradient_accumulation_steps"
+                             f"={args.gradient_accumulation_steps}) but the schedule at {self.samples} samples says "
+                             f"{self.schedule.batch_at(self.samples)}; set gradient_accumulation_steps="
+                             f"{self.schedule.batch_at(self.samples) // unit}")
+        args.gradient_accumulation_steps = self.global_batch // unit  # a resume continues the saved batch
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.micro_in_epoch = 0
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        from bigbatch.scaling.rescale import rescale_optimizer
+
+        self.micro_in_epoch += args.gradient_accumulation_steps
+        self.samples += self.global_batch
+        target = self.schedule.batch_at(self.samples)
+        new_accum = target // self._unit(args)
+        if target == self.global_batch or self.micro_in_epoch % new_accum:
+            return
+        kappa = target / self.global_batch
+        family = self.optimizer or getattr(args, "bigbatch_optim", None) or type(optimizer)
+        report = rescale_optimizer(optimizer, kappa, family=family, beta_form=self.beta_form, scheduler=lr_scheduler,
+                                   scheduler_in_samples=True)
+        self.changes.append({"step": state.global_step, "samples": self.samples, "old_global_batch": self.global_batch,
+                             "global_batch": target, "kappa": kappa, "hparams": report["groups"][0]})
+        args.gradient_accumulation_steps = new_accum
+        self.global_batch = target
+        if args.process_index == 0:
+            logger.warning("bigbatch batch schedule: step %d, %d samples: global batch %d -> %d (accumulation %d); "
+                           "rescaled %s", state.global_step, self.samples, self.changes[-1]["old_global_batch"],
+                           target, new_accum, report["groups"][0])

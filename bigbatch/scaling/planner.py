@@ -73,9 +73,9 @@ def _micro_sizes(micro_batch_sizes: int | Sequence[int]) -> list[int]:
     return sorted(set(sizes), reverse=True)
 
 
-def _split(per_device: int, sizes: list[int]) -> tuple[int, int] | None:
+def _split(per_device: int, sizes: list[int], min_accum: int = 1) -> tuple[int, int] | None:
     for m in sizes:  # largest first
-        if per_device % m == 0:
+        if per_device % m == 0 and per_device // m >= min_accum:
             return m, per_device // m
     return None
 
@@ -105,6 +105,7 @@ def plan_batch(
     per_device_batch: int | None = None,
     beta_form: BetaForm = "paper",
     overrides: Mapping[str, Any] | None = None,
+    min_micro_batches: int = 1,
 ) -> BatchPlan:
     """Plan the batch for ``world_size`` devices (see the module docstring for the policies).
 
@@ -118,6 +119,9 @@ def plan_batch(
         global_batch: ``"fixed"`` only: target global batch (default ``reference_global_batch``).
         per_device_batch: ``"scale"`` only (required): samples per device per optimizer step.
         beta_form, overrides: passed to ``scale_hparams``.
+        min_micro_batches: at least this many micro batches per optimizer step over all devices
+            (``world_size * grad_accum``): the gradient noise scale needs 2. A smaller micro batch is
+            taken when the largest would give fewer; ValueError when none does.
 
     Raises ``ValueError`` naming the field and, for unreachable batches, the nearest feasible ones.
     """
@@ -128,12 +132,20 @@ def plan_batch(
     sizes = _micro_sizes(micro_batch_sizes)
     ref = _positive_int("reference_global_batch", reference_global_batch)
     cls, family = resolve_family(optimizer)
+    min_accum = -(-_positive_int("min_micro_batches", min_micro_batches) // world_size)
 
     if policy == "fixed":
         if per_device_batch is not None:
             raise ValueError("per_device_batch: only used by policy='scale'; policy='fixed' takes global_batch")
         target = ref if global_batch is None else _positive_int("global_batch", global_batch)
         split = _split(target // world_size, sizes) if target % world_size == 0 else None
+        if split is not None and split[1] < min_accum:
+            split = _split(target // world_size, sizes, min_accum)
+            if split is None:
+                raise ValueError(
+                    f"global_batch: {target} on world_size={world_size} with micro batch sizes {sorted(sizes)} gives "
+                    f"fewer than {min_micro_batches} micro batches per step; add a micro batch size that divides "
+                    f"{target // world_size} at least {min_accum} times, or run on more processes")
         if split is None:
             raise ValueError(
                 f"global_batch: {target} cannot be reached with world_size={world_size} and micro batch sizes "
@@ -147,6 +159,13 @@ def plan_batch(
             raise ValueError("per_device_batch: required by policy='scale' (samples per device per optimizer step)")
         per_device = _positive_int("per_device_batch", per_device_batch)
         split = _split(per_device, sizes)
+        if split is not None and split[1] < min_accum:
+            split = _split(per_device, sizes, min_accum)
+            if split is None:
+                raise ValueError(
+                    f"per_device_batch: {per_device} with micro batch sizes {sorted(sizes)} gives fewer than "
+                    f"{min_micro_batches} micro batches per step on world_size={world_size}; add a micro batch size "
+                    f"that divides {per_device} at least {min_accum} times, or run on more processes")
         if split is None:
             near = _nearest(per_device * world_size, world_size, sizes)
             raise ValueError(

@@ -13,21 +13,23 @@ Layout of ``<ckpt_dir>/<tag>/``:
   name (DeepSpeed's universal checkpoint keeps only fp32/exp_avg/exp_avg_sq/step). Each rank
   holds about 1/N of the full state while saving; loading memory-maps the parts;
 * ``bigbatch_rng_rank<r>.pt`` (every rank): Python, NumPy and torch RNG states;
-* ``bigbatch_manifest.json`` (rank 0, last): every file of the tag with its size in bytes.
+* ``bigbatch_manifest.json`` (rank 0, last): every file of the tag with its size and content hash
+  (:mod:`bigbatch.sharding.tags`).
 
-``<ckpt_dir>/latest`` names the newest complete tag. It and the manifest are written by rank 0
-after a barrier that every rank reaches only when its files are written, each via a temporary
-name and ``os.replace``, so a crash mid-save never moves ``latest`` and a tag without a matching
-manifest is refused (naming the file), with the previous tag still loadable.
+Saving is collective and all-or-nothing: every step that writes reports to every rank, a failure on
+any rank (a full disk, an unwritable directory) removes the new tag's files everywhere and raises
+:class:`CheckpointSaveError` on every rank naming the rank, the file and the OS error; ``latest`` and
+the previous tags are untouched. Our own files are written to a temporary name and renamed.
+Loading verifies sizes and hashes first (the ranks share the hashing) and can fall back to the
+previous good tag; ``latest`` is only a hint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-from typing import Any
+import shutil
 
 import numpy as np
 import torch
@@ -35,18 +37,14 @@ import torch
 from bigbatch import atomic
 from bigbatch import distributed as bbdist
 from bigbatch.sharding import state as st
+from bigbatch.sharding import tags
+from bigbatch.sharding.tags import (LATEST, MANIFEST, CheckpointError, CheckpointSaveError, NoUsableCheckpoint,
+                                    read_latest)
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "bigbatch-ckpt-1"
 META = "bigbatch_meta.pt"
 FULL = "bigbatch_full_state_part{}.pt"
-MANIFEST = "bigbatch_manifest.json"
-LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or partial; the message names the file."""
 
 
 def _rng_state() -> dict:
@@ -111,37 +109,62 @@ def _load_module_extras(engine, extras: dict[str, torch.Tensor]) -> None:
                 p.data.copy_(value)
 
 
-def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_state: dict | None = None) -> str:
+def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_state: dict | None = None,
+                    keep: int | None = None) -> str:
     """Save ``engine`` under ``ckpt_dir/tag`` (collective: every rank calls it); return that path.
 
     ``client_state`` (any picklable dict: data position, ...) comes back from
-    :func:`load_checkpoint`. RNG states of every rank are saved too.
+    :func:`load_checkpoint`. RNG states of every rank are saved too. ``keep``: once the tag is
+    complete, delete all but the ``keep`` newest complete tags (and incomplete leftovers of failed
+    saves). Raises :class:`CheckpointSaveError` on every rank when the save failed on any (see the
+    module docstring).
     """
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    if os.sep in tag or tag in ("", ".", ".."):
+    if os.sep in tag or tag in ("", ".", "..", LATEST):
         raise ValueError(f"tag={tag!r}: must be a plain directory name")
     path = os.path.join(ckpt_dir, tag)
-    rank = bbdist.rank()
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-        # re-saving a tag: drop its manifest first so a crash mid-save leaves it refused
-        if os.path.exists(os.path.join(path, MANIFEST)):
-            os.remove(os.path.join(path, MANIFEST))
-    bbdist.barrier()
+    rank, world = bbdist.rank(), bbdist.world_size()
     client_state = dict(client_state or {})
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
-                           save_latest=False)
-    world = bbdist.world_size()
+
+    def failed(errors: list[str]) -> CheckpointSaveError:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            latest = read_latest(ckpt_dir)
+        except CheckpointError:
+            latest = None
+        kept = f"'latest' still names {latest!r}" if latest else "no earlier checkpoint"
+        return CheckpointSaveError(f"checkpoint {tag!r} in {ckpt_dir!r} was not saved: " + "; ".join(errors)
+                                   + f". Its files were removed; {kept}.")
+
+    error = None
+    if rank == 0:
+        try:
+            os.makedirs(path, exist_ok=True)
+            # re-saving a tag: drop its manifest first so a crash mid-save leaves it refused
+            if os.path.exists(os.path.join(path, MANIFEST)):
+                os.remove(os.path.join(path, MANIFEST))
+        except OSError as exc:
+            error = tags.describe_write_error(exc, path)
+    if errors := bbdist.agree(error):
+        raise failed(errors)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
+                               save_latest=False)
+    except Exception as exc:  # a write failed on this rank; the others wait in DeepSpeed's last barrier
+        error = tags.describe_write_error(exc, path) + " (DeepSpeed's files)"
+        bbdist.barrier()
+    if errors := bbdist.agree(error):
+        raise failed(errors)
     full = st.gather_full_state(engine, keep=lambda i: i % world == rank)
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
     group_of = st.group_index_by_name(engine)
-    atomic.torch_save(_rng_state(), os.path.join(path, f"bigbatch_rng_rank{rank}.pt"))
-    atomic.torch_save({"params": full, "extras": extras if rank == 0 else {}},
-                       os.path.join(path, FULL.format(rank)))
+    writes = [(os.path.join(path, f"bigbatch_rng_rank{rank}.pt"), _rng_state()),
+              (os.path.join(path, FULL.format(rank)), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
-        meta = {
-            "format": FORMAT, "tag": tag, "world_size": bbdist.world_size(), "zero_stage": st.stage_of(engine),
+        writes.append((os.path.join(path, META), {
+            "format": tags.FORMAT, "tag": tag, "world_size": world, "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "grad_accum": engine.gradient_accumulation_steps(),
@@ -153,72 +176,50 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps, "client_state": client_state,
-        }
-        atomic.torch_save(meta, os.path.join(path, META))
-    bbdist.barrier()  # every rank's files are on disk
+        }))
+    for file, obj in writes:
+        try:
+            atomic.torch_save(obj, file)
+        except Exception as exc:
+            error = tags.describe_write_error(exc, file)
+            break
+    if errors := bbdist.agree(error):  # every rank's files are on disk, or the save failed
+        raise failed(errors)
+    hashes = tags.hash_share(path, tags.tag_files(path))
+    deleted = []
     if rank == 0:
-        files = {}
-        for root, _, names in os.walk(path):
-            for name in names:
-                if name == MANIFEST or atomic.TMP_MARK in name:
-                    continue
-                full_name = os.path.join(root, name)
-                files[os.path.relpath(full_name, path)] = os.path.getsize(full_name)
-        atomic.write_text(os.path.join(path, MANIFEST), json.dumps(
-            {"format": FORMAT, "tag": tag, "world_size": bbdist.world_size(), "files": files}, indent=1, sort_keys=True),
-            fsync=True)
-        atomic.write_text(os.path.join(ckpt_dir, LATEST), tag, fsync=True)
-    bbdist.barrier()
+        try:
+            tags.write_manifest(ckpt_dir, tag, hashes, samples=engine.global_samples, steps=engine.global_steps)
+            tags.write_latest(ckpt_dir, tag)
+        except OSError as exc:
+            error = tags.describe_write_error(exc, os.path.join(path, MANIFEST))
+        if error is None and keep:
+            deleted = tags.retain(ckpt_dir, keep, tag)
+    if errors := bbdist.agree(error):
+        raise failed(errors)
+    if deleted:
+        logger.info("bigbatch: kept the %d newest checkpoints; deleted %s", keep, deleted)
     return path
 
 
-def read_latest(ckpt_dir: str) -> str:
-    latest = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(latest):
-        raise CheckpointError(f"{latest}: no 'latest' file; no complete checkpoint in {ckpt_dir!r}")
-    with open(latest) as f:
-        tag = f.read().strip()
-    if not tag:
-        raise CheckpointError(f"{latest}: empty")
-    return tag
-
-
 def verify_checkpoint(ckpt_dir: str, tag: str) -> dict:
-    """Check that every file listed in the tag's manifest exists with its size; return the manifest."""
-    path = os.path.join(ckpt_dir, tag)
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{manifest_path}: missing; the save of tag {tag!r} did not finish "
-                              "(partial checkpoint)")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for rel, size in sorted(manifest["files"].items()):
-        fp = os.path.join(path, rel)
-        if not os.path.isfile(fp):
-            raise CheckpointError(f"{fp}: missing (listed in {MANIFEST}); partial checkpoint")
-        actual = os.path.getsize(fp)
-        if actual != size:
-            raise CheckpointError(f"{fp}: {actual} bytes, manifest says {size}; truncated or modified")
-    return manifest
+    """Check that every file listed in the tag's manifest exists with its size and content hash;
+    return the manifest (:func:`bigbatch.sharding.tags.verify_tag`)."""
+    return tags.verify_tag(ckpt_dir, tag)
 
 
 def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Tags under ``ckpt_dir`` that pass :func:`verify_checkpoint`, newest manifest first."""
+    """Complete tags whose files are all present with their sizes, newest first (contents are hashed
+    when a tag is loaded)."""
     good = []
-    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-        try:
-            verify_checkpoint(ckpt_dir, name)
-        except CheckpointError:
-            continue
-        good.append((os.path.getmtime(os.path.join(ckpt_dir, name, MANIFEST)), name))
-    return [name for _, name in sorted(good, reverse=True)]
+    for t in reversed(tags.scan(ckpt_dir)):
+        if t.complete:
+            try:
+                tags.verify_tag(ckpt_dir, t.tag, hashes=False)
+            except CheckpointError:
+                continue
+            good.append(t.tag)
+    return good
 
 
 def _torch_load(path: str, mmap: bool = False):
@@ -238,22 +239,37 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
     * if ``plan.global_batch`` differs from the saved global batch: :func:`rescale_engine`
       (hyperparameters by the scaling rules, step counters by samples); the new values are logged.
 
-    ``tag=None`` reads ``latest``. A missing, truncated or partial checkpoint raises
-    :class:`CheckpointError` naming the file; with ``fallback=True`` the newest complete tag is
-    loaded instead (logged).
+    The tag's files are verified first (sizes, content hashes). ``tag=None`` takes the tag
+    ``latest`` names. A missing, truncated, corrupt or partial checkpoint raises
+    :class:`CheckpointError` naming the file; with ``fallback=True`` the next good tag is tried
+    instead (newest first; an unreadable ``latest`` is passed over too), the tag used and the
+    refused ones are logged, and :class:`NoUsableCheckpoint` lists every refused tag and why when
+    none is good.
     """
-    if tag is None:
-        tag = read_latest(ckpt_dir)
-    try:
-        verify_checkpoint(ckpt_dir, tag)
-    except CheckpointError as exc:
-        if not fallback:
-            raise
-        good = [t for t in list_checkpoints(ckpt_dir) if t != tag]
-        if not good:
-            raise CheckpointError(f"{exc}; and no other complete checkpoint in {ckpt_dir!r}") from None
-        logger.warning("bigbatch: %s; falling back to the newest complete checkpoint %r", exc, good[0])
-        tag = good[0]
+    if tag is not None:
+        order, notes = [tag], []
+    elif fallback:
+        order, notes = tags.candidates(ckpt_dir)
+    else:
+        order, notes = [read_latest(ckpt_dir)], []
+    refused = list(notes)
+    for candidate in order:
+        try:
+            tags.verify_tag_together(ckpt_dir, candidate)
+            client = _load_tag(engine, ckpt_dir, candidate, plan)
+        except CheckpointError as exc:
+            if not fallback:
+                raise
+            refused.append((candidate, str(exc)))
+            continue
+        if refused and bbdist.rank() == 0:
+            logger.warning("bigbatch: loaded checkpoint %r; passed over: %s", candidate,
+                           "; ".join(f"{t}: {why}" for t, why in refused))
+        return client
+    raise NoUsableCheckpoint(ckpt_dir, refused)
+
+
+def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     path = os.path.join(ckpt_dir, tag)
     meta = _torch_load(os.path.join(path, META))
     rank, world = bbdist.rank(), bbdist.world_size()
@@ -309,44 +325,22 @@ def _restore_groups(engine, meta: dict) -> None:
             engine.basic_optimizer.param_groups[g].update(saved[src.pop()])
 
 
-def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "paper") -> dict:
+def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "paper", log: bool = True) -> dict:
     """Move a restored run to a global batch ``kappa`` times the saved one.
 
-    Hyperparameters of every group are rescaled by ``bigbatch.optim.scale_hparams`` with the
-    relative ``kappa`` (the rules compose: scaling by k1 then k2 equals scaling by k1*k2).
-    AdaBound's ``base_lr`` and the scheduler's base lrs move with lr, so the schedule factor
-    lr/base_lr and the effective final_lr = final_lr * lr / base_lr follow the rules. Step
-    counters become ``step / kappa``: the same number of samples seen, so bias corrections
-    (beta^step with the rescaled beta) and AdaBound's bounds (gamma*step with gamma*kappa)
-    continue smoothly; the scheduler's ``last_epoch`` and the engine's ``global_steps`` are
-    converted the same way (rounded). Returns and logs the new values.
+    Hyperparameters, base lrs and the scheduler as :mod:`bigbatch.scaling.rescale` describes; the
+    step counters of ZeRO's partitions become ``step / kappa`` (the same samples seen), and the
+    scheduler's ``last_epoch`` and the engine's ``global_steps`` are converted the same way
+    (rounded). Returns the new values (``lr_ratios``: new / old lr per group)
+    and, with ``log``, logs them.
     """
-    from bigbatch.optim.registry import constructor_params, get_optimizer_class
-    from bigbatch.scaling.rules import scale_hparams
+    from bigbatch.scaling.rescale import rescale_param_groups, rescale_scheduler
 
-    names = constructor_params(get_optimizer_class(optimizer))
-    report: dict[str, Any] = {"kappa": kappa, "groups": [], "lr_ratios": []}
-    ratios = []
-    for group in engine.basic_optimizer.param_groups:
-        hp = {k: group[k] for k in names if k in group and k not in ("foreach", "fused")}
-        new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form)
-        ratio = new["lr"] / hp["lr"] if hp.get("lr") else 1.0
-        ratios.append(ratio)
-        report["lr_ratios"].append(ratio)
-        for key in ("base_lr", "initial_lr"):
-            if key in group:
-                group[key] = group[key] * ratio
-        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in new.items()})
-        report["groups"].append({k: new[k] for k in new})
-    sched = engine.lr_scheduler
-    if sched is not None and hasattr(sched, "base_lrs"):
-        sched.base_lrs = [b * r for b, r in zip(sched.base_lrs, ratios)]
-        if hasattr(sched, "_last_lr"):
-            sched._last_lr = [g["lr"] for g in engine.basic_optimizer.param_groups]
-        if hasattr(sched, "last_epoch"):
-            old = sched.last_epoch
-            sched.last_epoch = int(round(old / kappa))
-            report["scheduler_last_epoch"] = (old, sched.last_epoch)
+    groups = engine.basic_optimizer.param_groups
+    report = rescale_param_groups(groups, kappa, optimizer=optimizer, beta_form=beta_form)
+    moved = rescale_scheduler(engine.lr_scheduler, report["lr_ratios"], groups, kappa=kappa)
+    if moved is not None:
+        report["scheduler_last_epoch"] = moved
     steps = st.group_steps(engine)
     new_steps = [None if s is None else s / kappa for s in steps]
     st.set_group_steps(engine, new_steps)
@@ -354,7 +348,7 @@ def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "pa
     old_gs = engine.global_steps
     engine.global_steps = int(round(old_gs / kappa))
     report["global_steps"] = (old_gs, engine.global_steps)
-    if bbdist.rank() == 0:
+    if log and bbdist.rank() == 0:
         logger.warning("bigbatch: global batch changed by kappa=%.6g; rescaled hyperparameters %s; "
                        "step counters %s -> %s; global_steps %d -> %d", kappa, report["groups"], steps,
                        new_steps, old_gs, engine.global_steps)

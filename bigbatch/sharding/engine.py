@@ -81,18 +81,39 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str
         model=model, optimizer=client_optimizer,
         model_parameters=model_parameters if client_optimizer is None else None,
         lr_scheduler=lr_scheduler, config=resolved.ds_config)
+    if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+        skip_non_finite_steps(engine.optimizer)
     return engine, optimizer, scheduler
+
+
+def skip_non_finite_steps(optimizer) -> None:
+    """Make ``optimizer.step()`` a no-op when any gradient is NaN or inf, with ``optimizer.overflow``
+    saying so, as DeepSpeed's ZeRO and bf16 optimizers already do: the engine then counts the step
+    in ``skipped_steps`` and ``was_step_applied()`` is False; no state changes (weights, moments,
+    step counters). For a DeepSpeed engine without ZeRO in fp32, where every rank holds the same
+    reduced gradient, so all ranks decide alike."""
+    step = optimizer.step
+
+    def guarded(closure=None):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if optimizer.overflow:
+            return None
+        return step(closure) if closure is not None else step()
+
+    optimizer.overflow = False
+    optimizer.step = guarded
 
 
 def set_engine_batch(engine, micro_batch: int, grad_accum: int) -> None:
     """Change a live engine's micro batch and gradient accumulation (call between optimizer steps):
     its global batch becomes ``micro_batch * grad_accum * world_size`` and it steps at the new
     accumulation boundary. ZeRO-1/2 with optimizer offload keeps its own copy of the count."""
-    if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
-        raise RuntimeError("set_engine_batch: the engine is inside an accumulation window; change the "
-                           "batch between optimizer steps")
     engine.set_train_micro_batch_size(micro_batch)
     engine.set_train_batch_size(micro_batch * grad_accum * engine.dp_world_size)
+    # DeepSpeed finds the boundary as (micro_steps + 1) % accumulation == 0: start the next window
+    # on a multiple of the new accumulation (micro_steps counts nothing else)
+    engine.micro_steps = -(-engine.micro_steps // grad_accum) * grad_accum
     if hasattr(engine.optimizer, "gradient_accumulation_steps"):
         engine.optimizer.gradient_accumulation_steps = grad_accum
 

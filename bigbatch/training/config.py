@@ -162,7 +162,14 @@ class OptimConfig:
 class BatchConfig:
     """Global batch in sequences. ``policy: fixed`` keeps ``global_batch`` (default: the
     reference) at any world size; ``scale`` uses ``per_device_batch`` x world size and rescales
-    hyperparameters by kappa = global / reference."""
+    hyperparameters by kappa = global / reference.
+
+    ``schedule`` changes the global batch during the run, applying the scaling rules at every change:
+    a list of ``[tokens, global_batch]`` pairs (piecewise constant from each token count on, the first
+    at 0), or ``auto``: from ``min_global_batch`` (default: ``global_batch`` or the reference) grow by
+    ``growth_factor`` up to ``max_global_batch`` whenever the measured noise scale is at least
+    ``growth_margin`` x the next batch for ``growth_patience`` consecutive measurements, at least
+    ``growth_min_tokens`` after the previous change (bigbatch.scaling.batch_schedule)."""
 
     reference_global_batch: int = 32
     policy: str = "fixed"  # fixed | scale
@@ -170,6 +177,28 @@ class BatchConfig:
     per_device_batch: int | None = None
     micro_batch_sizes: list[int] = field(default_factory=lambda: [8])  # what fits per device
     beta_form: str = "paper"  # paper | power
+    schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
+    min_global_batch: int | None = None  # auto: the first batch
+    max_global_batch: int | None = None  # auto: required
+    growth_factor: int = 2  # auto
+    growth_margin: float = 1.0  # auto: grow when B_noise >= margin x the next batch
+    growth_patience: int = 10  # auto: consecutive measurements that must agree
+    growth_min_tokens: int = 0  # auto: tokens between two changes
+
+    def batch_schedule(self):
+        """The :mod:`bigbatch.scaling.batch_schedule` object of ``schedule`` (None without one)."""
+        from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
+
+        try:
+            if self.schedule is None:
+                return None
+            if self.schedule == "auto":
+                start = self.min_global_batch or self.global_batch or self.reference_global_batch
+                return AutoBatchSchedule(start, self.max_global_batch, self.growth_factor, self.growth_margin,
+                                         self.growth_patience, self.growth_min_tokens)
+            return FixedBatchSchedule([list(e) for e in self.schedule], unit="tokens")
+        except BatchScheduleError as exc:
+            raise ConfigError(f"batch.{exc}") from None
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))
@@ -182,6 +211,17 @@ class BatchConfig:
                               "non-empty list of positive integers")
         if self.policy == "scale" and self.per_device_batch is None:
             raise ConfigError("batch.per_device_batch: required when batch.policy is 'scale'")
+        if isinstance(self.schedule, str) and self.schedule != "auto":
+            raise ConfigError(f"batch.schedule: {self.schedule!r} is not allowed; give 'auto' or a list of "
+                              "[tokens, global_batch] pairs such as [[0, 16], [200000, 32]]")
+        if self.schedule is not None:
+            if self.policy != "fixed":
+                raise ConfigError(f"batch.schedule: sets the global batch itself; batch.policy must be 'fixed', "
+                                  f"not {self.policy!r}")
+            if self.schedule == "auto" and self.max_global_batch is None:
+                raise ConfigError("batch.max_global_batch: required when batch.schedule is 'auto' (the largest "
+                                  "batch it may grow to)")
+            self.batch_schedule()
 
 
 @dataclass
@@ -212,9 +252,22 @@ class TrainConfig:
     log_every: int = 10  # steps
     eval_every: int = 100  # steps; 0 = only at the end
     eval_blocks: int = 64  # validation blocks per evaluation (the same ones at any world size)
-    noise_scale_every: int = 0  # steps between gradient-noise-scale measurements; 0 = off
+    # steps between gradient-noise-scale measurements; None: every step when the step has >= 2 micro
+    # batches (processes x accumulation), the case where it costs only a norm per micro batch; 0: off
+    noise_scale_every: int | None = None
     noise_scale_warn_factor: float = 2.0  # warn when global batch > factor x B_noise
+    # EMA coefficient per measurement of |G|^2 and tr(Sigma), about 1 / (1 - ema) measurements of memory.
+    # Shorter memory lags less but biases B_noise upwards (a ratio of noisy estimates): on the tiny
+    # config 0.95 gave 2x larger values than 0.99 late in a run.
+    noise_scale_ema: float = 0.99
     threads: int | None = None  # torch intra-op threads per process; None = cores / local procs
+    # Hangs: a collective waits at most collective_timeout_s for the other ranks, and a watchdog ends
+    # a rank that makes no progress (a step, an evaluation, a save) for step_timeout_s (0: off).
+    collective_timeout_s: float = 300.0
+    step_timeout_s: float = 1800.0
+    # Non-finite gradients: the step is skipped on every rank (no state changes) and counted; this
+    # many skipped in a row stop the run.
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -223,20 +276,42 @@ class TrainConfig:
         _positive("train", "eval_every", self.eval_every, allow_zero=True)
         _positive("train", "eval_blocks", self.eval_blocks)
         _positive("train", "noise_scale_every", self.noise_scale_every, allow_zero=True)
+        _positive("train", "noise_scale_warn_factor", self.noise_scale_warn_factor)
+        if not 0.0 <= self.noise_scale_ema < 1.0:
+            raise ConfigError(f"train.noise_scale_ema: {self.noise_scale_ema!r} must be in [0, 1)")
         _positive("train", "threads", self.threads)
+        _positive("train", "collective_timeout_s", self.collective_timeout_s)
+        _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
+        _positive("train", "max_skipped_steps", self.max_skipped_steps)
 
 
 @dataclass
 class CheckpointConfig:
     """Checkpoints go to ``OUT/checkpoints``. On SIGTERM/SIGUSR1 the run saves at the next step
-    boundary and exits with ``preempt_exit_code`` (75 = EX_TEMPFAIL: "try again later")."""
+    boundary and exits with ``preempt_exit_code`` (75 = EX_TEMPFAIL: "try again later"); a rank
+    stuck in a collective cannot reach that point, and the run then ends after ``signal_grace_s``
+    without a checkpoint, saying so.
+
+    ``keep``: the newest complete checkpoints kept (older ones are deleted once a newer one is
+    complete). ``if_unusable``: what ``--resume`` does when checkpoints exist but none passes its
+    checks: ``fail`` (exit, listing each and why) or ``restart`` (from step 0). ``on_save_error``:
+    a periodic save that fails (a full disk): ``stop`` the run, or ``continue`` training without it
+    (recorded in the metrics); a save at the end or on a signal that fails always stops the run."""
 
     every_steps: int = 0  # 0 = only at the end and on a signal
     at_end: bool = True
     preempt_exit_code: int = exit_codes.PREEMPTED
+    keep: int = 2
+    if_unusable: str = "fail"  # fail | restart
+    on_save_error: str = "stop"  # stop | continue
+    signal_grace_s: float = 20.0  # under torchrun's 30 s between SIGTERM and SIGKILL
 
     def validate(self) -> None:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
+        _positive("checkpoint", "keep", self.keep)
+        _positive("checkpoint", "signal_grace_s", self.signal_grace_s)
+        _choice("checkpoint", "if_unusable", self.if_unusable, ("fail", "restart"))
+        _choice("checkpoint", "on_save_error", self.on_save_error, ("stop", "continue"))
         if not 1 <= self.preempt_exit_code <= 255:
             raise ConfigError(f"checkpoint.preempt_exit_code: {self.preempt_exit_code} must be "
                               "in 1..255 (0 would look like a finished run)")
@@ -319,7 +394,12 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(where, args[0], value)
+        for arg in args[:-1]:  # the first type that takes the value
+            try:
+                return _coerce(where, arg, value)
+            except ConfigError:
+                pass
+        return _coerce(where, args[-1], value)
     if value is None:
         raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
     if origin is list:

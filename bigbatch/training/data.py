@@ -193,9 +193,11 @@ def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size:
 
 def prepare_data(cfg: RunConfig, info):
     """``(tokenizer, packed data, corpus)`` for a run. Local rank 0 builds the caches, the others
-    then read them; an error on the builder is raised on every rank (no rank is left waiting)."""
+    then read them; an error on the builder is raised on every rank (no rank is left waiting).
+    The wait takes as long as the build, so it uses a group without the short collective timeout."""
     import torch.distributed as dist
 
+    from bigbatch.distributed import long_wait_group
     from bigbatch.training.tokenizer import build_tokenizer
 
     corpus = load_corpus(cfg.data)
@@ -209,7 +211,7 @@ def prepare_data(cfg: RunConfig, info):
     errors = [error]
     if info.world_size > 1:
         gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, error)
+        dist.all_gather_object(gathered, error, group=long_wait_group())
         errors = gathered
     first = next((e for e in errors if e), None)
     if first:

@@ -24,13 +24,23 @@ def _tuples(hparams: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
 
 
-def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None):
-    """The :class:`~bigbatch.scaling.BatchPlan` for this world size: ``cfg.batch``'s policy, or
-    the given ``global_batch`` (a batch schedule's). Planner errors become ConfigErrors (they name
-    the infeasible batch and the nearest feasible ones)."""
+def needs_noise_scale(cfg: RunConfig) -> bool:
+    """Whether the run must measure the gradient noise scale (asked for, or an automatic batch
+    schedule), so that every step needs >= 2 micro batches."""
+    return cfg.batch.schedule == "auto" or bool(cfg.train.noise_scale_every)
+
+
+def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, *, where: str = "batch"):
+    """The :class:`~bigbatch.scaling.BatchPlan` for this world size: ``global_batch`` if given (a batch
+    schedule's), else the schedule's first batch, else ``cfg.batch``'s policy. Planner errors become
+    ConfigErrors that start with ``where`` (they name the infeasible batch and the nearest feasible
+    ones)."""
     from bigbatch.scaling.planner import plan_batch
 
     b = cfg.batch
+    schedule = b.batch_schedule()
+    if global_batch is None and schedule is not None:
+        global_batch = schedule.start
     policy = "fixed" if global_batch is not None else b.policy
     try:
         return plan_batch(world_size, list(b.micro_batch_sizes),
@@ -38,9 +48,29 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None):
                           optimizer=cfg.optim.name, hparams=_tuples(cfg.optim.hparams),
                           policy=policy, global_batch=global_batch if global_batch is not None else b.global_batch,
                           per_device_batch=None if policy == "fixed" else b.per_device_batch,
-                          beta_form=b.beta_form)
+                          beta_form=b.beta_form, min_micro_batches=2 if needs_noise_scale(cfg) else 1)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"batch: {exc}") from None
+        hint = ""
+        if needs_noise_scale(cfg) and "micro batches per step" in str(exc):
+            hint = (" (the gradient noise scale, which train.noise_scale_every or batch.schedule: auto needs, "
+                    "compares micro batches with their step)")
+        raise ConfigError(f"{where}: {exc}{hint}") from None
+
+
+def check_batch(cfg: RunConfig, world_size: int) -> None:
+    """The run's batch, and every batch its schedule can put in force, must be reachable on this world
+    size (with valid scaled betas): refused before any work, naming the schedule entry."""
+    schedule = cfg.batch.batch_schedule()
+    if schedule is None:
+        make_plan(cfg, world_size)
+        return
+    if cfg.batch.schedule == "auto":
+        for batch in schedule.batches():
+            make_plan(cfg, world_size, batch, where=f"batch.schedule: auto grows to {batch} (min_global_batch "
+                                                    f"{schedule.start} x growth_factor {schedule.factor}^k)")
+    else:
+        for i, (tokens, batch) in enumerate(schedule.entries):
+            make_plan(cfg, world_size, batch, where=f"batch.schedule[{i}]: [{tokens}, {batch}]")
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -127,17 +157,22 @@ class DeepSpeedRun:
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
-    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None) -> tuple[float, float]:
+    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None,
+                   poison: bool = False) -> tuple[float, float]:
         """One optimizer step over this rank's micro batches (LongTensors (micro, seq_len));
         DeepSpeed averages over accumulation and ranks and steps at the last one.
-        ``after_backward()`` runs after each backward pass (the noise-scale probe). Returns (mean
-        loss on this rank, global gradient norm before clipping)."""
+        ``after_backward()`` runs after each backward pass (the noise-scale probe). ``poison``
+        multiplies the loss by NaN (fault injection for tests). Returns (mean loss on this rank,
+        global gradient norm before clipping). A step whose gradient is not finite changes nothing
+        (:meth:`step_applied` is then False)."""
         from bigbatch.sharding import step_with_grad_norm
 
         total, gnorm = 0.0, float("nan")
         for i, x in enumerate(micro_batches):
             x = x.to(device)
             loss = self.engine(input_ids=x, labels=x).loss
+            if poison:
+                loss = loss * float("nan")
             self.engine.backward(loss)
             if after_backward is not None:
                 after_backward()
@@ -147,6 +182,17 @@ class DeepSpeedRun:
                 self.engine.step()
             total += float(loss.detach())
         return total / len(micro_batches), gnorm
+
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step changed the weights (False: skipped, its gradient was not
+        finite; DeepSpeed's ZeRO and bf16 optimizers and fp16 loss scaler skip such steps, and
+        :func:`bigbatch.sharding.engine.skip_non_finite_steps` does for the rest)."""
+        return bool(self.engine.was_step_applied())
+
+    def state_bytes(self) -> int:
+        """About what a checkpoint of this engine takes on disk: per parameter the weights, fp32
+        master and optimizer states in DeepSpeed's files and again in the resharding parts."""
+        return 32 * sum(p.numel() for p in self.engine.module.parameters())
 
     @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
@@ -162,35 +208,49 @@ class DeepSpeedRun:
         self.engine.train()
         return total, count
 
-    def save(self, ckpt_dir: str, *, tag: str, client_state: dict) -> None:
-        """Collective atomic save (bigbatch.sharding): 'latest' moves only when every rank is done."""
+    def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None) -> None:
+        """Collective all-or-nothing save (bigbatch.sharding): 'latest' moves only when every rank is
+        done; CheckpointSaveError on every rank when any failed."""
         from bigbatch.sharding import save_checkpoint
 
-        save_checkpoint(self.engine, ckpt_dir, tag=tag, client_state=client_state)
+        save_checkpoint(self.engine, ckpt_dir, tag=tag, client_state=client_state, keep=keep)
 
-    def load(self, ckpt_dir: str) -> dict | None:
-        """Restore the latest good checkpoint (falling back past a partial one) on any world size
-        and return its client state; None when there is none. The batch it was saved at is kept:
-        :meth:`set_batch` moves it to another one."""
-        from bigbatch.sharding import CheckpointError, list_checkpoints, load_checkpoint
+    def load(self, ckpt_dir: str, *, if_unusable: str = "fail") -> tuple[dict | None, str | None]:
+        """Restore the newest good checkpoint on any world size: ``(client state, note)``; the
+        client state is None to start from step 0: no complete checkpoint (a requeue before the first
+        save), or none usable with ``if_unusable="restart"``; otherwise none usable is a ConfigError
+        listing every tag and why it was refused. The batch it was saved at is kept: the loop moves
+        it to another one."""
+        from bigbatch.sharding import NoUsableCheckpoint, load_checkpoint
+        from bigbatch.sharding import tags
 
-        if not list_checkpoints(ckpt_dir):
-            return None
+        found = tags.scan(ckpt_dir)
+        if not any(t.complete for t in found):
+            partial = [t.tag for t in found]
+            return None, f"incomplete checkpoints passed over: {partial}" if partial else None
         try:
-            return load_checkpoint(self.engine, ckpt_dir, fallback=True)
-        except CheckpointError as exc:
-            raise ConfigError(f"--resume: {exc}") from None
+            return load_checkpoint(self.engine, ckpt_dir, fallback=True), None
+        except NoUsableCheckpoint as exc:
+            if if_unusable == "restart":
+                return None, f"{exc}\nstarting from step 0 anyway (checkpoint.if_unusable: restart)"
+            raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable restart") \
+                from None
 
-    def set_batch(self, plan, from_global_batch: int) -> dict:
-        """Move the engine from ``from_global_batch`` to ``plan``'s global batch: DeepSpeed's batch
-        fields (the engine then steps at the new accumulation boundary), every group's
-        hyperparameters by the scaling rule for kappa = new / old, and the step counters by samples
-        (:func:`bigbatch.sharding.rescale_engine`). Returns its report."""
-        from bigbatch.sharding import rescale_engine, set_engine_batch
+    def set_layout(self, plan) -> None:
+        """DeepSpeed's batch fields from ``plan`` (between two optimizer steps): the engine then steps
+        at the new accumulation boundary."""
+        from bigbatch.sharding import set_engine_batch
 
         set_engine_batch(self.engine, plan.micro_batch, plan.grad_accum)
+
+    def rescale(self, plan, from_global_batch: int) -> dict:
+        """Every group's hyperparameters by the scaling rule for kappa = ``plan.global_batch`` /
+        ``from_global_batch``, and the step counters by samples
+        (:func:`bigbatch.sharding.rescale_engine`). Returns its report."""
+        from bigbatch.sharding import rescale_engine
+
         return rescale_engine(self.engine, plan.global_batch / from_global_batch, optimizer=plan.optimizer,
-                              beta_form=plan.beta_form)
+                              beta_form=plan.beta_form, log=False)  # the loop reports it
 
 
 @dataclass
@@ -205,6 +265,7 @@ def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_ba
     overrides at the reference batch) -> DeepSpeed engine with the optimizer built from the plan."""
     from bigbatch.sharding import build_engine
 
+    check_batch(cfg, world_size)
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id)

@@ -3,7 +3,10 @@
 ``metrics.jsonl`` holds one JSON object per line. Train records have ``kind: "train"`` and at
 least ``step, samples, tokens, loss, lr, grad_norm, tokens_per_s`` plus the other scaled
 hyperparameters; eval records have ``kind: "eval"`` with ``eval_loss`` and ``eval_ppl``; a
-``noise_scale`` key appears on train records when it was measured.
+``noise_scale`` key appears on train records when it was measured; train records carry
+``global_batch`` and ``kappa`` (relative to the reference batch). ``batch_change`` records mark a
+change of the global batch (old and new batch, kappa, the new hyperparameters); ``warning``
+records a global batch past ``warn_factor`` x the noise scale.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ class Progress:
                   f" | lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f}"
                   f" | {record['tokens_per_s']:,.0f} tok/s", flush=True)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's step count changed (a batch change)."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def write(self, text: str) -> None:
         if self.mode == "none":
             return
@@ -81,6 +90,7 @@ class MetricsLogger:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
         self._fh = None
+        self._write_failed = False
         if not active:
             return
         self._fh = open(self.path, "a")
@@ -97,8 +107,16 @@ class MetricsLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         record.setdefault("time", time.time())
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk must not end the run: the checkpoint code reports it
+            if not self._write_failed:
+                print(f"warning: {self.path}: cannot write metrics ({exc.strerror or exc}); records are lost "
+                      "until it can", file=sys.stderr, flush=True)
+            self._write_failed = True
+            return
+        self._write_failed = False
         if self.tb is not None:
             prefix = "eval" if record.get("kind") == "eval" else "train"
             for k, v in record.items():
@@ -115,7 +133,8 @@ class MetricsLogger:
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
-    """Train and eval loss against tokens, and the learning rate, as a PNG (written atomically)."""
+    """Train and eval loss, the learning rate, and the global batch with the measured gradient noise
+    scale, against tokens, as a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +143,8 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("kind") == "eval" and r.get("eval_loss") is not None]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax_loss, ax_lr, ax_batch) = plt.subplots(3, 1, figsize=(7, 8), sharex=True,
+                                                   gridspec_kw={"height_ratios": [3, 1, 1.3]})
     if train:
         ax_loss.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
         ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="tab:gray")
@@ -139,8 +158,21 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     ax_loss.grid(alpha=0.3)
     ax_loss.set_title(title)
     ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("tokens")
     ax_lr.grid(alpha=0.3)
+    batched = [r for r in train if r.get("global_batch")]
+    if batched:
+        ax_batch.step([0] + [r["tokens"] for r in batched], [batched[0]["global_batch"]] +
+                      [r["global_batch"] for r in batched], where="pre", color="tab:blue", label="global batch")
+    noisy = [r for r in train if r.get("noise_scale")]
+    if noisy:
+        ax_batch.plot([r["tokens"] for r in noisy], [r["noise_scale"] for r in noisy], ".", ms=3, color="tab:orange",
+                      label="noise scale B_noise")
+    if batched or noisy:
+        ax_batch.set_yscale("log", base=2)
+        ax_batch.legend(fontsize=8)
+    ax_batch.set_ylabel("sequences")
+    ax_batch.set_xlabel("tokens")
+    ax_batch.grid(alpha=0.3)
     fig.tight_layout()
     with atomic.atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -1,10 +1,11 @@
-"""The run directory: which run a command line means (new, resumed, overwritten) and what a run
-writes there."""
+"""The run directory: which run a command line means (new, resumed, overwritten), what a run writes
+there, and whether it can write there at all."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import yaml
 
@@ -39,7 +40,8 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
     if not config:
         raise ConfigError("--config: required (a run config such as configs/tiny.yaml)")
     cfg = load_config(config, overrides)
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))
+                and not (os.path.isdir(os.path.join(out, f)) and not os.listdir(os.path.join(out, f)))]
     if existing and not overwrite:
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
@@ -47,10 +49,69 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
 
 
 def clear_run(out: str) -> None:
-    """--overwrite: remove only what a run writes (never other files in the directory)."""
+    """--overwrite: remove only what a run writes (never other files in the directory). A directory
+    that is a mount point is emptied and kept."""
     for name in RUN_FILES:
         path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+        try:
+            if os.path.ismount(path):
+                for child in os.listdir(path):
+                    child = os.path.join(path, child)
+                    shutil.rmtree(child) if os.path.isdir(child) and not os.path.islink(child) else os.remove(child)
+            elif os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        except OSError as exc:
+            raise ConfigError(f"--overwrite: cannot remove {exc.filename or path} ({exc.strerror or exc})") from None
+
+
+def dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a directory this process writes into, or None. Creates it when it is
+    missing, and writes and deletes a probe file (a read-only file system, a full disk or missing
+    permissions show only when writing)."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        return "exists and is not a directory"
+    ancestor = p
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is a file, not a directory"
+    try:
+        os.makedirs(p, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created ({exc.strerror or exc})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bigbatch-write-test-", dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        return f"is not writable ({exc.strerror or exc})"
+    return None
+
+
+def prepare(cfg: RunConfig, out: str, info, *, overwrite: bool, resuming: bool) -> None:
+    """Before any work: rank 0 clears the old run (``--overwrite``) and every directory the run
+    writes must be usable by the ranks that write it (--out and its checkpoints by all, the data
+    cache by each node's first rank). ConfigError on every rank, naming the path and the reason."""
+    from bigbatch import distributed as bbdist
+
+    problems = []
+    if info.is_main:
+        try:
+            if overwrite and not resuming and os.path.isdir(out):
+                clear_run(out)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        problems += [f"--out: {os.path.abspath(out)}: {why}" for why in [dir_problem(out)] if why]
+    bbdist.barrier()
+    if not problems:
+        ckpt = os.path.join(out, "checkpoints")
+        problems += [f"--out: {os.path.abspath(ckpt)}: {why}" for why in [dir_problem(ckpt)] if why]
+    if info.local_rank == 0:
+        cache = os.path.expanduser(cfg.data.cache_dir)
+        problems += [f"data.cache_dir: {os.path.abspath(cache)}: {why}" for why in [dir_problem(cache)] if why]
+    errors = bbdist.agree("; ".join(problems) or None)
+    if errors:
+        raise ConfigError(errors[0].split(": ", 1)[1])

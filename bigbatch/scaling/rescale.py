@@ -1,0 +1,79 @@
+"""Move a live optimizer (and its lr scheduler) to a global batch ``kappa`` times the current one.
+
+Used wherever the batch changes under a running optimizer: a resume on another batch, a batch
+schedule inside a run (train.py, the HF callback). Hyperparameters of every group are rescaled by
+:func:`bigbatch.scaling.rules.scale_hparams` with the relative ``kappa`` (the rules compose: scaling
+by k1 then k2 equals scaling by k1*k2). AdaBound's ``base_lr``, the scheduler's ``initial_lr`` and
+base lrs move with lr, so a schedule's factor and AdaBound's effective ``final_lr * lr / base_lr``
+follow the rules. Step counters become ``step / kappa``: the same number of samples seen, so bias
+corrections (beta^step with the rescaled beta) and AdaBound's bounds (gamma*step with gamma*kappa)
+continue smoothly. Where the step counters live depends on the engine (ZeRO partitions them), so
+:func:`rescale_param_groups` leaves them to the caller; :func:`rescale_optimizer` does all of it for
+a plain torch optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigbatch.optim.registry import constructor_params, get_optimizer_class
+from bigbatch.scaling.rules import scale_hparams
+
+_NOT_SCALED = ("foreach", "fused")
+
+
+def rescale_param_groups(param_groups: list[dict], kappa: float, *, optimizer: str | type,
+                         beta_form: str = "paper") -> dict[str, Any]:
+    """Rescale the hyperparameters of ``param_groups`` in place; returns ``{"groups": [the new
+    constructor kwargs of each group], "lr_ratios": [new / old lr of each group]}``."""
+    names = constructor_params(get_optimizer_class(optimizer))
+    report: dict[str, Any] = {"kappa": kappa, "groups": [], "lr_ratios": []}
+    for group in param_groups:
+        hp = {k: group[k] for k in names if k in group and k not in _NOT_SCALED}
+        new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form)
+        ratio = new["lr"] / hp["lr"] if hp.get("lr") else 1.0
+        report["lr_ratios"].append(ratio)
+        for key in ("base_lr", "initial_lr"):
+            if key in group:
+                group[key] = group[key] * ratio
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in new.items()})
+        report["groups"].append(dict(new))
+    return report
+
+
+def rescale_scheduler(scheduler, lr_ratios: list[float], param_groups: list[dict], *,
+                      kappa: float | None = None) -> tuple[int, int] | None:
+    """Move an lr scheduler's base lrs by ``lr_ratios``. With ``kappa``, its step count (a schedule in
+    steps at the old batch) becomes ``last_epoch / kappa`` (rounded), the same samples; returns
+    ``(old, new)`` step count then."""
+    if scheduler is None or not hasattr(scheduler, "base_lrs"):
+        return None
+    scheduler.base_lrs = [b * r for b, r in zip(scheduler.base_lrs, lr_ratios)]
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in param_groups]
+    if kappa is None or not hasattr(scheduler, "last_epoch"):
+        return None
+    old = scheduler.last_epoch
+    scheduler.last_epoch = int(round(old / kappa))
+    return old, scheduler.last_epoch
+
+
+def rescale_optimizer(optimizer, kappa: float, *, family: str | type | None = None, beta_form: str = "paper",
+                      scheduler=None, scheduler_in_samples: bool = False) -> dict[str, Any]:
+    """:func:`rescale_param_groups` for a torch optimizer, its per-parameter ``step`` counters
+    divided by ``kappa``, and its scheduler's base lrs (its step count too unless the schedule is
+    ``scheduler_in_samples``: one that knows the batch itself). ``family``: the scaling rule's
+    optimizer (default: the optimizer's class)."""
+    report = rescale_param_groups(optimizer.param_groups, kappa, optimizer=family or type(optimizer),
+                                  beta_form=beta_form)
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if step is None:
+            continue
+        if hasattr(step, "div_"):
+            step.div_(kappa)
+        else:
+            state["step"] = step / kappa
+    report["scheduler_steps"] = rescale_scheduler(scheduler, report["lr_ratios"], optimizer.param_groups,
+                                                  kappa=None if scheduler_in_samples else kappa)
+    return report

@@ -1,0 +1,276 @@
+"""Checkpoint tags on disk, whatever engine wrote them: ``<ckpt_dir>/<tag>/`` directories, each with a
+manifest of its files, the ``latest`` hint, retention, and the choice of which tag to load.
+
+* A tag is **complete** when its manifest (``bigbatch_manifest.json``) exists: it is written last,
+  by rank 0, after every rank has written its files. It lists every file with its size and a
+  content hash (xxHash3-128: about 30 GB/s on one core here, so hashing adds a fraction of a
+  second per GB to a save, next to the seconds the writes take).
+* A complete tag is **good** when every file it lists is there with that size and hash.
+  :func:`verify_tag` checks the sizes of all files and the hashes of this rank's share (every
+  ``world``-th file), so the ranks of a job check a tag together; :func:`bigbatch.distributed.agree` makes
+  them decide together.
+* ``<ckpt_dir>/latest`` names the newest complete tag; it is only a hint. A missing, empty or
+  unreadable ``latest``, or one that names a tag that is not good, costs nothing: the loaders take
+  the newest good tag by the order its manifest records (samples seen, then time), and say which
+  one they used and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from bigbatch import atomic
+from bigbatch import distributed as bbdist
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "bigbatch-ckpt-1"
+MANIFEST = "bigbatch_manifest.json"
+LATEST = "latest"
+HASH = "xxh3_128"
+_CHUNK = 16 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or partial; the message names the file."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """Complete checkpoints exist but none is good; ``refused`` holds ``(tag, why)`` for each."""
+
+    def __init__(self, ckpt_dir: str, refused: list[tuple[str, str]]):
+        self.refused = refused
+        lines = "".join(f"\n  {tag}: {why}" for tag, why in refused)
+        super().__init__(f"no usable checkpoint in {ckpt_dir!r}; every tag was refused:{lines}")
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed on some rank; the message names the rank, the file and the OS error."""
+
+
+def file_hash(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tag_files(path: str) -> list[str]:
+    """Every file of a tag directory (relative paths, sorted), without the manifest and temporaries."""
+    out = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            if name == MANIFEST or atomic.TMP_MARK in name:
+                continue
+            out.append(os.path.relpath(os.path.join(root, name), path))
+    return sorted(out)
+
+
+def hash_share(path: str, files: list[str]) -> dict[str, str]:
+    """Hashes of this rank's share of ``files`` (every world-th one); all ranks' shares gathered."""
+    rank, world = bbdist.rank(), bbdist.world_size()
+    mine = {f: file_hash(os.path.join(path, f)) for i, f in enumerate(files) if i % world == rank}
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def write_manifest(ckpt_dir: str, tag: str, hashes: dict[str, str], **order) -> None:
+    """The manifest of a tag whose files are all written (rank 0): sizes, hashes and ``order`` (the
+    position the tag was saved at, e.g. ``samples=``)."""
+    path = os.path.join(ckpt_dir, tag)
+    files = {f: {"bytes": os.path.getsize(os.path.join(path, f)), HASH: h} for f, h in sorted(hashes.items())}
+    manifest = {"format": FORMAT, "tag": tag, "world_size": bbdist.world_size(), "saved_at": time.time(),
+                "files": files, **order}
+    atomic.write_text(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True), fsync=True)
+
+
+def write_latest(ckpt_dir: str, tag: str) -> None:
+    atomic.write_text(os.path.join(ckpt_dir, LATEST), tag, fsync=True)
+
+
+def read_manifest(ckpt_dir: str, tag: str) -> dict:
+    path = os.path.join(ckpt_dir, tag)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{manifest_path}: missing; the save of tag {tag!r} did not finish "
+                              "(partial checkpoint)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
+    return manifest
+
+
+def verify_tag(ckpt_dir: str, tag: str, *, hashes: bool = True) -> dict:
+    """Check a tag: its manifest, every listed file's size, and (``hashes``) the content hash of this
+    rank's share of the files (all of them on one process). Returns the manifest; raises
+    CheckpointError naming the file."""
+    manifest = read_manifest(ckpt_dir, tag)
+    path = os.path.join(ckpt_dir, tag)
+    rank, world = bbdist.rank(), bbdist.world_size()
+    for i, (rel, entry) in enumerate(sorted(manifest["files"].items())):
+        fp = os.path.join(path, rel)
+        size = entry["bytes"] if isinstance(entry, dict) else entry
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"{fp}: missing (listed in {MANIFEST}); partial checkpoint")
+        actual = os.path.getsize(fp)
+        if actual != size:
+            raise CheckpointError(f"{fp}: {actual} bytes, manifest says {size}; truncated or modified")
+        if hashes and i % world == rank and isinstance(entry, dict) and HASH in entry:
+            got = file_hash(fp)
+            if got != entry[HASH]:
+                raise CheckpointError(f"{fp}: content hash {got} does not match the manifest's {entry[HASH]}; "
+                                      "the file was corrupted after it was written")
+    return manifest
+
+
+def verify_tag_together(ckpt_dir: str, tag: str) -> dict:
+    """:func:`verify_tag` on every rank, each hashing its share; every rank raises the first error
+    any rank found (collective)."""
+    manifest, error = None, None
+    try:
+        manifest = verify_tag(ckpt_dir, tag)
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = bbdist.agree(error)
+    if errors:
+        raise CheckpointError(errors[0].split(": ", 1)[1])
+    return manifest
+
+
+def read_latest(ckpt_dir: str) -> str:
+    """The tag ``latest`` names; CheckpointError naming the file when it is missing, empty or not a
+    tag name."""
+    latest = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"{latest}: missing")
+    try:
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{latest}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not tag:
+        raise CheckpointError(f"{latest}: empty")
+    if os.sep in tag or tag in (".", "..") or not tag.isprintable() or len(tag) > 255:
+        raise CheckpointError(f"{latest}: {tag[:60]!r} is not a tag name")
+    return tag
+
+
+@dataclass
+class TagInfo:
+    tag: str
+    complete: bool
+    order: tuple  # newest last
+    why: str = ""  # why it is not complete
+
+
+def scan(ckpt_dir: str) -> list[TagInfo]:
+    """Every tag directory under ``ckpt_dir``, oldest first (by the position its manifest records,
+    then its save time; incomplete tags by directory time)."""
+    out = []
+    names = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    for name in names:
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isdir(path):
+            continue
+        try:
+            m = read_manifest(ckpt_dir, name)
+            out.append(TagInfo(name, True, (1, m.get("samples", -1), m.get("saved_at", os.path.getmtime(path)))))
+        except CheckpointError as exc:
+            out.append(TagInfo(name, False, (0, -1, os.path.getmtime(path)), str(exc)))
+    return sorted(out, key=lambda t: t.order)
+
+
+def candidates(ckpt_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tags to try, best first: the one ``latest`` names (if it is complete), then every other complete
+    tag, newest first. Also ``(name, why)`` notes for what was passed over (an unreadable
+    ``latest``, a ``latest`` naming an incomplete tag)."""
+    complete = [t.tag for t in reversed(scan(ckpt_dir)) if t.complete]
+    notes: list[tuple[str, str]] = []
+    try:
+        hint = read_latest(ckpt_dir)
+    except CheckpointError as exc:
+        if complete or os.path.exists(os.path.join(ckpt_dir, LATEST)):
+            notes.append((LATEST, str(exc)))
+        return complete, notes
+    if hint in complete:
+        return [hint] + [t for t in complete if t != hint], notes
+    notes.append((LATEST, f"names {hint!r}, which is not a complete checkpoint"))
+    return complete, notes
+
+
+def retain(ckpt_dir: str, keep: int, newest: str) -> list[str]:
+    """Delete tags older than the ``keep`` newest complete ones (``newest`` included), and incomplete
+    tags older than ``newest`` (left by saves that failed). Call after ``newest`` is complete; rank 0.
+    Returns the deleted tags."""
+    tags = scan(ckpt_dir)
+    complete = [t for t in tags if t.complete]
+    order = {t.tag: t.order for t in tags}
+    keep_set = {t.tag for t in complete[-keep:]} | {newest}
+    deleted = []
+    for t in tags:
+        if t.tag in keep_set or (not t.complete and t.order[2] >= order[newest][2]):
+            continue
+        shutil.rmtree(os.path.join(ckpt_dir, t.tag), ignore_errors=True)
+        deleted.append(t.tag)
+    return deleted
+
+
+def tag_bytes(ckpt_dir: str, tag: str) -> int:
+    return sum(e["bytes"] if isinstance(e, dict) else e for e in read_manifest(ckpt_dir, tag)["files"].values())
+
+
+def expected_bytes(ckpt_dir: str) -> int | None:
+    """The size of the newest complete tag: what the next save will need, about."""
+    for t in reversed(scan(ckpt_dir)):
+        if t.complete:
+            return tag_bytes(ckpt_dir, t.tag)
+    return None
+
+
+def space_warning(ckpt_dir: str, expected: int | None) -> str | None:
+    """A message when the file system of ``ckpt_dir`` has less free space than ``expected`` bytes."""
+    if not expected:
+        return None
+    probe = ckpt_dir
+    while not os.path.isdir(probe):
+        probe = os.path.dirname(probe) or "."
+    free = shutil.disk_usage(probe).free
+    if free >= expected:
+        return None
+    return (f"{ckpt_dir}: {free / 1e6:,.1f} MB free, a checkpoint needs about {expected / 1e6:,.1f} MB; "
+            "the next save will probably fail (no space left on device)")
+
+
+def describe_write_error(exc: BaseException, path: str) -> str:
+    """An OS error as its message with the file; other write failures (torch.save's C++ stream errors
+    say only "iostream error") with the file and, when that is the cause, the full disk."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno}) writing {exc.filename or path}"
+    probe = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if free is not None and free < (1 << 20):
+        reason = f"no space left on device ({free} bytes free; {reason})"
+    return f"{reason} writing {path}"
