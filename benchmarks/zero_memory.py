@@ -18,7 +18,6 @@ makes ZeRO's alignment padding visible rather than hiding it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
+from bigbatch.distributed import init_distributed
 from bigbatch.launcher.env import free_port
 
 OPTS = {"adabound": ("AdaBound", 2), "amsbound": ("AMSBound", 3), "radam": ("RAdam", 2)}
@@ -59,14 +59,13 @@ def _worker(rank: int, world: int, args, port: int, out_path: str) -> None:
     torch.set_num_threads(1)
     import logging
 
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
     from bigbatch.sharding import build_engine
 
     ds_logger.setLevel(logging.ERROR)
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
+    init_distributed(backend="gloo", use_deepspeed=True, timeout_s=300)
     rows = []
     for opt, (type_name, n_states) in OPTS.items():
         for stage in STAGES:

@@ -10,7 +10,6 @@ compare the results against unsharded single-process runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bigbatch.atomic import write_text
+from bigbatch.distributed import init_distributed
 from bigbatch.launcher.env import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -251,11 +251,10 @@ def _worker(rank: int, world: int, cases: list, out_path: str, port: int) -> Non
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    init_distributed(backend="gloo", use_deepspeed=True, timeout_s=120)
     results = {}
     for case in cases:
         try:

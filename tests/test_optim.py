@@ -473,3 +473,81 @@ def test_registry_resolves_names_paths_and_classes():
         get_optimizer_class("lamb")
     with pytest.raises(ValueError, match="cannot import"):
         get_optimizer_class("torch.optim.Nope")
+
+
+# ---- one compiled graph per chunk of equal-size tensors (the CUDA and bf16 path) ----
+
+
+def test_compiled_path_compiles_a_graph_per_chunk_signature_once(monkeypatch):
+    """30 tensors of 3 sizes: chunks of up to 8 equal-size tensors (8 + 2 per size) are 6 graphs,
+    compiled at the first step; later steps, a new lr and a new step count compile nothing."""
+    from torch._dynamo.utils import counters
+
+    from bigbatch.optim import _fused
+
+    monkeypatch.setenv("BIGBATCH_NATIVE_KERNELS", "0")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).requires_grad_() for n in (96, 160, 224) for _ in range(10)]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    assert len(_fused.chunks([(p, p, p, p, None) for p in params])) == 6
+    torch._dynamo.reset()
+    counters.clear()
+    opt, ref_opt = AdaBound(params, lr=1e-2, fused=True), AdaBound(ref, lr=1e-2, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: 1.0 / (1 + t))
+    graphs = []
+    for step in range(5):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [6] * 5
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "foreach", "single"], indirect=True)
+@pytest.mark.parametrize("cls", [AdaBound, AMSBound, RAdam])
+def test_bf16_params_with_float32_state(cls, impl):
+    """state_dtype=float32: full-precision moments beside bf16 weights, the update computed in float32
+    and rounded once into the weights: it follows the float32 run to bf16 precision."""
+    got, opt = run(lambda ps: cls(ps, lr=1e-2, state_dtype=torch.float32, **impl_kwargs(impl)), steps=20,
+                   dtype=torch.bfloat16)
+    want, _ = run(lambda ps: cls(ps, lr=1e-2), steps=20)
+    for state in opt.state.values():
+        assert all(v.dtype == torch.float32 for k, v in state.items() if k != "step")
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        diff = (g.float() - w).abs()  # as in test_bf16_params_track_fp32: 8 bits of mantissa in the weights
+        assert diff.mean() < 1e-2 and diff.max() < 0.15, diff
+    with pytest.raises(ValueError, match="state_dtype"):
+        cls(make_params(), state_dtype=torch.int32)
+
+
+def test_roofline_passes_move_every_stream():
+    """The benchmark's roofline kernels (csrc STREAM7/STREAM9) read and write what the updates do."""
+    from bigbatch.optim import _native
+
+    p, g, m, v, x = (torch.full((70000,), float(i + 1)) for i in range(5))
+    assert _native.step("stream7", [p], [g], [m], [v], [None], [0.0] * 10)
+    assert (p == 2).all() and (m == 1).all() and (v == 7).all()
+    assert _native.step("stream9", [p], [g], [m], [v], [x], [0.0] * 10)
+    assert (p == 2 + 5).all() and (m == 2).all() and (v == 8).all() and (x == 7).all()
+
+
+def test_prefetch_choice_is_measured_once_per_machine(tmp_path, monkeypatch):
+    from bigbatch.optim import _native
+
+    monkeypatch.setenv("BIGBATCH_KERNEL_CACHE", str(tmp_path))
+    cc = _native._compiler()
+    monkeypatch.setenv("BIGBATCH_KERNEL_PREFETCH", "on")
+    assert _native.prefetch_choice(cc) == "on" and not list(tmp_path.glob("prefetch-*"))
+    monkeypatch.delenv("BIGBATCH_KERNEL_PREFETCH")
+    choice = _native.prefetch_choice(cc)
+    memo = list(tmp_path.glob("prefetch-*.txt"))
+    assert choice in ("on", "off") and len(memo) == 1 and memo[0].read_text() == choice
+    assert len(list(tmp_path.glob("adam_family-*.so"))) == 2  # both builds, measured against each other

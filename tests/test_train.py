@@ -63,9 +63,12 @@ def test_single_process_outputs_and_learning(reference):
 
 def test_two_gloo_processes_match_one(reference, tmp_path, cache):
     out = tmp_path / "run2"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     proc = run(TORCHRUN + ["train.py", "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache),
                            "--train.max_steps", "12", "--train.noise_scale_every", "1"])
     check_ok(proc)
+    # DeepSpeed's CPU shared-memory all-reduce would leave a ~69 MB /dev/shm file per process behind
+    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
     assert "final eval: loss" in proc.stdout and "perplexity" in proc.stdout
     assert f"loss curves: {out / 'loss.png'}" in proc.stdout
     ref = {r["step"]: r for r in records(reference)}

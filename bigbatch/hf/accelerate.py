@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from bigbatch.distributed import deepspeed_without_shm
 from bigbatch.hf.deepspeed import OptimizerBlock, split_optimizer_block
 
 
@@ -50,6 +51,8 @@ def init_distributed_state(*, use_deepspeed: bool):
     call it. Returns the state, or ``None`` where accelerate already finds the backend itself (GPU
     hosts, single unlaunched process): nothing is changed there.
     """
+    if use_deepspeed:
+        deepspeed_without_shm()
     if not needs_backend_fix():
         return None
     from accelerate.state import AcceleratorState, PartialState

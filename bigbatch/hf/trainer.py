@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from bigbatch.hf.deepspeed import split_optimizer_block
+from bigbatch.distributed import deepspeed_without_shm
 from bigbatch.hf.accelerate import init_distributed_state, needs_backend_fix
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args
 from bigbatch.hf.scaling import ScalingRulesCallback
@@ -65,6 +66,7 @@ class BigBatchTrainingArguments(TrainingArguments):
             self.optim = "adamw_torch"  # placeholder for the Trainer's enum; BigBatchTrainer builds the optimizer
         block = None
         if self.deepspeed:
+            deepspeed_without_shm()
             if self.use_cpu:
                 raise ValueError("use_cpu=True with deepspeed: accelerate then turns DeepSpeed off silently; leave "
                                  "use_cpu False (bigbatch sets up gloo on CPU hosts itself)")

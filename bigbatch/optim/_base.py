@@ -10,6 +10,12 @@ from torch.optim import Optimizer
 from bigbatch.optim import _fused, _native
 
 
+def check_state_dtype(state_dtype) -> None:
+    if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (None: the parameter's dtype, or a floating "
+                         "torch.dtype such as torch.float32)")
+
+
 def check_hparams(*, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     """Raise ValueError naming the argument and value for an invalid Adam hyperparameter."""
     if isinstance(lr, torch.Tensor) or not lr >= 0.0:
@@ -61,12 +67,13 @@ class AdamFamily(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
                                    "use torch.optim.SparseAdam for sparse parameters")
             state = self.state[p]
+            dtype = group.get("state_dtype") or p.dtype
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if uses_max and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -112,21 +119,25 @@ class AdamFamily(Optimizer):
                 and _native.step(self._native_kind(group), params, grads, exp_avgs, exp_avg_sqs,
                                  max_sqs, s)):
             return  # CPU float32: the whole group in one C call
-        scal = None
+        args = []
         for i, p in enumerate(params):
-            if scal is None or scal.device != p.device:
-                scal = _fused.scalar_tensor(s, p.device)
             # detach(): same storage; a tensor that requires grad would make the compiled kernel
             # write the parameter in a second pass (measured: 1.6x slower steps).
-            args = (p.detach(), grads[i], exp_avgs[i], exp_avg_sqs[i], max_sqs[i], scal)
-            if impl == "fused" and all(t is None or t.is_contiguous() for t in args):
-                # 1-D views: one compiled kernel serves every shape and rank.
-                args = tuple(t if t is None or t is scal else t.view(-1) for t in args)
-            if impl == "fused" and _fused.run_fused(self._kernel_name, type(self)._body,
-                                                    p.device.type, *args):
+            t = (p.detach(), grads[i], exp_avgs[i], exp_avg_sqs[i], max_sqs[i])
+            if impl == "fused" and all(x is None or x.is_contiguous() for x in t):
+                t = tuple(x if x is None else x.view(-1) for x in t)  # 1-D: equal sizes share a graph
+            args.append(t)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(args):
+            by_device.setdefault(t[0].device, []).append(i)
+        for device, idx in by_device.items():
+            scal = _fused.scalar_tensor(s, device)
+            if impl == "single":
+                for i in idx:
+                    type(self)._body(*args[i], scal)
                 continue
-            if impl == "fused":  # the compile failed: the rest of this group goes multi-tensor
-                self._foreach_update(group, params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:],
-                                     max_sqs[i:], s)
-                return
-            type(self)._body(*args)
+            left = _fused.run_fused(self._kernel_name, type(self)._body, [args[i] for i in idx], scal)
+            if left:  # the compile failed: these go multi-tensor
+                rest = [idx[i] for i in left]
+                self._foreach_update(group, *([lst[i] for i in rest]
+                                              for lst in (params, grads, exp_avgs, exp_avg_sqs, max_sqs)), s)

@@ -3,12 +3,14 @@
 Three implementations compute the same update:
 
 - ``"fused"``: one pass over memory. On CPU with float32 tensors, one C call per parameter
-  group (:mod:`bigbatch.optim._native`). Otherwise one kernel per tensor: the elementwise update
-  body compiled once by ``torch.compile`` (Inductor: Triton on CUDA, C++/OpenMP for CPU bf16)
-  with dynamic shapes, and every
-  per-step scalar (bias corrections, bounds, lr) enters as one small float32 tensor, so the kernel
-  never recompiles as the step count or the learning rate changes. Inductor's on-disk caches make
-  later processes reuse the compiled code.
+  group (:mod:`bigbatch.optim._native`). Otherwise (CUDA, bf16) the group's tensors are sorted by
+  size and cut into chunks of up to :data:`CHUNK` tensors of one size, and the elementwise update
+  of a whole chunk is one ``torch.compile`` graph (Inductor: Triton on CUDA, with its combo kernels
+  fusing the chunk's tensors into one launch; C++/OpenMP on CPU). Shapes are static: the layers of
+  a model repeat a few sizes, so a model compiles a handful of graphs, once, and every per-step
+  scalar (bias corrections, bounds, lr) enters as one small float32 tensor, so nothing recompiles
+  as the step count or the learning rate changes. Inductor's on-disk caches make later processes
+  reuse the compiled code.
 - ``"foreach"``: torch's multi-tensor ``_foreach_*`` ops; no compiler needed.
 - ``"single"``: the same update body as ``"fused"``, run eagerly tensor by tensor; for debugging.
 
@@ -66,48 +68,58 @@ def choose_impl(params: list[torch.Tensor], foreach: bool | None, fused: bool | 
     return "foreach" if foreach else "single"
 
 
-def run_fused(name: str, body: Callable, device_type: str, *args, **kwargs) -> bool:
-    """Run the compiled ``body``; on a compile failure warn once, fall back, and return False."""
-    if device_type in _broken:
-        return False
-    try:
-        fn = _compiled(name, body)
-        _warm_up(name, fn, args)
-        fn(*args, **kwargs)
-    except Exception as exc:  # a missing compiler or an Inductor bug must not stop training
-        _broken.add(device_type)
-        warnings.warn(f"bigbatch: compiling the {name} update failed on {device_type} ({exc!r}); "
-                      "using the foreach implementation", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+CHUNK = 8  # tensors per compiled call (and per CUDA launch)
+_SIGNATURES = 64  # compiled graphs the process may hold: a few per optimizer and parameter size
 
 
-_WARM_NUMEL = 1 << 20
-_warmed: set[tuple] = set()
+def chunks(args: list[tuple]) -> list[list[int]]:
+    """Indices of ``args`` (one ``(p, g, m, v, vmax)`` per parameter) in chunks of at most
+    :data:`CHUNK` parameters with equal sizes, dtypes and layout: static graphs that repeat."""
+    def key(i):
+        p = args[i][0]
+        return (p.device.type, str(p.dtype), str(args[i][2].dtype), tuple(p.shape), p.is_contiguous())
+
+    by_key: dict[tuple, list[int]] = {}
+    for i in range(len(args)):
+        by_key.setdefault(key(i), []).append(i)
+    return [idx[k:k + CHUNK] for idx in by_key.values() for k in range(0, len(idx), CHUNK)]
 
 
-def _warm_up(name: str, fn: Callable, args: tuple) -> None:
-    """Compile each kernel variant first on large 1-D dummies shaped like ``args``.
-
-    Inductor decides from the first example it compiles for whether the loop runs in parallel;
-    a small first tensor (a bias, a norm weight) would give a serial kernel that every later,
-    larger tensor then uses (measured here: 2x slower on 2 threads). The per-step scalars
-    (the last argument) are passed through unchanged.
-    """
-    tensors, scalars = args[:-1], args[-1]
-    key = (name, scalars.device, tensors[0].dtype, tensors[-1] is None)  # cheap: runs every call
-    if key in _warmed:
-        return
-    if any(t is not None and t.dim() != 1 for t in tensors):
-        return  # non-contiguous tensors keep their shape: no dummy stands for them
-    _warmed.add(key)
-    fn(*[None if t is None else torch.zeros(_WARM_NUMEL, dtype=t.dtype, device=t.device)
-         for t in tensors], scalars)
+def run_fused(name: str, body: Callable, args: list[tuple], scalars: torch.Tensor) -> list[int]:
+    """Update every parameter in ``args`` with the compiled ``body``, a chunk per call; returns the
+    indices left undone (all of them after a compile failure on this device type, with one warning)."""
+    device_type = scalars.device.type
+    order = chunks(args)
+    for n, idx in enumerate(order):
+        if device_type in _broken:
+            return [i for rest in order[n:] for i in rest]
+        try:
+            fn = _compiled(name, body)
+            ps, gs, ms, vs, xs = (list(t) for t in zip(*(args[i] for i in idx)))
+            fn(ps, gs, ms, vs, None if xs[0] is None else xs, scalars)
+        except Exception as exc:  # a missing compiler or an Inductor bug must not stop training
+            _broken.add(device_type)
+            warnings.warn(f"bigbatch: compiling the {name} update failed on {device_type} ({exc!r}); "
+                          "using the foreach implementation", RuntimeWarning, stacklevel=3)
+            return [i for rest in order[n:] for i in rest]
+    return []
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str, body: Callable) -> Callable:
-    return torch.compile(body, dynamic=True, fullgraph=True)
+    def update_chunk(ps, gs, ms, vs, xs, s):
+        for i in range(len(ps)):
+            body(ps[i], gs[i], ms[i], vs[i], None if xs is None else xs[i], s)
+
+    import torch._dynamo
+    import torch._inductor.config
+
+    # one graph per chunk signature (size, dtype, AMSBound or not): more than dynamo keeps by default
+    for key in ("cache_size_limit", "recompile_limit"):
+        if getattr(torch._dynamo.config, key, _SIGNATURES) < _SIGNATURES:
+            setattr(torch._dynamo.config, key, _SIGNATURES)
+    options = {"combo_kernels": True} if hasattr(torch._inductor.config, "combo_kernels") else {}
+    return torch.compile(update_chunk, dynamic=False, fullgraph=True, options=options)
 
 
 def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:

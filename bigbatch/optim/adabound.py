@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from bigbatch.optim._base import AdamFamily, check_hparams
+from bigbatch.optim._base import AdamFamily, check_hparams, check_state_dtype
 
 
 class AdaBound(AdamFamily):
@@ -49,6 +49,9 @@ class AdaBound(AdamFamily):
         amsbound: keep ``max_exp_avg_sq`` and divide by its square root (AMSGrad's fix).
         foreach, fused: implementation choice as in torch; ``None`` picks the fused
             (compiled) kernel where torch.compile works, else multi-tensor ops.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``; None: the parameter's.
+            ``torch.float32`` with bf16 parameters keeps full-precision moments (the update is
+            computed in float32 either way and rounded once into the parameter).
     """
 
     _kernel_name = "adabound"
@@ -57,15 +60,17 @@ class AdaBound(AdamFamily):
                  final_lr: float = 0.1, gamma: float = 1e-3, eps: float = 1e-8,
                  weight_decay: float = 0.0, amsbound: bool = False,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None):
         check_hparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        check_state_dtype(state_dtype)
         if not final_lr > 0.0:
             raise ValueError(f"Invalid final_lr: {final_lr!r} (must be > 0)")
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"Invalid gamma: {gamma!r} (must be in [0, 1))")
         defaults = dict(lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma, eps=eps,
                         weight_decay=weight_decay, amsbound=amsbound,
-                        decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused)
+                        decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -102,17 +107,19 @@ class AdaBound(AdamFamily):
 
     @staticmethod
     def _body(p, g, m, v, vmax, s):
-        g = g + s[5] * p
-        m_new = m * s[0] + g * s[1]
-        v_new = v * s[2] + g * g * s[3]
+        # float32 arithmetic whatever the storage (no-ops for float32 tensors)
+        pf = p.float()
+        g = g.float() + s[5] * pf
+        m_new = m.float() * s[0] + g * s[1]
+        v_new = v.float() * s[2] + g * g * s[3]
         if vmax is not None:
-            v_new_max = torch.maximum(vmax, v_new)
+            v_new_max = torch.maximum(vmax.float(), v_new)
             vmax.copy_(v_new_max)
             denom = v_new_max.sqrt() + s[4]
         else:
             denom = v_new.sqrt() + s[4]
         update = torch.clamp(s[7] / denom, min=s[8], max=s[9]) * m_new
-        p.copy_(p * s[6] - update)
+        p.copy_(pf * s[6] - update)
         m.copy_(m_new)
         v.copy_(v_new)
 
@@ -120,6 +127,8 @@ class AdaBound(AdamFamily):
         b1, c1, b2, c2, eps, l2, decay, step_size, lower, upper = s
         if l2 != 0.0:
             grads = torch._foreach_add(grads, params, alpha=l2)
+        if grads and grads[0].dtype != exp_avgs[0].dtype:  # bf16 weights, float32 state (state_dtype)
+            grads = [g.to(exp_avgs[0].dtype) for g in grads]
         torch._foreach_mul_(exp_avgs, b1)
         torch._foreach_add_(exp_avgs, grads, alpha=c1)
         torch._foreach_mul_(exp_avg_sqs, b2)
@@ -147,8 +156,9 @@ class AMSBound(AdaBound):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  final_lr: float = 0.1, gamma: float = 1e-3, eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None):
         super().__init__(params, lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
                          weight_decay=weight_decay, amsbound=True,
                          decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
-                         fused=fused)
+                         fused=fused, state_dtype=state_dtype)

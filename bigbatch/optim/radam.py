@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from bigbatch.optim._base import AdamFamily, check_hparams
+from bigbatch.optim._base import AdamFamily, check_hparams, check_state_dtype
 
 RECTIFY_THRESHOLD = 5.0  # rho_t must exceed this for the variance to be tractable
 
@@ -44,6 +44,7 @@ class RAdam(AdamFamily):
             torch) or no step (False, as the official code's option).
         foreach, fused: implementation choice as in torch; ``None`` picks the fused
             (compiled) kernel where torch.compile works, else multi-tensor ops.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``; None: the parameter's (see AdaBound).
     """
 
     _kernel_name = "radam"
@@ -51,11 +52,13 @@ class RAdam(AdamFamily):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                  degenerated_to_sgd: bool = True, *, foreach: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None):
         check_hparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        check_state_dtype(state_dtype)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay,
-                        degenerated_to_sgd=degenerated_to_sgd, foreach=foreach, fused=fused)
+                        degenerated_to_sgd=degenerated_to_sgd, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -87,11 +90,12 @@ class RAdam(AdamFamily):
 
     @staticmethod
     def _body(p, g, m, v, vmax, s):
-        g = g + s[5] * p
-        m_new = torch.lerp(m, g, s[1])  # torch.optim.RAdam's form of the EMA
-        v_new = v * s[2] + g * g * s[3]
+        pf = p.float()  # float32 arithmetic whatever the storage
+        g = g.float() + s[5] * pf
+        m_new = torch.lerp(m.float(), g, s[1])  # torch.optim.RAdam's form of the EMA
+        v_new = v.float() * s[2] + g * g * s[3]
         adaptive = torch.where(s[9] > 0, s[8] / (v_new.sqrt() + s[4]), 1.0)
-        p.copy_(p * s[6] - m_new * s[7] * adaptive)
+        p.copy_(pf * s[6] - m_new * s[7] * adaptive)
         m.copy_(m_new)
         v.copy_(v_new)
 
@@ -99,6 +103,8 @@ class RAdam(AdamFamily):
         b1, c1, b2, c2, eps, l2, decay, step_on_m, rect_bc2, rectified = s
         if l2 != 0.0:
             grads = torch._foreach_add(grads, params, alpha=l2)
+        if grads and grads[0].dtype != exp_avgs[0].dtype:  # bf16 weights, float32 state (state_dtype)
+            grads = [g.to(exp_avgs[0].dtype) for g in grads]
         torch._foreach_lerp_(exp_avgs, grads, c1)
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=c2)

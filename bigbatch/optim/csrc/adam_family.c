@@ -16,29 +16,52 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
+#ifndef CHUNK
 #define CHUNK 65536   /* floats per work item: 256 KiB per stream */
+#endif
 #define LINE 16        /* floats per 64-byte cache line */
-#define AHEAD 512      /* prefetch distance in floats (2 KiB; measured best of 128..4096 here) */
+#ifndef AHEAD
+/* Software prefetch distance in floats (2 KiB), or 0 for none. Whether it helps depends on the
+ * CPU (measured: 7-12% faster steps on one 2-core EPYC, 10-20% slower on another): the library is
+ * built both ways and the faster one chosen once per machine (bigbatch/optim/_native.py). */
+#define AHEAD 512
+#endif
 
-enum { ADABOUND = 0, AMSBOUND = 1, RADAM = 2 };
+/* STREAM7 / STREAM9 are no updates: the same memory traffic as AdaBound/RAdam (read p, g, m, v;
+ * write p, m, v) and AMSBound (plus vmax read and write) with one add per element, run through the
+ * same chunks, threads and prefetch. Their time is each update's roofline on this machine. */
+enum { ADABOUND = 0, AMSBOUND = 1, RADAM = 2, STREAM7 = 3, STREAM9 = 4 };
 
-/* torch.maximum and torch.clamp propagate NaN; fmaxf/fminf would drop it. */
-static inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-static inline uint32_t bits(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
+/* The vector instruction set this build targets (-march=native / -mcpu=native). */
+const char *bigbatch_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2+fma";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__AVX__)
+    return "avx";
+#elif defined(__ARM_FEATURE_SVE)
+    return "sve";
+#elif defined(__ARM_NEON)
+    return "neon";
+#elif defined(__SSE2__)
+    return "sse2";
+#else
+    return "scalar";
+#endif
 }
+
+/* torch.clamp propagates NaN; fmaxf/fminf would drop it. */
 static inline float clamp_nan(float x, float lo, float hi) {
     x = x < lo ? lo : x;
     return x > hi ? hi : x;
 }
 
 /* One chunk of one tensor. `kind` is a constant at each call site, so each kind gets its own
- * loop. Software prefetch a little ahead of the hardware's: measured 7% (AdaBound) and 12%
- * (AMSBound) faster steps on 2 threads, whose per-core bandwidth limits the update. */
+ * loop, vectorised. */
 static inline __attribute__((always_inline)) void
 update_chunk(const int kind, float *restrict p, const float *restrict g, float *restrict m,
              float *restrict v, float *restrict vmax, int64_t n, const float *restrict s) {
@@ -49,18 +72,26 @@ update_chunk(const int kind, float *restrict p, const float *restrict g, float *
     const int small = fabsf(c1) < 0.5f;
     const float w1 = 1.0f - c1;
     for (int64_t j0 = 0; j0 < n; j0 += LINE) {
-        if (j0 + AHEAD < n) {
+        if (AHEAD > 0 && j0 + AHEAD < n) {
             __builtin_prefetch(p + j0 + AHEAD, 1);
             __builtin_prefetch(g + j0 + AHEAD, 0);
             __builtin_prefetch(m + j0 + AHEAD, 1);
             __builtin_prefetch(v + j0 + AHEAD, 1);
             if (kind == AMSBOUND) __builtin_prefetch(vmax + j0 + AHEAD, 0); /* mostly read */
+            if (kind == STREAM9) __builtin_prefetch(vmax + j0 + AHEAD, 1);
         }
         const int64_t j1 = j0 + LINE < n ? j0 + LINE : n;
-        float newmax[LINE];
-        int moved = 0;
-#pragma omp simd reduction(| : moved)
+#pragma omp simd
         for (int64_t j = j0; j < j1; j++) {
+            if (kind == STREAM7 || kind == STREAM9) {
+                const float a = p[j], b = g[j], c = m[j], d = v[j];
+                const float e = kind == STREAM9 ? vmax[j] : 0.0f;
+                p[j] = b + e;
+                m[j] = a;
+                v[j] = c + d;
+                if (kind == STREAM9) vmax[j] = d;
+                continue;
+            }
             float gj = g[j] + l2 * p[j];
             float vj = v[j] * b2 + gj * gj * c2;
             float mj;
@@ -72,9 +103,14 @@ update_chunk(const int kind, float *restrict p, const float *restrict g, float *
                 mj = m[j] * b1 + gj * c1;
                 float denom_v = vj;
                 if (kind == AMSBOUND) {
-                    denom_v = max_nan(vmax[j], vj);
-                    newmax[j - j0] = denom_v;
-                    moved |= bits(denom_v) != bits(vmax[j]);
+                    /* torch.maximum(vmax, v) with NaN propagated, stored only where it differs from
+                     * vmax (a masked store): once training settles v rarely passes its running max,
+                     * and lines where none moved are never dirtied nor written back. The result is
+                     * exactly what an unconditional store would leave (v >= +0: no signed zeros). */
+                    const float vm = vmax[j];
+                    const int up = vj > vm || (vj != vj && vm == vm);
+                    denom_v = up ? vj : vm;
+                    if (up) vmax[j] = vj;
                 }
                 float rate = clamp_nan(s7 / (sqrtf(denom_v) + eps), s8, s9);
                 p[j] = p[j] * decay - rate * mj;
@@ -82,12 +118,6 @@ update_chunk(const int kind, float *restrict p, const float *restrict g, float *
             m[j] = mj;
             v[j] = vj;
         }
-        /* Once training settles, v rarely passes its running max: a line whose 16 maxima all
-         * stay put is not written, so it is never dirtied and never written back to memory. The
-         * comparison is on bits, so the stored state is exactly what an unconditional store
-         * would leave. */
-        if (kind == AMSBOUND && moved)
-            for (int64_t j = j0; j < j1; j++) vmax[j] = newmax[j - j0];
     }
 }
 
@@ -116,8 +146,12 @@ int bigbatch_adam_family_step(int kind, int64_t count, float *const *p, const fl
             update_chunk(AMSBOUND, pi, gi, mi, vi, vmax[i] + start, n, s);
         else if (kind == ADABOUND)
             update_chunk(ADABOUND, pi, gi, mi, vi, NULL, n, s);
-        else
+        else if (kind == RADAM)
             update_chunk(RADAM, pi, gi, mi, vi, NULL, n, s);
+        else if (kind == STREAM7)
+            update_chunk(STREAM7, pi, gi, mi, vi, NULL, n, s);
+        else
+            update_chunk(STREAM9, pi, gi, mi, vi, vmax[i] + start, n, s);
     }
     free(first);
     return 0;
