@@ -1,11 +1,12 @@
-"""Training throughput (tokens/s) of the tiny run with AdaBound, AMSBound, RAdam and torch's fused AdamW.
+"""Training throughput (tokens/s) of the tiny run with AdaBound, AMSBound, RAdam and torch's fused AdamW,
+and of AdaBound under DeepSpeed ZeRO-3 against FSDP2.
 
-Same pipeline for all four: configs/tiny.yaml (plus any overrides given) -> the packed embedded
+Same pipeline for all: configs/tiny.yaml (plus any overrides given) -> the packed embedded
 corpus -> ``bigbatch.training.engine.setup`` (batch plan, Llama model, DeepSpeed engine with the
 config's ZeRO stage) -> the training loop's step (``DeepSpeedRun.train_step``); only the optimizer
 differs. AdamW is ``torch.optim.AdamW(fused=True)``, torch's fused AdamW, as DeepSpeed's client optimizer.
 
-The four engines live in the same ``N`` processes (``torchrun --standalone``, gloo on CPU) and take
+The engines live in the same ``N`` processes (``torchrun --standalone``, gloo on CPU) and take
 turns in short slices of ``--steps`` optimizer steps, in a rotating order, after ``--warmup`` steps
 each (one-time kernel compilation). Interleaving makes the comparison fair on a shared machine
 whose load drifts over minutes: every optimizer sees the same conditions. Reported: tokens/s per
@@ -34,6 +35,9 @@ OPTIMIZERS = {
     "adamw-torch-fused": ["--optim.name", "adamw",
                           "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}",
                           "--optim.kwargs", "{fused: true}"],
+    # the two engines on the same model and optimizer: DeepSpeed ZeRO-3 and FSDP2
+    "adabound-zero3": ["--optim.name", "adabound", "--deepspeed.zero_stage", "3"],
+    "adabound-fsdp2": ["--optim.name", "adabound", "--train.engine", "fsdp2"],
 }
 REFERENCE = "adamw-torch-fused"
 
@@ -92,8 +96,12 @@ def worker(args) -> None:
         for name in names:
             total = args.rounds * args.steps * tokens_per_step / seconds[name]
             med = statistics.median(a / b for a, b in zip(per_round[name], per_round[REFERENCE]))
-            flag = "" if name == REFERENCE else ("  ok" if total / ref_total >= 0.97 else "  < 0.97")
+            flag = "" if name == REFERENCE or name.endswith(("-zero3", "-fsdp2")) else \
+                ("  ok" if total / ref_total >= 0.97 else "  < 0.97")
             print(f"{name:<20} {total:10,.0f} {total / ref_total:7.3f} {med:19.3f}{flag}")
+        z3, f2 = seconds["adabound-zero3"], seconds["adabound-fsdp2"]
+        med = statistics.median(a / b for a, b in zip(per_round["adabound-fsdp2"], per_round["adabound-zero3"]))
+        print(f"FSDP2 / DeepSpeed ZeRO-3 tokens/s (AdaBound, same model): {z3 / f2:.3f} (median round {med:.3f})")
     bbdist.destroy()
 
 

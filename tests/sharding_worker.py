@@ -242,7 +242,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
 
 
 def _tag_dir(case):
-    from bigbatch.sharding.checkpoint import read_latest
+    from bigbatch.sharding.tags import read_latest
 
     return os.path.join(case["dir"], case.get("tag") or read_latest(case["dir"]))
 

@@ -302,7 +302,7 @@ def test_truncated_checkpoint_refused_and_previous_loads(runs):
 
 def test_partial_checkpoint_without_manifest_refused(runs, tmp_path):
     from bigbatch.sharding import CheckpointError, list_checkpoints, verify_checkpoint
-    from bigbatch.sharding.checkpoint import MANIFEST, read_latest
+    from bigbatch.sharding.tags import MANIFEST, read_latest
 
     _ok(runs, "save_w2_z2")
     src = os.path.join(runs["_ckpt_root"], "w2_z2")

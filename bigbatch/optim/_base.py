@@ -10,6 +10,12 @@ from torch.optim import Optimizer
 from bigbatch.optim import _fused, _native
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def check_state_dtype(state_dtype) -> None:
     if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (None: the parameter's dtype, or a floating "
@@ -74,11 +80,14 @@ class AdamFamily(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if uses_max and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            max_sqs.append(state["max_exp_avg_sq"] if uses_max else None)
+            # DTensors (FSDP2): the update is elementwise, so it runs on each rank's local shard as
+            # plain tensors: no all-gather, no DTensor dispatch per operation. The states were made
+            # with zeros_like, so they are DTensors placed like the parameter (checkpoints reshard them).
+            params.append(_local(p))
+            grads.append(_local(p.grad))
+            exp_avgs.append(_local(state["exp_avg"]))
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            max_sqs.append(_local(state["max_exp_avg_sq"]) if uses_max else None)
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
 

@@ -231,6 +231,13 @@ class NoiseScaleProbe:
         self.micro_batch = micro_batch
         self.micro_grad_scale = float(micro_grad_scale)
 
+    def after_backward(self, measure: bool) -> None:
+        """After each backward pass: record its gradient (``measure``), or drop it."""
+        if measure:
+            self.micro_step_done()
+        else:
+            self.hook.reset()
+
     def micro_step_done(self) -> None:
         """Call after each backward pass."""
         self._micro.append(self.hook.collect(self.micro_grad_scale))

@@ -28,38 +28,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import shutil
 
-import numpy as np
 import torch
 
-from bigbatch import atomic
 from bigbatch import distributed as bbdist
+from bigbatch.rng import rng_state, set_rng_state
 from bigbatch.sharding import state as st
 from bigbatch.sharding import tags
-from bigbatch.sharding.tags import (LATEST, MANIFEST, CheckpointError, CheckpointSaveError, NoUsableCheckpoint,
-                                    read_latest)
+from bigbatch.sharding.tags import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 META = "bigbatch_meta.pt"
 FULL = "bigbatch_full_state_part{}.pt"
-
-
-def _rng_state() -> dict:
-    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def _optimizer_name(optimizer) -> str:
@@ -120,50 +101,25 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
     module docstring).
     """
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    if os.sep in tag or tag in ("", ".", "..", LATEST):
-        raise ValueError(f"tag={tag!r}: must be a plain directory name")
-    path = os.path.join(ckpt_dir, tag)
+    save = tags.TagSave(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
     client_state = dict(client_state or {})
-
-    def failed(errors: list[str]) -> CheckpointSaveError:
-        if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            latest = read_latest(ckpt_dir)
-        except CheckpointError:
-            latest = None
-        kept = f"'latest' still names {latest!r}" if latest else "no earlier checkpoint"
-        return CheckpointSaveError(f"checkpoint {tag!r} in {ckpt_dir!r} was not saved: " + "; ".join(errors)
-                                   + f". Its files were removed; {kept}.")
-
     error = None
-    if rank == 0:
-        try:
-            os.makedirs(path, exist_ok=True)
-            # re-saving a tag: drop its manifest first so a crash mid-save leaves it refused
-            if os.path.exists(os.path.join(path, MANIFEST)):
-                os.remove(os.path.join(path, MANIFEST))
-        except OSError as exc:
-            error = tags.describe_write_error(exc, path)
-    if errors := bbdist.agree(error):
-        raise failed(errors)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
                                save_latest=False)
     except Exception as exc:  # a write failed on this rank; the others wait in DeepSpeed's last barrier
-        error = tags.describe_write_error(exc, path) + " (DeepSpeed's files)"
+        error = tags.describe_write_error(exc, save.path) + " (DeepSpeed's files)"
         bbdist.barrier()
-    if errors := bbdist.agree(error):
-        raise failed(errors)
+    save.check(error)
     full = st.gather_full_state(engine, keep=lambda i: i % world == rank)
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
     group_of = st.group_index_by_name(engine)
-    writes = [(os.path.join(path, f"bigbatch_rng_rank{rank}.pt"), _rng_state()),
-              (os.path.join(path, FULL.format(rank)), {"params": full, "extras": extras if rank == 0 else {}})]
+    files = [(f"bigbatch_rng_rank{rank}.pt", rng_state()),
+             (FULL.format(rank), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
-        writes.append((os.path.join(path, META), {
+        files.append((META, {
             "format": tags.FORMAT, "tag": tag, "world_size": world, "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
@@ -177,29 +133,8 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps, "client_state": client_state,
         }))
-    for file, obj in writes:
-        try:
-            atomic.torch_save(obj, file)
-        except Exception as exc:
-            error = tags.describe_write_error(exc, file)
-            break
-    if errors := bbdist.agree(error):  # every rank's files are on disk, or the save failed
-        raise failed(errors)
-    hashes = tags.hash_share(path, tags.tag_files(path))
-    deleted = []
-    if rank == 0:
-        try:
-            tags.write_manifest(ckpt_dir, tag, hashes, samples=engine.global_samples, steps=engine.global_steps)
-            tags.write_latest(ckpt_dir, tag)
-        except OSError as exc:
-            error = tags.describe_write_error(exc, os.path.join(path, MANIFEST))
-        if error is None and keep:
-            deleted = tags.retain(ckpt_dir, keep, tag)
-    if errors := bbdist.agree(error):
-        raise failed(errors)
-    if deleted:
-        logger.info("bigbatch: kept the %d newest checkpoints; deleted %s", keep, deleted)
-    return path
+    save.write(files)  # every rank's files are on disk, or the save failed
+    return save.finish(keep=keep, samples=engine.global_samples, steps=engine.global_steps)
 
 
 def verify_checkpoint(ckpt_dir: str, tag: str) -> dict:
@@ -246,27 +181,7 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
     refused ones are logged, and :class:`NoUsableCheckpoint` lists every refused tag and why when
     none is good.
     """
-    if tag is not None:
-        order, notes = [tag], []
-    elif fallback:
-        order, notes = tags.candidates(ckpt_dir)
-    else:
-        order, notes = [read_latest(ckpt_dir)], []
-    refused = list(notes)
-    for candidate in order:
-        try:
-            tags.verify_tag_together(ckpt_dir, candidate)
-            client = _load_tag(engine, ckpt_dir, candidate, plan)
-        except CheckpointError as exc:
-            if not fallback:
-                raise
-            refused.append((candidate, str(exc)))
-            continue
-        if refused and bbdist.rank() == 0:
-            logger.warning("bigbatch: loaded checkpoint %r; passed over: %s", candidate,
-                           "; ".join(f"{t}: {why}" for t, why in refused))
-        return client
-    raise NoUsableCheckpoint(ckpt_dir, refused)
+    return tags.load_first_good(ckpt_dir, tag, fallback, lambda t: _load_tag(engine, ckpt_dir, t, plan))
 
 
 def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
@@ -293,7 +208,7 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
         engine.skipped_steps = meta["skipped_steps"]
     rng_file = os.path.join(path, f"bigbatch_rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
-        _set_rng_state(_torch_load(rng_file))
+        set_rng_state(_torch_load(rng_file))
     if plan is not None and plan.global_batch != meta["global_batch"]:
         rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
                        beta_form=plan.beta_form)

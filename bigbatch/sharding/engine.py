@@ -8,37 +8,10 @@ from typing import Callable
 
 import torch
 
-from bigbatch.optim.registry import constructor_params
-from bigbatch.sharding.config import DSConfigError, ResolvedConfig, resolve_ds_config
+from bigbatch.sharding.config import DSConfigError, resolve_ds_config
+from bigbatch.sharding.optimizer import optimizer_groups
 
 logger = logging.getLogger(__name__)
-
-_GROUP_RESERVED = ("params", "name")
-
-
-def _model_parameters(model: torch.nn.Module, param_groups, resolved: ResolvedConfig, plan):
-    """Parameter groups for the optimizer; a group's overrides are given at the reference batch and
-    scaled by the plan's rule (:meth:`BatchPlan.scale_group`)."""
-    if param_groups is None:
-        return [p for p in model.parameters() if p.requires_grad]
-    groups = []
-    allowed = None
-    if resolved.optimizer_cls is not None:
-        allowed = constructor_params(resolved.optimizer_cls) | {"base_lr"}
-    for i, group in enumerate(param_groups):
-        if not isinstance(group, dict) or "params" not in group:
-            raise DSConfigError(f"param_groups[{i}]: expected a dict with 'params', got {type(group).__name__}")
-        if allowed is not None:
-            for key in group:
-                if key not in _GROUP_RESERVED and key not in allowed:
-                    raise DSConfigError(f"param_groups[{i}].{key}: {resolved.optimizer_cls.__name__} does not "
-                                        f"take it; allowed: {sorted(allowed)}")
-        overrides = {k: v for k, v in group.items() if k not in _GROUP_RESERVED}
-        if plan is not None and resolved.optimizer_cls is not None:
-            overrides = plan.scale_group(overrides)
-        params = [p for p in group["params"] if p.requires_grad]
-        groups.append({"params": params, **({"name": group["name"]} if "name" in group else {}), **overrides})
-    return groups
 
 
 def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str | type | None = None,
@@ -60,7 +33,7 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str
     # refuse bad configs before DeepSpeed starts
     resolved = resolve_ds_config(ds_config, model=model, plan=plan, optimizer=optimizer,
                                  optimizer_kwargs=optimizer_kwargs)
-    model_parameters = _model_parameters(model, param_groups, resolved, plan)
+    model_parameters = optimizer_groups(model, param_groups, resolved.optimizer_cls, plan, error=DSConfigError)
     import deepspeed
 
     from bigbatch.distributed import init_distributed

@@ -274,3 +274,105 @@ def describe_write_error(exc: BaseException, path: str) -> str:
     if free is not None and free < (1 << 20):
         reason = f"no space left on device ({free} bytes free; {reason})"
     return f"{reason} writing {path}"
+
+
+class TagSave:
+    """One collective, all-or-nothing save of ``ckpt_dir/tag``, whatever writes its files.
+
+    Every rank calls the methods in the same order; each step that can fail on some rank ends with
+    :meth:`check`, so all ranks go on or all raise :class:`CheckpointSaveError` (the new tag's files
+    removed, the message naming the rank, the file and the error, ``latest`` and the earlier tags
+    untouched). :meth:`finish` hashes the files (the ranks share the work), writes the manifest and
+    ``latest``, and applies the retention.
+    """
+
+    def __init__(self, ckpt_dir: str, tag: str):
+        if os.sep in tag or tag in ("", ".", "..", LATEST):
+            raise ValueError(f"tag={tag!r}: must be a plain directory name")
+        self.ckpt_dir, self.tag = ckpt_dir, tag
+        self.path = os.path.join(ckpt_dir, tag)
+        error = None
+        if bbdist.rank() == 0:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+                # re-saving a tag: drop its manifest first so a crash mid-save leaves it refused
+                if os.path.exists(os.path.join(self.path, MANIFEST)):
+                    os.remove(os.path.join(self.path, MANIFEST))
+            except OSError as exc:
+                error = describe_write_error(exc, self.path)
+        self.check(error)
+
+    def check(self, error: str | None) -> None:
+        """After a step that may have failed on this rank (``error``): collective."""
+        if errors := bbdist.agree(error):
+            raise self.failed(errors)
+
+    def failed(self, errors: list[str]) -> CheckpointSaveError:
+        if bbdist.rank() == 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            latest = read_latest(self.ckpt_dir)
+        except CheckpointError:
+            latest = None
+        kept = f"'latest' still names {latest!r}" if latest else "no earlier checkpoint"
+        return CheckpointSaveError(f"checkpoint {self.tag!r} in {self.ckpt_dir!r} was not saved: " + "; ".join(errors)
+                                   + f". Its files were removed; {kept}.")
+
+    def write(self, files: list[tuple[str, object]]) -> None:
+        """``torch.save`` each ``(file name in the tag, object)`` atomically, then :meth:`check`."""
+        error = None
+        for name, obj in files:
+            file = os.path.join(self.path, name)
+            try:
+                atomic.torch_save(obj, file)
+            except Exception as exc:
+                error = describe_write_error(exc, file)
+                break
+        self.check(error)
+
+    def finish(self, *, keep: int | None = None, **order) -> str:
+        """Hash, write the manifest (with ``order``, e.g. ``samples=``) and ``latest``; keep the ``keep``
+        newest complete tags. Returns the tag's path."""
+        hashes = hash_share(self.path, tag_files(self.path))
+        error, deleted = None, []
+        if bbdist.rank() == 0:
+            try:
+                write_manifest(self.ckpt_dir, self.tag, hashes, **order)
+                write_latest(self.ckpt_dir, self.tag)
+            except OSError as exc:
+                error = describe_write_error(exc, os.path.join(self.path, MANIFEST))
+            if error is None and keep:
+                deleted = retain(self.ckpt_dir, keep, self.tag)
+        self.check(error)
+        if deleted:
+            logger.info("bigbatch: kept the %d newest checkpoints; deleted %s", keep, deleted)
+        return self.path
+
+
+def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
+    """``load(tag)`` of the first good tag: ``tag``, else the one ``latest`` names; with ``fallback``
+    the other complete tags, newest first, when that one is refused (an unreadable ``latest`` is
+    passed over too). Each is verified first (sizes and hashes, the ranks sharing the work). Logs
+    the tag used and what was passed over; raises CheckpointError naming the file (without
+    ``fallback``), or :class:`NoUsableCheckpoint` listing every refused tag and why."""
+    if tag is not None:
+        order, notes = [tag], []
+    elif fallback:
+        order, notes = candidates(ckpt_dir)
+    else:
+        order, notes = [read_latest(ckpt_dir)], []
+    refused = list(notes)
+    for candidate in order:
+        try:
+            verify_tag_together(ckpt_dir, candidate)
+            result = load(candidate)
+        except CheckpointError as exc:
+            if not fallback:
+                raise
+            refused.append((candidate, str(exc)))
+            continue
+        if refused and bbdist.rank() == 0:
+            logger.warning("bigbatch: loaded checkpoint %r; passed over: %s", candidate,
+                           "; ".join(f"{t}: {why}" for t, why in refused))
+        return result
+    raise NoUsableCheckpoint(ckpt_dir, refused)

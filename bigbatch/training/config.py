@@ -261,6 +261,7 @@ class TrainConfig:
     # config 0.95 gave 2x larger values than 0.99 late in a run.
     noise_scale_ema: float = 0.99
     threads: int | None = None  # torch intra-op threads per process; None = cores / local procs
+    engine: str = "deepspeed"  # deepspeed | fsdp2 (settings in the deepspeed / fsdp2 sections)
     # Hangs: a collective waits at most collective_timeout_s for the other ranks, and a watchdog ends
     # a rank that makes no progress (a step, an evaluation, a save) for step_timeout_s (0: off).
     collective_timeout_s: float = 300.0
@@ -280,6 +281,7 @@ class TrainConfig:
         if not 0.0 <= self.noise_scale_ema < 1.0:
             raise ConfigError(f"train.noise_scale_ema: {self.noise_scale_ema!r} must be in [0, 1)")
         _positive("train", "threads", self.threads)
+        _choice("train", "engine", self.engine, ("deepspeed", "fsdp2"))
         _positive("train", "collective_timeout_s", self.collective_timeout_s)
         _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
@@ -335,6 +337,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDP2Config:
+    """PyTorch FSDP2 (``train.engine: fsdp2``): ``fully_shard`` per Transformer block and the root.
+    ``precision: bf16`` computes in bf16 and reduces gradients in float32, with float32 weights
+    and optimizer state in the shards."""
+
+    precision: str = "fp32"  # fp32 | bf16
+    reshard_after_forward: bool = True  # free the gathered weights after forward (ZeRO-3 style)
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _choice("fsdp2", "precision", self.precision, ("fp32", "bf16"))
+
+
+@dataclass
 class LoggingConfig:
     progress: str = "auto"  # auto (bar on a terminal, else lines) | bar | lines | none
     tensorboard: bool = True  # used when the tensorboard package is installed
@@ -355,6 +371,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp2: FSDP2Config = field(default_factory=FSDP2Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":

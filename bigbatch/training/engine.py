@@ -136,9 +136,22 @@ def lr_schedule(cfg: RunConfig):
 class DeepSpeedRun:
     """The training loop's view of a DeepSpeed engine (``engine``) built from ``ds_config``."""
 
+    name = "deepspeed"
+
     def __init__(self, engine, ds_config: dict):
         self.engine = engine
         self.ds_config = ds_config
+
+    def noise_measurable(self, plan) -> bool:
+        """The noise scale needs >= 2 micro batches per step over all ranks."""
+        return plan.grad_accum * plan.world_size >= 2
+
+    def noise_probe(self, plan, estimator):
+        """Per-micro-batch gradient norms (tensor hooks) against the step's reduced gradient."""
+        from bigbatch.scaling.noise_scale import NoiseScaleProbe
+
+        return NoiseScaleProbe(self.engine.module.parameters(), plan.micro_batch, micro_grad_scale=plan.grad_accum,
+                               estimator=estimator)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -253,11 +266,132 @@ class DeepSpeedRun:
                               beta_form=plan.beta_form, log=False)  # the loop reports it
 
 
+class FSDP2Run:
+    """The training loop's view of a ``fully_shard`` model and bigbatch's optimizer on its DTensor
+    shards (:mod:`bigbatch.sharding.fsdp2`): the same interface as :class:`DeepSpeedRun`."""
+
+    name = "fsdp2"
+    zero_stage = None
+
+    def __init__(self, model, optimizer, *, precision: str, grad_clip: float):
+        from bigbatch.sharding.fsdp2 import install_normed_reduce_scatter
+
+        self.model, self.optimizer = model, optimizer
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self._applied = True
+        self.comm = install_normed_reduce_scatter(model)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def noise_measurable(self, plan) -> bool:
+        """Each rank's local batch against the global one: needs >= 2 ranks."""
+        return plan.world_size >= 2 and self.comm is not None
+
+    def noise_probe(self, plan, estimator):
+        from bigbatch.sharding.fsdp2 import FSDPNoiseProbe
+
+        return FSDPNoiseProbe(self.comm, plan.micro_batch, plan.grad_accum, estimator)
+
+    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None,
+                   poison: bool = False) -> tuple[float, float]:
+        """One optimizer step: gradients of the micro batches accumulate unreduced (no sync) and are
+        reduce-scattered with the last; the loss is scaled by 1 / (micro batches x ranks) and FSDP
+        sums, so the shards hold the global mean gradient. Clipping on the DTensor gradients; a
+        non-finite global norm skips the step on every rank (they all see the same norm)."""
+        from bigbatch.distributed import world_size
+
+        n = len(micro_batches)
+        scale = 1.0 / (n * world_size())
+        total = 0.0
+        for i, x in enumerate(micro_batches):
+            self.model.set_requires_gradient_sync(i == n - 1)
+            x = x.to(device)
+            loss = self.model(input_ids=x, labels=x).loss
+            if poison:
+                loss = loss * float("nan")
+            (loss * scale).backward()
+            if after_backward is not None:
+                after_backward()
+            total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self._applied = math.isfinite(gnorm)
+        if self._applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n, gnorm
+
+    def step_applied(self) -> bool:
+        return self._applied
+
+    def state_bytes(self) -> int:
+        """About what a checkpoint takes on disk: float32 weights and two or three moments."""
+        return 16 * sum(p.numel() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
+        self.model.eval()
+        total, count = 0.0, 0
+        for x in batches:
+            x = x.to(device)
+            loss = self.model(input_ids=x, labels=x).loss
+            n = x.numel() - x.shape[0]
+            total += float(loss) * n
+            count += n
+        self.model.train()
+        return total, count
+
+    def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None) -> None:
+        from bigbatch.optim.registry import canonical_name
+        from bigbatch.sharding.fsdp2 import save_checkpoint
+
+        meta = {"global_batch": client_state.get("global_batch"), "optimizer": canonical_name(type(self.optimizer))}
+        save_checkpoint(self.model, self.optimizer, ckpt_dir, tag=tag, client_state=client_state, meta=meta, keep=keep)
+
+    def load(self, ckpt_dir: str, *, if_unusable: str = "fail") -> tuple[dict | None, str | None]:
+        """As :meth:`DeepSpeedRun.load`, through DCP (any world size)."""
+        from bigbatch.sharding import NoUsableCheckpoint, tags
+        from bigbatch.sharding.fsdp2 import load_checkpoint
+
+        found = tags.scan(ckpt_dir)
+        if not any(t.complete for t in found):
+            partial = [t.tag for t in found]
+            return None, f"incomplete checkpoints passed over: {partial}" if partial else None
+        try:
+            return load_checkpoint(self.model, self.optimizer, ckpt_dir, fallback=True)["client_state"], None
+        except NoUsableCheckpoint as exc:
+            if if_unusable == "restart":
+                return None, f"{exc}\nstarting from step 0 anyway (checkpoint.if_unusable: restart)"
+            raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable restart") \
+                from None
+
+    def set_layout(self, plan) -> None:
+        pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
+
+    def rescale(self, plan, from_global_batch: int) -> dict:
+        """:func:`bigbatch.scaling.rescale.rescale_optimizer` for kappa = new / old batch."""
+        from bigbatch.scaling.rescale import rescale_optimizer
+
+        return rescale_optimizer(self.optimizer, plan.global_batch / from_global_batch, family=plan.optimizer,
+                                 beta_form=plan.beta_form)
+
+
 @dataclass
 class RunSetup:
     plan: object  # BatchPlan
     model: torch.nn.Module
-    engine: DeepSpeedRun
+    engine: DeepSpeedRun | FSDP2Run
 
 
 def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None) -> RunSetup:
@@ -269,6 +403,8 @@ def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_ba
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id)
+    if cfg.train.engine == "fsdp2":
+        return RunSetup(plan, model, _fsdp2(cfg, model, plan))
     groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
                           no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
     ds = deepspeed_config(cfg, plan)
@@ -277,6 +413,28 @@ def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_ba
     except (ValueError, TypeError, KeyError) as exc:  # DSConfigError is a ValueError
         raise ConfigError(f"deepspeed: {exc}") from None
     return RunSetup(plan, model, DeepSpeedRun(engine, ds))
+
+
+def _fsdp2(cfg: RunConfig, model, plan) -> FSDP2Run:
+    """``fully_shard`` the model (blocks and root), then the plan's optimizer on its shards."""
+    from bigbatch.distributed import default_backend
+    from bigbatch.sharding.fsdp2 import shard_model
+    from bigbatch.sharding.optimizer import build_optimizer
+
+    f = cfg.fsdp2
+    device_type = "cuda" if default_backend() == "nccl" else "cpu"
+    if device_type == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if f.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard_model(model, device_type=device_type, precision=f.precision, reshard_after_forward=f.reshard_after_forward)
+    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
+    try:
+        optimizer = build_optimizer(model, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"optim: {exc}") from None
+    return FSDP2Run(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip)
 
 
 def steps_for_tokens(tokens_left: int, tokens_per_step: int) -> int:

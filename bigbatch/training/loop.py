@@ -168,7 +168,7 @@ class Trainer:
         step whose batch has >= 2 micro batches over all ranks, where it costs one norm per micro
         batch; an explicit ``train.noise_scale_every`` or an automatic schedule plans for >= 2."""
         every = self.cfg.train.noise_scale_every
-        if every == 0 or self.plan.grad_accum * self.info.world_size < 2:
+        if every == 0 or not self.engine.noise_measurable(self.plan):
             return 0
         return every or 1
 
@@ -176,12 +176,10 @@ class Trainer:
         """Gradient noise scale: per-micro-batch gradients (hooks) against the step's reduced one."""
         if self.probe is not None or not self.noise_every():
             return
-        from bigbatch.scaling.noise_scale import GradientNoiseScale, NoiseScaleProbe
+        from bigbatch.scaling.noise_scale import GradientNoiseScale
 
-        self.probe = NoiseScaleProbe(self.engine.module.parameters(), self.plan.micro_batch,
-                                     micro_grad_scale=self.plan.grad_accum,
-                                     estimator=GradientNoiseScale(ema_decay=self.cfg.train.noise_scale_ema,
-                                                                  warn_factor=self.cfg.train.noise_scale_warn_factor))
+        self.probe = self.engine.noise_probe(self.plan, GradientNoiseScale(
+            ema_decay=self.cfg.train.noise_scale_ema, warn_factor=self.cfg.train.noise_scale_warn_factor))
         if self._noise_state:
             self.probe.estimator.load_state_dict(self._noise_state)  # the EMA continues across a resume
 
@@ -204,7 +202,8 @@ class Trainer:
         measure = every > 0 and self.step % every == 0
         after = None
         if self.probe is not None:  # record this micro batch's gradient for the noise scale, or drop it
-            after = self.probe.micro_step_done if measure else self.probe.hook.reset
+            def after():
+                self.probe.after_backward(measure)
         loss, gnorm = self.engine.train_step(self.loader.next_step(), self.info.device, after_backward=after,
                                              poison=self.step + 1 in self._nan_steps)
         self.step += 1
@@ -366,7 +365,7 @@ class Trainer:
             "parameters": count_parameters(self.model), "vocab_size": self.model.config.vocab_size,
             "corpus": self.corpus.description, "data_cache": self.data.path, "train_blocks": int(len(self.data.train)),
             "val_blocks": int(len(self.data.val)), "precision": self.engine.precision,
-            "zero_stage": self.engine.zero_stage,
+            "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
         }
         dump_yaml({**self.cfg.to_dict(), "resolved": resolved}, os.path.join(self.out, "config.resolved.yaml"))
         print(f"bigbatch: {count_parameters(self.model) / 1e6:.2f}M params | {info.world_size} proc(s) "

@@ -1,0 +1,43 @@
+"""The optimizer an engine carries, built by bigbatch: parameter groups whose overrides are given at
+the reference batch and scaled by the batch plan, and the class from the registry."""
+
+from __future__ import annotations
+
+import torch
+
+from bigbatch.optim.registry import check_kwargs, constructor_params, get_optimizer_class
+
+_GROUP_RESERVED = ("params", "name")
+
+
+def optimizer_groups(model: torch.nn.Module, param_groups, cls: type | None, plan, *, error=ValueError):
+    """Parameter groups for ``cls`` (all trainable parameters without ``param_groups``). A group's
+    overrides are checked against ``cls``'s arguments and scaled by the plan's rule
+    (:meth:`~bigbatch.scaling.BatchPlan.scale_group`); ``error`` is the exception class raised."""
+    if param_groups is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    allowed = constructor_params(cls) | {"base_lr"} if cls is not None else None
+    for i, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise error(f"param_groups[{i}]: expected a dict with 'params', got {type(group).__name__}")
+        if allowed is not None:
+            for key in group:
+                if key not in _GROUP_RESERVED and key not in allowed:
+                    raise error(f"param_groups[{i}].{key}: {cls.__name__} does not take it; allowed: {sorted(allowed)}")
+        overrides = {k: v for k, v in group.items() if k not in _GROUP_RESERVED}
+        if plan is not None and cls is not None:
+            overrides = plan.scale_group(overrides)
+        params = [p for p in group["params"] if p.requires_grad]
+        groups.append({"params": params, **({"name": group["name"]} if "name" in group else {}), **overrides})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, *, plan, optimizer_kwargs: dict | None = None,
+                    param_groups=None) -> torch.optim.Optimizer:
+    """The plan's optimizer with its scaled hyperparameters and ``optimizer_kwargs`` (unscaled
+    implementation switches) on ``model``'s parameters (after sharding: DTensors under FSDP2)."""
+    cls = get_optimizer_class(plan.optimizer_class or plan.optimizer)
+    kwargs = {**plan.hparams, **(optimizer_kwargs or {})}
+    check_kwargs(cls, kwargs, "optimizer kwargs")
+    return cls(optimizer_groups(model, param_groups, cls, plan), **kwargs)
