@@ -10,20 +10,15 @@ single-process reference of the DeepSpeed tests applies unchanged.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from bigbatch.atomic import write_text
-from bigbatch.launcher.env import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import case_runner  # noqa: E402
 import sharding_common as common  # noqa: E402
 
 IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "compiled": {"fused": True}}
@@ -65,34 +60,5 @@ def run_case(case: dict, world: int, rank: int) -> dict:
             "local_numel": sum(s["exp_avg"].to_local().numel() for s in opt.state.values())}
 
 
-def _worker(rank: int, world: int, cases: list, out_path: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run_case(case, world, rank)
-        except Exception:  # recorded for the test to report; the other ranks fail the same way
-            results[case["name"]] = {"error": traceback.format_exc()}
-        dist.barrier()
-    if rank == 0:
-        write_text(out_path, json.dumps(results))
-    dist.barrier()  # leave the group together (see sharding_worker.py)
-    dist.destroy_process_group()
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--world", type=int, required=True)
-    ap.add_argument("--cases", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    with open(args.cases) as f:
-        cases = json.load(f)
-    mp.spawn(_worker, args=(args.world, cases, args.out, free_port()), nprocs=args.world, join=True)
-
-
 if __name__ == "__main__":
-    main()
+    case_runner.main(run_case, deepspeed=False)

@@ -133,6 +133,41 @@ def lr_schedule(cfg: RunConfig):
         raise ConfigError(f"schedule (with train.tokens={cfg.train.tokens}): {exc}") from None
 
 
+@torch.no_grad()
+def eval_sums(model, batches: list[torch.Tensor], device) -> tuple[float, int]:
+    """(summed cross-entropy in nats, predicted positions) of ``model`` over this rank's batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for x in batches:
+        x = x.to(device)
+        loss = model(input_ids=x, labels=x).loss
+        n = x.numel() - x.shape[0]  # predicted positions
+        total += float(loss) * n
+        count += n
+    model.train()
+    return total, count
+
+
+def resume(ckpt_dir: str, if_unusable: str, load) -> tuple[dict | None, str | None]:
+    """``(client state, note)`` of the newest good checkpoint (``load()``, collective); the client state
+    is None to start from step 0: no complete checkpoint (a requeue before the first save), or none
+    usable with ``if_unusable="restart"``; otherwise none usable is a ConfigError listing every tag and
+    why it was refused."""
+    from bigbatch.sharding import NoUsableCheckpoint, tags
+
+    found = tags.scan(ckpt_dir)
+    if not any(t.complete for t in found):
+        partial = [t.tag for t in found]
+        return None, f"incomplete checkpoints passed over: {partial}" if partial else None
+    try:
+        return load(), None
+    except NoUsableCheckpoint as exc:
+        if if_unusable == "restart":
+            return None, f"{exc}\nstarting from step 0 anyway (checkpoint.if_unusable: restart)"
+        raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable restart") \
+            from None
+
+
 class DeepSpeedRun:
     """The training loop's view of a DeepSpeed engine (``engine``) built from ``ds_config``."""
 
@@ -207,19 +242,8 @@ class DeepSpeedRun:
         master and optimizer states in DeepSpeed's files and again in the resharding parts."""
         return 32 * sum(p.numel() for p in self.engine.module.parameters())
 
-    @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
-        """(summed cross-entropy in nats, predicted positions) over this rank's batches."""
-        self.engine.eval()
-        total, count = 0.0, 0
-        for x in batches:
-            x = x.to(device)
-            loss = self.engine(input_ids=x, labels=x).loss
-            n = x.numel() - x.shape[0]  # predicted positions
-            total += float(loss) * n
-            count += n
-        self.engine.train()
-        return total, count
+        return eval_sums(self.engine, batches, device)
 
     def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None) -> None:
         """Collective all-or-nothing save (bigbatch.sharding): 'latest' moves only when every rank is
@@ -234,20 +258,9 @@ class DeepSpeedRun:
         save), or none usable with ``if_unusable="restart"``; otherwise none usable is a ConfigError
         listing every tag and why it was refused. The batch it was saved at is kept: the loop moves
         it to another one."""
-        from bigbatch.sharding import NoUsableCheckpoint, load_checkpoint
-        from bigbatch.sharding import tags
+        from bigbatch.sharding import load_checkpoint
 
-        found = tags.scan(ckpt_dir)
-        if not any(t.complete for t in found):
-            partial = [t.tag for t in found]
-            return None, f"incomplete checkpoints passed over: {partial}" if partial else None
-        try:
-            return load_checkpoint(self.engine, ckpt_dir, fallback=True), None
-        except NoUsableCheckpoint as exc:
-            if if_unusable == "restart":
-                return None, f"{exc}\nstarting from step 0 anyway (checkpoint.if_unusable: restart)"
-            raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable restart") \
-                from None
+        return resume(ckpt_dir, if_unusable, lambda: load_checkpoint(self.engine, ckpt_dir, fallback=True))
 
     def set_layout(self, plan) -> None:
         """DeepSpeed's batch fields from ``plan`` (between two optimizer steps): the engine then steps
@@ -339,18 +352,8 @@ class FSDP2Run:
         """About what a checkpoint takes on disk: float32 weights and two or three moments."""
         return 16 * sum(p.numel() for p in self.model.parameters())
 
-    @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
-        self.model.eval()
-        total, count = 0.0, 0
-        for x in batches:
-            x = x.to(device)
-            loss = self.model(input_ids=x, labels=x).loss
-            n = x.numel() - x.shape[0]
-            total += float(loss) * n
-            count += n
-        self.model.train()
-        return total, count
+        return eval_sums(self.model, batches, device)
 
     def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None) -> None:
         from bigbatch.optim.registry import canonical_name
@@ -361,20 +364,10 @@ class FSDP2Run:
 
     def load(self, ckpt_dir: str, *, if_unusable: str = "fail") -> tuple[dict | None, str | None]:
         """As :meth:`DeepSpeedRun.load`, through DCP (any world size)."""
-        from bigbatch.sharding import NoUsableCheckpoint, tags
         from bigbatch.sharding.fsdp2 import load_checkpoint
 
-        found = tags.scan(ckpt_dir)
-        if not any(t.complete for t in found):
-            partial = [t.tag for t in found]
-            return None, f"incomplete checkpoints passed over: {partial}" if partial else None
-        try:
-            return load_checkpoint(self.model, self.optimizer, ckpt_dir, fallback=True)["client_state"], None
-        except NoUsableCheckpoint as exc:
-            if if_unusable == "restart":
-                return None, f"{exc}\nstarting from step 0 anyway (checkpoint.if_unusable: restart)"
-            raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable restart") \
-                from None
+        return resume(ckpt_dir, if_unusable,
+                      lambda: load_checkpoint(self.model, self.optimizer, ckpt_dir, fallback=True)["client_state"])
 
     def set_layout(self, plan) -> None:
         pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
