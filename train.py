@@ -22,12 +22,11 @@ import argparse
 import sys
 
 from bigbatch import distributed as bbdist
-from bigbatch import exit_codes
-from bigbatch.training.config import ConfigError, parse_overrides
+from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.engine import check_batch, setup
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import prepare, resolve_run
+from bigbatch.training.run_dir import command_main, prepare, resolve_run
 
 
 def parse_args(argv):
@@ -41,7 +40,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    try:
+    def body() -> int:
         args, overrides = parse_args(argv)
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
@@ -50,11 +49,8 @@ def main(argv=None) -> int:
         tok, data, corpus = prepare_data(cfg, info)
         run = setup(cfg, info.world_size, tok, data.seq_len)
         return Trainer(cfg, out, info, data, corpus, run, resuming=resuming).run()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exit_codes.BAD_INPUT
-    finally:
-        bbdist.destroy()
+
+    return command_main(body)
 
 
 if __name__ == "__main__":

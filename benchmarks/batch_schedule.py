@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigbatch.atomic import atomic_path, write_text  # noqa: E402
+from benchmarks.tiny_runs import run_train  # noqa: E402
 
 OPTIMIZERS = {
     "adabound": [],  # configs/tiny.yaml's optimizer and hyperparameters
@@ -43,20 +41,6 @@ CASES = {
     "c_ramp": ["--batch.schedule", json.dumps(RAMP)],
     "d_auto": ["--batch.schedule", "auto", "--batch.min_global_batch", "16", "--batch.max_global_batch", "64"],
 }
-
-
-def run_train(out: Path, args: list[str], nproc: int, threads: int | None) -> tuple[list[dict], float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
-           "--config", "configs/tiny.yaml", "--out", str(out), "--overwrite", "--logging.progress", "none",
-           "--logging.tensorboard", "false", *(["--train.threads", str(threads)] if threads else []), *args]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"train.py failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    with open(out / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if line.strip()], seconds
 
 
 def summarize(records: list[dict], seconds: float) -> dict:

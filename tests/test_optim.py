@@ -551,3 +551,23 @@ def test_prefetch_choice_is_measured_once_per_machine(tmp_path, monkeypatch):
     memo = list(tmp_path.glob("prefetch-*.txt"))
     assert choice in ("on", "off") and len(memo) == 1 and memo[0].read_text() == choice
     assert len(list(tmp_path.glob("adam_family-*.so"))) == 2  # both builds, measured against each other
+
+
+def test_adabound_bound_counts_match_the_step_sizes():
+    """bound_counts: coordinates whose step size lies below / above the bounds, from the state."""
+    import math
+
+    from bigbatch.optim import AdaBound
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = AdaBound([p], lr=1e-2, betas=(0.9, 0.99), final_lr=0.5, gamma=0.1, eps=1e-8)
+    for _ in range(3):
+        p.grad = torch.randn(1000) * torch.logspace(-4, 1, 1000)
+        opt.step()
+    below, above, total = opt.bound_counts()
+    v, t = opt.state[p]["exp_avg_sq"], 3.0
+    rate = 1e-2 * math.sqrt(1 - 0.99**t) / (1 - 0.9**t) / (v.sqrt() + 1e-8)
+    lower, upper = 0.5 * (1 - 1 / (0.1 * t + 1)), 0.5 * (1 + 1 / (0.1 * t))
+    assert total == 1000 and 0 < below < 1000 and 0 < above < 1000
+    assert below == int((rate < lower).sum()) and above == int((rate > upper).sum())

@@ -210,3 +210,27 @@ def test_train_two_nodes_preempt_requeue_then_resume_on_one_node(slurm_cluster, 
     assert "| 2 proc(s) |" in log2 and "global batch 4" in log2 and "(kappa 0.5)" in log2, log2
     assert "'lr': 0.003," not in log2 and "'lr': 0.003}" not in log2, log2
     assert _train_steps(run) == list(range(1, 27)), log2
+
+
+def test_check_rules_submits_branches_and_a_report_job(slurm_cluster, tmp_path):
+    """check-rules --submit: one real SLURM job per branch (1 node x 2 ranks each) and a report job
+    that runs after the last; the report covers every branch with steps = tokens / batch."""
+    out = tmp_path / "check"
+    options = f"--time 10 --chdir {REPO} --output {tmp_path}/slurm-%j.out --nodes 1 --ntasks-per-node 2"
+    proc = slurm_cluster.run(*BIGBATCH, "check-rules", *TRAIN_TINY, "--kappas", "1,2", "--tokens", "1024",
+                             "--evals", "2", "--out", str(out), "--submit", options,
+                             env={**os.environ, **OFFLINE}, timeout=120)
+    jobs = [line.rsplit(" ", 1)[1] for line in proc.stdout.splitlines() if ": job " in line]
+    report_job = next(line.split()[3] for line in proc.stdout.splitlines() if "report job" in line)
+    assert len(jobs) == 3 and report_job.isdigit(), proc.stdout
+    assert f"runs after {', '.join(jobs)}" in proc.stdout
+    slurm_cluster.wait_done(report_job, timeout=300)
+    report_path = out / "report.json"
+    assert report_path.exists(), "\n".join(_job_log(tmp_path, j) for j in [*jobs, report_job])
+    report = json.loads(report_path.read_text())
+    by = {b["name"]: b for b in report["branches"]}
+    assert set(by) == {"k1", "k1_seed2", "k2"}
+    for b in by.values():
+        assert b["steps"] * b["global_batch"] * 32 == 1024 and len(b["evals"]) == 3
+    assert by["k2"]["verdict"] in ("holds", "breaks") and (out / "report.md").exists()
+    assert "| 2 proc(s) |" in _job_log(tmp_path, jobs[2])

@@ -22,7 +22,8 @@ def small_args(cache: str) -> list[str]:
             "--model.intermediate_size", "64", "--model.num_heads", "2", "--train.log_every", "1",
             "--train.eval_every", "5", "--train.eval_blocks", "16", "--batch.reference_global_batch", "8",
             "--batch.micro_batch_sizes", "4", "--train.tokens", "200000", "--schedule.warmup_tokens", "0",
-            "--optim.hparams.lr", "1e-2", "--train.threads", "1", "--logging.progress", "lines"]
+            "--optim.hparams.lr", "1e-2", "--optim.hparams.final_lr", "0.1", "--train.threads", "1",
+            "--logging.progress", "lines"]
 
 
 # what a launcher (or an in-process train.main) exports; a launched test process must find its own

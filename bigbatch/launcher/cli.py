@@ -1,9 +1,12 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
-``env`` to print the detected topology.
+``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
+(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start).
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
     bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
+    bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4 --tokens 200000 --out runs/check
+    bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
 """
 
 from __future__ import annotations
@@ -118,14 +121,15 @@ def launch_exec(argv: list[str]) -> int:
     return 128 - rc if rc < 0 else rc
 
 
-def _cmd_submit(args) -> int:
+def submit_config(args) -> SubmitConfig:
+    """The :class:`SubmitConfig` of parsed ``bigbatch submit`` options."""
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
             raise SubmitError(f"--env: {item!r} must be KEY=VALUE")
         env[key] = value
-    cfg = SubmitConfig(
+    return SubmitConfig(
         command=list(args.command), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, template=args.template,
         partition=args.partition, account=args.account, qos=args.qos, time=args.time,
@@ -133,6 +137,22 @@ def _cmd_submit(args) -> int:
         signal_seconds=args.signal_seconds, exit_grace=args.exit_grace, requeue=not args.no_requeue, python=args.python,
         env=env, sbatch_args=list(args.sbatch_arg), srun_args=list(args.srun_arg),
     )
+
+
+def _strip_separator(args) -> None:
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+
+
+def parse_submit(options: list[str], command: list[str]):
+    """``bigbatch submit OPTIONS -- COMMAND`` parsed (argparse exits 2 on a bad option)."""
+    args = build_parser().parse_args(["submit", *options, "--", *command])
+    _strip_separator(args)
+    return args
+
+
+def _cmd_submit(args) -> int:
+    cfg = submit_config(args)
     if args.dry_run:
         sys.stdout.write(render_sbatch(cfg))
         return 0
@@ -148,6 +168,12 @@ def _cmd_env(args) -> int:
         for k, v in topo.env().items():
             print(f"export {k}={shlex.quote(v)}")
     return 0
+
+
+def _cmd_check_rules(args) -> int:
+    from bigbatch.training.check_rules import main as check_rules_main
+
+    return check_rules_main(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("command", nargs=argparse.REMAINDER)
     su.set_defaults(func=_cmd_submit)
 
+    cr = sub.add_parser("check-rules", add_help=False,
+                        help="branch a run at larger batches (and SVAG) and report where the scaling rules hold")
+    cr.add_argument("args", nargs=argparse.REMAINDER)
+    cr.set_defaults(func=_cmd_check_rules)
+
     en = sub.add_parser("env", help="print the detected topology")
     en.add_argument("--json", action="store_true")
     en.add_argument("--mpi4py", action="store_true", help="allow mpi4py discovery")
@@ -202,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check-rules"]:  # its own options, all of them (argparse would claim the first ones)
+        return _cmd_check_rules(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) and args.command[0] == "--":
-        args.command = args.command[1:]
+    _strip_separator(args)
     try:
         return args.func(args)
     except (SubmitError, LauncherEnvError) as exc:

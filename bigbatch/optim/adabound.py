@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from bigbatch.optim._base import AdamFamily, check_hparams, check_state_dtype
+from bigbatch.optim._base import AdamFamily, _local, check_hparams, check_state_dtype
 
 
 class AdaBound(AdamFamily):
@@ -104,6 +104,29 @@ class AdaBound(AdamFamily):
         return [beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"],
                 0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0,
                 step_size, lower, upper]
+
+    @torch.no_grad()
+    def bound_counts(self) -> tuple[int, int, int]:
+        """``(below, above, total)``: coordinates whose next step size ``step_size / (sqrt(v) + eps)``
+        lies below the lower bound, above the upper bound, and all coordinates with state (a
+        sharded optimizer counts its own shard). The clipped share tracks the passage from Adam
+        (none clipped) to SGD with momentum (all clipped at ``final_lr``). Costs one pass over v."""
+        below = above = total = 0
+        for group in self.param_groups:
+            key = "max_exp_avg_sq" if self._uses_max(group) else "exp_avg_sq"
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or key not in state:
+                    continue
+                step = float(state["step"])
+                if step < 1:
+                    continue
+                s = self._scalars(group, step)
+                rate = s[7] / (_local(state[key]).float().sqrt() + s[4])
+                below += int((rate < s[8]).sum())
+                above += int((rate > s[9]).sum())
+                total += rate.numel()
+        return below, above, total
 
     @staticmethod
     def _body(p, g, m, v, vmax, s):

@@ -193,9 +193,14 @@ class DeepSpeedRun:
         return self.engine.module
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """bigbatch's (client) optimizer, on this rank's partition under ZeRO."""
+        return self.engine.basic_optimizer
+
+    @property
     def param_groups(self) -> list[dict]:
         """The client optimizer's groups: the loop sets their ``lr`` every step."""
-        return self.engine.basic_optimizer.param_groups
+        return self.optimizer.param_groups
 
     @property
     def precision(self) -> str:
@@ -206,13 +211,14 @@ class DeepSpeedRun:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None,
-                   poison: bool = False) -> tuple[float, float]:
+                   poison: bool = False, weights: list[float] | None = None) -> tuple[float, float]:
         """One optimizer step over this rank's micro batches (LongTensors (micro, seq_len));
         DeepSpeed averages over accumulation and ranks and steps at the last one.
         ``after_backward()`` runs after each backward pass (the noise-scale probe). ``poison``
-        multiplies the loss by NaN (fault injection for tests). Returns (mean loss on this rank,
-        global gradient norm before clipping). A step whose gradient is not finite changes nothing
-        (:meth:`step_applied` is then False)."""
+        multiplies the loss by NaN (fault injection for tests). ``weights``: a multiplier per micro
+        batch of the loss that is differentiated (the reported loss is not weighted). Returns (mean
+        loss on this rank, global gradient norm before clipping). A step whose gradient is not finite
+        changes nothing (:meth:`step_applied` is then False)."""
         from bigbatch.sharding import step_with_grad_norm
 
         total, gnorm = 0.0, float("nan")
@@ -221,7 +227,7 @@ class DeepSpeedRun:
             loss = self.engine(input_ids=x, labels=x).loss
             if poison:
                 loss = loss * float("nan")
-            self.engine.backward(loss)
+            self.engine.backward(loss if weights is None else loss * weights[i])
             if after_backward is not None:
                 after_backward()
             if i == len(micro_batches) - 1:
@@ -313,11 +319,12 @@ class FSDP2Run:
         return FSDPNoiseProbe(self.comm, plan.micro_batch, plan.grad_accum, estimator)
 
     def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None,
-                   poison: bool = False) -> tuple[float, float]:
+                   poison: bool = False, weights: list[float] | None = None) -> tuple[float, float]:
         """One optimizer step: gradients of the micro batches accumulate unreduced (no sync) and are
-        reduce-scattered with the last; the loss is scaled by 1 / (micro batches x ranks) and FSDP
-        sums, so the shards hold the global mean gradient. Clipping on the DTensor gradients; a
-        non-finite global norm skips the step on every rank (they all see the same norm)."""
+        reduce-scattered with the last; the loss is scaled by 1 / (micro batches x ranks) (and by
+        ``weights[i]``, as :meth:`DeepSpeedRun.train_step`) and FSDP sums, so the shards hold the
+        global mean gradient. Clipping on the DTensor gradients; a non-finite global norm skips the
+        step on every rank (they all see the same norm)."""
         from bigbatch.distributed import world_size
 
         n = len(micro_batches)
@@ -329,7 +336,7 @@ class FSDP2Run:
             loss = self.model(input_ids=x, labels=x).loss
             if poison:
                 loss = loss * float("nan")
-            (loss * scale).backward()
+            (loss * (scale if weights is None else scale * weights[i])).backward()
             if after_backward is not None:
                 after_backward()
             total += float(loss.detach())

@@ -80,12 +80,18 @@ class Trainer:
         data: the packed blocks (:class:`~bigbatch.training.data.PackedData`); ``corpus``: its source.
         run: plan, model and engine from :func:`bigbatch.training.engine.setup`.
         resuming: continue from the latest good checkpoint in ``out/checkpoints`` if there is one.
+        load_from: with ``resuming``, the checkpoint directory to start from instead (a branch of
+            another run: :mod:`bigbatch.training.check_rules`); this run saves into its own.
+        data_seed: the order of the training blocks (default ``train.seed``, which also seeds the
+            model's initialisation).
     """
 
-    def __init__(self, cfg: RunConfig, out: str, info, data, corpus, run: RunSetup, *, resuming: bool):
+    def __init__(self, cfg: RunConfig, out: str, info, data, corpus, run: RunSetup, *, resuming: bool,
+                 load_from: str | None = None, data_seed: int | None = None):
         self.cfg, self.out, self.info, self.data, self.corpus = cfg, out, info, data, corpus
         self.plan, self.model, self.engine = run.plan, run.model, run.engine
         self.ckpt_dir = os.path.join(out, "checkpoints")
+        self.data_seed = cfg.train.seed if data_seed is None else data_seed
         self.schedule = lr_schedule(cfg)  # in tokens: a batch change changes the step count only
         self.batch_schedule = cfg.batch.batch_schedule()
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
@@ -98,7 +104,8 @@ class Trainer:
         self.skipped, self.skipped_in_a_row = 0, 0
         self._nan_steps = {int(x) for x in os.environ.get("BIGBATCH_INJECT_NAN_STEPS", "").split(",") if x.strip()}
         self.watchdog: Watchdog | None = None
-        client, note = self.engine.load(self.ckpt_dir, if_unusable=cfg.checkpoint.if_unusable) if resuming else (None, None)
+        source = load_from or self.ckpt_dir
+        client, note = self.engine.load(source, if_unusable=cfg.checkpoint.if_unusable) if resuming else (None, None)
         if note and info.is_main:
             print(f"--resume: {note}", flush=True)
         samples = 0
@@ -110,9 +117,9 @@ class Trainer:
             if client.get("batch_schedule") and self.batch_schedule is not None:
                 self.batch_schedule.load_state_dict(client["batch_schedule"])
         elif resuming and info.is_main:  # a requeued job that never reached its first checkpoint
-            print(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
+            print(f"--resume: no complete checkpoint in {source}; starting from step 0", flush=True)
         self.loader = GlobalBatchLoader(data.train, micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
-                                        rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                                        rank=info.rank, world_size=info.world_size, seed=self.data_seed,
                                         samples_seen=samples)
         # the same validation blocks at every batch: built once, at the first micro batch
         self.val = eval_batches(data.val, micro_batch=self.plan.micro_batch, rank=info.rank,
@@ -205,7 +212,7 @@ class Trainer:
             def after():
                 self.probe.after_backward(measure)
         loss, gnorm = self.engine.train_step(self.loader.next_step(), self.info.device, after_backward=after,
-                                             poison=self.step + 1 in self._nan_steps)
+                                             poison=self.step + 1 in self._nan_steps, weights=self.loss_weights())
         self.step += 1
         self._count_skip(gnorm)
         measured = measure and math.isfinite(gnorm)
@@ -214,6 +221,17 @@ class Trainer:
         elif measure:
             self.probe.skip_step()
         return loss, gnorm, measured
+
+    def loss_weights(self) -> list[float] | None:
+        """Multipliers of this rank's micro-batch losses in the next step (None: all 1); a gradient
+        transform such as SVAG (:mod:`bigbatch.scaling.svag`) sets them."""
+        return None
+
+    def eval_due(self) -> bool:
+        """Whether to evaluate after this step (``train.eval_every`` steps; not at the last step, which
+        is always evaluated)."""
+        every = self.cfg.train.eval_every
+        return bool(every) and self.step % every == 0
 
     def _count_skip(self, gnorm: float) -> None:
         """A step whose gradient was not finite was skipped by the engine (no state changed): count it,
@@ -269,7 +287,7 @@ class Trainer:
         self.engine.set_layout(plan)
         self.plan = plan
         self.loader = GlobalBatchLoader(self.data.train, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                                        rank=self.info.rank, world_size=self.info.world_size, seed=self.cfg.train.seed,
+                                        rank=self.info.rank, world_size=self.info.world_size, seed=self.data_seed,
                                         samples_seen=self.loader.samples_seen)
         if self.probe is not None:
             self.probe.set_batch(plan.micro_batch, plan.grad_accum)
@@ -283,9 +301,7 @@ class Trainer:
         to (default: the one in force)."""
         old_batch = self.plan.global_batch if from_global_batch is None else from_global_batch
         plan = make_plan(self.cfg, self.info.world_size, new_global_batch)
-        report = self.engine.rescale(plan, old_batch)
-        self.peak_lrs = [p * r for p, r in zip(self.peak_lrs, report["lr_ratios"])]
-        self.hparams = {k: report["groups"][0].get(k, v) for k, v in self.hparams.items()}
+        report = self.rescale(plan, old_batch)
         self._use_plan(plan)
         if not log:  # a resume: the loop's outputs do not exist yet
             if self.info.is_main:
@@ -305,6 +321,15 @@ class Trainer:
                             f"{old_batch} -> {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
                             f"{self.info.world_size} (kappa {plan.kappa:g}; B_noise {noise}); "
                             f"peak lr {self.peak_lrs[0]:.4g}, {hparam_fields(self.hparams)}")
+
+    def rescale(self, plan, from_global_batch: int) -> dict:
+        """Every hyperparameter of the engine by the rule for kappa = ``plan.global_batch`` /
+        ``from_global_batch`` (step counters by samples), and the peak lrs by the same factors.
+        Returns the engine's report."""
+        report = self.engine.rescale(plan, from_global_batch)
+        self.peak_lrs = [p * r for p, r in zip(self.peak_lrs, report["lr_ratios"])]
+        self.hparams = {k: report["groups"][0].get(k, v) for k, v in self.hparams.items()}
+        return report
 
     def evaluate(self) -> dict:
         """Mean cross-entropy (nats/token) over every rank's validation batches, logged."""
@@ -409,7 +434,11 @@ class Trainer:
             last = self.done()
             record = None
             if self.step % cfg.train.log_every == 0 or last:
-                mean_loss = bbdist.all_reduce_floats([window_loss])[0] / (self.info.world_size * window_steps)
+                # AdaBound's bounds: the share of coordinates clipped (each rank counts its shard)
+                counts = list(self.engine.optimizer.bound_counts()) if hasattr(self.engine.optimizer,
+                                                                              "bound_counts") else []
+                sums = bbdist.all_reduce_floats([window_loss, *counts])
+                mean_loss = sums[0] / (self.info.world_size * window_steps)
                 elapsed = time.perf_counter() - window_start - paused  # eval/checkpoint time left out
                 record = {"kind": "train", "step": self.step, "samples": self.loader.samples_seen,
                           "tokens": self.tokens, "loss": mean_loss, "lr": self.engine.param_groups[0]["lr"],
@@ -418,6 +447,8 @@ class Trainer:
                           "tokens_per_s": window_steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")}
                 if self.noise_scale is not None:
                     record["noise_scale"] = self.noise_scale  # samples (EMA, bias-corrected)
+                if counts and sums[3] > 0:
+                    record["clipped_lower"], record["clipped_upper"] = sums[1] / sums[3], sums[2] / sums[3]
                 self.logger.log(record)
                 window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
             self.progress.update(self.step, record)
@@ -425,7 +456,7 @@ class Trainer:
                 self.check_critical_batch()
 
             pause_start = time.perf_counter()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
+            if not last and self.eval_due():
                 self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last:
                 self.save(periodic=True)

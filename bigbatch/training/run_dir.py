@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 
 import yaml
 
+from bigbatch import exit_codes
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 
 #: everything a run writes into its directory (--overwrite removes these and nothing else)
@@ -46,6 +49,20 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
     return cfg, out, False
+
+
+def command_main(body: Callable[[], int]) -> int:
+    """An entry point's exit code: ``body()``'s, or 2 with one ``error:`` line for a ConfigError; the
+    process group is torn down either way."""
+    from bigbatch import distributed as bbdist
+
+    try:
+        return body()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exit_codes.BAD_INPUT
+    finally:
+        bbdist.destroy()
 
 
 def clear_run(out: str) -> None:
