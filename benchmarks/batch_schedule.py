@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigbatch.atomic import atomic_path, write_text  # noqa: E402
+from bigbatch.atomic import write_text  # noqa: E402
+from bigbatch.training.metrics import pyplot, save_png  # noqa: E402
 from benchmarks.tiny_runs import run_train  # noqa: E402
 
 OPTIMIZERS = {
@@ -56,11 +57,7 @@ def summarize(records: list[dict], seconds: float) -> dict:
 
 
 def plot(results: dict, tokens: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     opts = sorted({k.split("/")[0] for k in results})
     fig, axes = plt.subplots(2, len(opts), figsize=(6 * len(opts), 7), squeeze=False, sharex=True,
                              gridspec_kw={"height_ratios": [2, 1]})
@@ -87,10 +84,7 @@ def plot(results: dict, tokens: int, path: Path) -> None:
         axb.set_xlabel("tokens")
         axb.legend(fontsize=7)
         axb.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, str(path))
 
 
 def noise_cost(args) -> None:

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.tiny_runs import launch, run_train  # noqa: E402
-from bigbatch.atomic import atomic_path, write_text  # noqa: E402
+from bigbatch.atomic import write_text  # noqa: E402
+from bigbatch.training.metrics import pyplot, save_png  # noqa: E402
 
 SECTIONS = ("adabound", "generalisation", "radam", "sde")
 NPROC = 2
@@ -123,7 +124,7 @@ def _ab_row(name, lr, final_lr, gamma, recs, sec) -> dict:
 
 
 def _plot_adabound(res: dict, out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, axc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in res["full"].items():
         x, y = zip(*r["evals"])
@@ -146,7 +147,7 @@ def _plot_adabound(res: dict, out: Path) -> None:
     axc.set_title("AdaBound: step sizes clipped by the bounds")
     axc.legend(fontsize=6)
     axc.grid(alpha=0.3)
-    _save(fig, out / "adabound.png")
+    save_png(fig, str(out / "adabound.png"))
 
 
 # ------------------------------------------------------------------ generalisation
@@ -202,7 +203,7 @@ def section_generalisation(out: Path) -> dict:
             rows[name].append({"seed": seed, "train_acc": tr_acc, "train_loss": tr_loss, "test_acc": te_acc,
                                "test_loss": te_loss, "curve": curve})
         log(f"generalisation seed {seed}: " + ", ".join(f"{k} {v[-1]['test_acc']:.3f}" for k, v in rows.items()))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rs in rows.items():
         ep = [c[0] for c in rs[0]["curve"]]
@@ -211,7 +212,7 @@ def section_generalisation(out: Path) -> dict:
     ax.set_ylabel("held-out accuracy (mean of 3 seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out / "generalisation.png")
+    save_png(fig, str(out / "generalisation.png"))
     return {"epochs": epochs, "batch": batch, "rows": rows}
 
 
@@ -239,7 +240,7 @@ def section_radam(out: Path) -> dict:
             rows.append({"variant": label, "lr": lr, "eval_loss": final_eval(recs), "seconds": sec,
                          "evals": [(r["tokens"], r["eval_loss"]) for r in recs if r["kind"] == "eval"]})
             log(f"{label} lr {lr:g}: {rows[-1]['eval_loss']:.4f}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in variants:
         pts = [(r["lr"], r["eval_loss"]) for r in rows if r["variant"] == label]
@@ -249,7 +250,7 @@ def section_radam(out: Path) -> dict:
     ax.set_ylabel(f"eval loss after {RADAM_TOKENS:,} tokens")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out / "radam.png")
+    save_png(fig, str(out / "radam.png"))
     return {"tokens": RADAM_TOKENS, "betas": RADAM_BETAS, "rows": rows}
 
 
@@ -286,22 +287,6 @@ def section_sde(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------ report
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
 
 
 def _branch_table(report: dict) -> list[str]:

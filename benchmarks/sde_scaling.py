@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 
-from bigbatch.atomic import atomic_path
 from bigbatch.optim import AdaBound
 from bigbatch.scaling import scale_hparams
 
@@ -113,10 +111,9 @@ def run_experiment(name: str, kappa: int = KAPPA, **kw: Any) -> dict[str, SimRes
 
 
 def plot(results: dict[str, dict[str, SimResult]], path: str) -> None:
-    import matplotlib
+    from bigbatch.training.metrics import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     styles = {
@@ -133,12 +130,7 @@ def plot(results: dict[str, dict[str, SimResult]], path: str) -> None:
         ax.set_ylabel("loss (mean over replicas)")
         ax.set_title(f"{name}: kappa={KAPPA}")
         ax.legend(title="stationary loss", fontsize=8)
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with atomic_path(path) as tmp:  # never a half-written PNG
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,7 +274,7 @@ class BranchTrainer(Trainer):
     def rescale(self, plan, from_global_batch: int) -> dict:
         if self.branch.rules:
             return super().rescale(plan, from_global_batch)
-        return {"lr_ratios": [1.0] * len(self.peak_lrs), "groups": [dict(self.hparams)]}  # hyperparameters kept
+        return {"lr_ratios": [1.0] * len(self.peak_lrs), "groups": [dict(self.hparams)], "kept": True}
 
     def sde_tokens(self, tokens: int) -> float:
         return self.origin + (tokens - self.origin) / self.branch.l
@@ -374,14 +374,9 @@ def judge(results: list[BranchResult], tolerance: float) -> dict:
 
 
 def plot(results: list[BranchResult], path: str, title: str) -> None:
-    import matplotlib
+    from bigbatch.training.metrics import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bigbatch.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for r in results:
         style = "--" if (not r.rules or r.name == "k1_seed2") else (":" if r.l != 1 else "-")
         ax.plot([e[0] for e in r.evals], [e[1] for e in r.evals], style, marker="o", ms=3,
@@ -391,10 +386,7 @@ def plot(results: list[BranchResult], path: str, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def markdown(report: dict) -> str:

@@ -305,9 +305,11 @@ class Trainer:
         self._use_plan(plan)
         if not log:  # a resume: the loop's outputs do not exist yet
             if self.info.is_main:
+                moved = ("hyperparameters and step counters kept" if report.get("kept") else
+                         f"rescaled hyperparameters {report['groups'][0]}; step counters x "
+                         f"{old_batch / plan.global_batch:g}")
                 print(f"--resume: global batch {old_batch} -> {plan.global_batch} (kappa {plan.global_batch / old_batch:g}"
-                      f" vs the checkpoint); rescaled hyperparameters {report['groups'][0]}; step counters x "
-                      f"{old_batch / plan.global_batch:g}", flush=True)
+                      f" vs the checkpoint); {moved}", flush=True)
             return
         rec = {"kind": "batch_change", "step": self.step, "samples": self.loader.samples_seen, "tokens": self.tokens,
                "old_global_batch": old_batch, "global_batch": plan.global_batch,

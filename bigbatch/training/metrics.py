@@ -132,14 +132,30 @@ class MetricsLogger:
             self.tb = None
 
 
-def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
-    """Train and eval loss, the learning rate, and the global batch with the measured gradient noise
-    scale, against tokens, as a PNG (written atomically)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: str, dpi: int = 100) -> str:
+    """Lay out ``fig``, write it to ``path`` as a PNG whole or not at all, and close it."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
+    """Train and eval loss, the learning rate, and the global batch with the measured gradient noise
+    scale, against tokens, as a PNG (written atomically)."""
+    plt = pyplot()
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("kind") == "eval" and r.get("eval_loss") is not None]
@@ -173,8 +189,4 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     ax_batch.set_ylabel("sequences")
     ax_batch.set_xlabel("tokens")
     ax_batch.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic.atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return png_path
+    return save_png(fig, png_path)
