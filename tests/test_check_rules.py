@@ -125,6 +125,26 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
     assert first["clipped_lower"] + first["clipped_upper"] > 0
 
 
+def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
+    """The same branches on the FSDP2 engine from initialisation: every branch starts from the same
+    weights (the same first eval), k2 runs at the rule's hyperparameters, SVAG's weighted micro-batch
+    losses change the trajectory."""
+    out = tmp_path / "check"
+    check_ok(run([*TORCHRUN, "-m", "bigbatch.training.check_rules", "--config", "configs/tiny.yaml",
+                  *small_args(cache), "--train.engine", "fsdp2", "--kappas", "1,2", "--svag", "2", "--tokens", "2048",
+                  "--evals", "2", "--out", str(out), "--logging.progress", "none"]))
+    report = json.loads((out / "report.json").read_text())
+    assert report["start"]["tag"] is None and report["start"]["global_batch"] == 8
+    by = {b["name"]: b for b in report["branches"]}
+    assert {b["steps"] for b in by.values()} == {4, 2, 8} and by["k2"]["steps"] == 2 and by["svag2"]["steps"] == 8
+    start = by["k1"]["evals"][0][1]
+    assert all(b["evals"][0][1] == pytest.approx(start, rel=1e-6) for b in by.values())
+    assert by["k1"]["final_loss"] < start  # it trained
+    assert by["svag2"]["final_loss"] != pytest.approx(by["k1"]["final_loss"], rel=1e-6)
+    k2 = json.loads((out / "branches" / "k2" / "metrics.jsonl").read_text().splitlines()[1])
+    assert (k2["beta1"], k2["global_batch"]) == (pytest.approx(0.8), 16)
+
+
 def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
     from bigbatch.training.check_rules import main
 
