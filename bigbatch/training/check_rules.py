@@ -48,7 +48,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from bigbatch import distributed as bbdist
-from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config
 from bigbatch.training.loop import Trainer
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "eval_loss.png"
@@ -136,21 +136,13 @@ def parse_args(argv):
 
 def load_run_config(args, overrides) -> RunConfig:
     """--config (or --from's resolved config) with the overrides."""
+    from bigbatch.training.run_dir import saved_config
+
     if args.config:
         return load_config(args.config, overrides)
     if not args.source:
         raise ConfigError("--config: required unless --from RUN_DIR is given")
-    import yaml
-
-    from bigbatch.training.run_dir import RESOLVED
-
-    path = os.path.join(args.source, RESOLVED)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--from: {args.source!r} has no {RESOLVED}; give --config too")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    data.pop("resolved", None)
-    return apply_overrides(config_from_dict(data), overrides)
+    return saved_config(args.source, overrides, "--from")
 
 
 def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:

@@ -27,16 +27,7 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
     if resume:
         if out and os.path.abspath(out) != os.path.abspath(resume):
             raise ConfigError(f"--out {out!r} and --resume {resume!r} differ; give only --resume")
-        saved = os.path.join(resume, RESOLVED)
-        if config:
-            cfg = load_config(config, overrides)
-        elif os.path.isfile(saved):
-            with open(saved) as fh:
-                data = yaml.safe_load(fh)
-            data.pop("resolved", None)
-            cfg = apply_overrides(config_from_dict(data), overrides)  # overrides still win
-        else:
-            raise ConfigError(f"--resume: {resume!r} has no {RESOLVED}; give --config too")
+        cfg = load_config(config, overrides) if config else saved_config(resume, overrides, "--resume")
         return cfg, resume, True
     if not out:
         raise ConfigError("--out: required (the run directory), or --resume DIR")
@@ -49,6 +40,18 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
     return cfg, out, False
+
+
+def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> RunConfig:
+    """The config a run in ``run_dir`` ran with (its resolved YAML), with ``overrides`` on top;
+    ConfigError naming ``arg`` when there is none."""
+    saved = os.path.join(run_dir, RESOLVED)
+    if not os.path.isfile(saved):
+        raise ConfigError(f"{arg}: {run_dir!r} has no {RESOLVED}; give --config too")
+    with open(saved) as fh:
+        data = yaml.safe_load(fh) or {}
+    data.pop("resolved", None)
+    return apply_overrides(config_from_dict(data), overrides)
 
 
 def command_main(body: Callable[[], int]) -> int:
