@@ -153,8 +153,8 @@ def save_png(fig, path: str, dpi: int = 100) -> str:
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
-    """Train and eval loss, the learning rate, and the global batch with the measured gradient noise
-    scale, against tokens, as a PNG (written atomically)."""
+    """Train and eval loss, the learning rate (with AdaBound's clipped shares), and the global batch
+    with the measured gradient noise scale, against tokens, as a PNG (written atomically)."""
     plt = pyplot()
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
@@ -175,6 +175,15 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     ax_loss.set_title(title)
     ax_lr.set_ylabel("lr")
     ax_lr.grid(alpha=0.3)
+    clipped = [r for r in train if "clipped_lower" in r]
+    if clipped:  # AdaBound: how much of the model its bounds have moved towards SGD
+        ax_clip = ax_lr.twinx()
+        x = [r["tokens"] for r in clipped]
+        ax_clip.plot(x, [r["clipped_lower"] for r in clipped], "--", color="tab:red", lw=1, label="below lower bound")
+        ax_clip.plot(x, [r["clipped_upper"] for r in clipped], ":", color="tab:red", lw=1, label="above upper bound")
+        ax_clip.set_ylabel("clipped share", color="tab:red")
+        ax_clip.set_ylim(0, 1)
+        ax_clip.legend(fontsize=7, loc="upper right")
     batched = [r for r in train if r.get("global_batch")]
     if batched:
         ax_batch.step([0] + [r["tokens"] for r in batched], [batched[0]["global_batch"]] +
