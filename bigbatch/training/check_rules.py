@@ -254,16 +254,16 @@ class BranchTrainer(Trainer):
         self.origin, self.origin_step = self.tokens, self.step
         self.stop_tokens = self.origin + int(branch.l * tokens)
         self.eval_tokens = int(branch.l * eval_every)
-        self.evals: list[dict] = []
+        self.evals: list[list[float]] = []  # [SDE tokens since the start, eval loss]
         self._weights = None
         if branch.l != 1:
             from bigbatch.scaling.svag import micro_weights
 
-            super().rescale(self.plan, int(round(self.plan.global_batch * branch.l)))  # kappa = 1 / l
+            super().rescale(self.plan, self.plan.global_batch * branch.l)  # kappa = 1 / l
             self._weights = micro_weights(branch.l, rank=info.rank, world_size=info.world_size,
                                           grad_accum=self.plan.grad_accum)
 
-    def rescale(self, plan, from_global_batch: int) -> dict:
+    def rescale(self, plan, from_global_batch: float) -> dict:
         if self.branch.rules:
             return super().rescale(plan, from_global_batch)
         return {"lr_ratios": [1.0] * len(self.peak_lrs), "groups": [dict(self.hparams)], "kept": True}
@@ -274,10 +274,8 @@ class BranchTrainer(Trainer):
     def total_steps(self) -> int:
         return self.step + math.ceil(max(0, self.stop_tokens - self.tokens) / self.tokens_per_step)
 
-    def set_lr(self) -> None:
-        mult = self.schedule.factor(self.sde_tokens(self.tokens + self.tokens_per_step))
-        for g, peak in zip(self.engine.param_groups, self.peak_lrs):
-            g["lr"] = peak * mult
+    def lr_factor(self) -> float:
+        return self.schedule.factor(self.sde_tokens(self.tokens + self.tokens_per_step))
 
     def loss_weights(self):
         return self._weights

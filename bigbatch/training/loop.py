@@ -195,10 +195,14 @@ class Trainer:
         """The smoothed gradient noise scale ``B_noise`` (samples), once measured."""
         return self.probe.estimator.b_noise if self.probe is not None else None
 
-    def set_lr(self) -> None:
-        """lr of every group at the tokens seen by the end of this step (so step 1 of a warmup is
+    def lr_factor(self) -> float:
+        """The schedule's factor at the tokens seen by the end of this step (so step 1 of a warmup is
         not lr 0)."""
-        mult = self.schedule.factor(self.tokens + self.tokens_per_step)
+        return self.schedule.factor(self.tokens + self.tokens_per_step)
+
+    def set_lr(self) -> None:
+        """lr of every group: its peak x :meth:`lr_factor`."""
+        mult = self.lr_factor()
         for g, peak in zip(self.engine.param_groups, self.peak_lrs):
             g["lr"] = peak * mult
 
@@ -324,7 +328,7 @@ class Trainer:
                             f"{self.info.world_size} (kappa {plan.kappa:g}; B_noise {noise}); "
                             f"peak lr {self.peak_lrs[0]:.4g}, {hparam_fields(self.hparams)}")
 
-    def rescale(self, plan, from_global_batch: int) -> dict:
+    def rescale(self, plan, from_global_batch: float) -> dict:
         """Every hyperparameter of the engine by the rule for kappa = ``plan.global_batch`` /
         ``from_global_batch`` (step counters by samples), and the peak lrs by the same factors.
         Returns the engine's report."""
