@@ -273,16 +273,14 @@ def section_sde(out: Path) -> dict:
             early = runs / "src_adam_early"
             shutil.rmtree(early, ignore_errors=True)
             shutil.copytree(src, early)
-            _, _ = launch(["--resume", str(src), "--train.max_steps", str(SRC_STEPS), "--logging.progress", "none"], NPROC)
+            launch(["--resume", str(src), "--train.max_steps", str(SRC_STEPS), "--logging.progress", "none"], NPROC)
             res["adam_early"] = check_rules(early, out / "check_adam_early", ["--kappas", "1,2,4,8"])
             log(f"adam early: critical batch {res['adam_early']['summary']['critical_batch']}")
         else:
             run_train(src, base + ["--train.max_steps", str(SRC_STEPS)], NPROC)
         extra = ["--kappas", "1,2,4,8", "--svag", "2,4"] + (["--without-rules"] if opt == "adam" else [])
         res[opt] = check_rules(src, out / f"check_{opt}", extra)
-        shutil.copyfile(out / f"check_{opt}" / "eval_loss.png", out / f"sde_{opt}.png")
         log(f"{opt}: critical batch {res[opt]['summary']['critical_batch']}, SDE holds {res[opt]['summary']['sde_holds']}")
-    shutil.copyfile(out / "check_adam_early" / "eval_loss.png", out / "sde_adam_early.png")
     return res
 
 
@@ -325,13 +323,13 @@ def render(res: dict, out: Path, md: Path) -> str:
               "### Adam (square-root rule)", "", *_branch_table(a), "",
               f"Tolerance {s['tolerance']:.2%}; measured critical batch **{s['critical_batch']}**; SVAG: the SDE "
               f"approximation {'holds' if s['sde_holds'] else 'does not hold'}. B_noise at the checkpoint: {_noise(a)}.",
-              "", f"![Adam branches]({rel}/sde_adam.png)", ""]
+              "", f"![Adam branches]({rel}/check_adam/eval_loss.png)", ""]
         for opt, title in (("radam", "RAdam (square-root rule)"), ("adabound", "AdaBound (derived rule)")):
             r = sde[opt]
             L += [f"### {title}", "", *_branch_table(r), "",
                   f"Tolerance {r['summary']['tolerance']:.2%}; measured critical batch **{r['summary']['critical_batch']}**;"
                   f" SVAG: {'holds' if r['summary']['sde_holds'] else 'does not hold'}. B_noise at the checkpoint: "
-                  f"{_noise(r)}.", "", f"![{opt} branches]({rel}/sde_{opt}.png)", ""]
+                  f"{_noise(r)}.", "", f"![{opt} branches]({rel}/check_{opt}/eval_loss.png)", ""]
         L += ["**Verdict.** " + _sde_verdict(sde, by), ""]
         e = sde["adam_early"]
         L += ["", "### The noise scale predicts where the rules break (McCandlish et al. 2018)", "",
@@ -339,7 +337,7 @@ def render(res: dict, out: Path, md: Path) -> str:
               "|---|---|---|---|",
               f"| early | {e['start']['tokens']:,} | {_noise(e)} | {e['summary']['critical_batch']} |",
               f"| warm | {a['start']['tokens']:,} | {_noise(a)} | {s['critical_batch']} |", "",
-              *_branch_table(e), "", f"![Adam branches early]({rel}/sde_adam_early.png)", "",
+              *_branch_table(e), "", f"![Adam branches early]({rel}/check_adam_early/eval_loss.png)", "",
               "**Verdict.** " + _noise_verdict(e, a), ""]
     ab = res.get("adabound")
     if ab:

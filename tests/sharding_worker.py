@@ -138,7 +138,8 @@ def _noise_scale(case: dict, world: int, rank: int):
 def run_case(case: dict, world: int, rank: int) -> dict:
     from bigbatch.sharding import CheckpointError, load_checkpoint, save_checkpoint
     from bigbatch.sharding import state as st
-    from bigbatch.sharding.checkpoint import META, load_full_state
+    from bigbatch.sharding.checkpoint import load_full_state
+    from bigbatch.sharding.tags import META
 
     kind = case["kind"]
     out: dict = {}

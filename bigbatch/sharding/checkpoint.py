@@ -32,14 +32,13 @@ import os
 import torch
 
 from bigbatch import distributed as bbdist
-from bigbatch.rng import rng_state, set_rng_state
+from bigbatch.rng import rng_state
 from bigbatch.sharding import state as st
 from bigbatch.sharding import tags
 from bigbatch.sharding.tags import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-META = "bigbatch_meta.pt"
 FULL = "bigbatch_full_state_part{}.pt"
 
 
@@ -116,10 +115,10 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
     group_of = st.group_index_by_name(engine)
-    files = [(f"bigbatch_rng_rank{rank}.pt", rng_state()),
+    files = [(tags.RNG.format(rank), rng_state()),
              (FULL.format(rank), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
-        files.append((META, {
+        files.append((tags.META, {
             "format": tags.FORMAT, "tag": tag, "world_size": world, "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
@@ -157,13 +156,6 @@ def list_checkpoints(ckpt_dir: str) -> list[str]:
     return good
 
 
-def _torch_load(path: str, mmap: bool = False):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as exc:  # a corrupt pickle/zip: name the file
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
-
-
 def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None, fallback: bool = False) -> dict:
     """Restore ``engine`` from ``ckpt_dir`` (collective); return the saved ``client_state``.
 
@@ -186,7 +178,7 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
 
 def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     path = os.path.join(ckpt_dir, tag)
-    meta = _torch_load(os.path.join(path, META))
+    meta = tags.read_meta(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
     same = meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
     if same:
@@ -206,9 +198,7 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
         engine.global_steps = meta["global_steps"]
         engine.global_samples = meta["global_samples"]
         engine.skipped_steps = meta["skipped_steps"]
-    rng_file = os.path.join(path, f"bigbatch_rng_rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(_torch_load(rng_file))
+    tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
         rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
                        beta_form=plan.beta_form)
@@ -220,7 +210,7 @@ def load_full_state(path: str, parts: int) -> tuple[dict, dict]:
     """Merge the full-state parts of a checkpoint directory (memory-mapped)."""
     params, extras = {}, {}
     for r in range(parts):
-        blob = _torch_load(os.path.join(path, FULL.format(r)), mmap=True)
+        blob = tags.load_file(os.path.join(path, FULL.format(r)), mmap=True)
         params.update(blob["params"])
         extras.update(blob["extras"])
     return params, extras

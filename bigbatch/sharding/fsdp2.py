@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 
 from bigbatch import distributed as bbdist
-from bigbatch.rng import rng_state, set_rng_state
+from bigbatch.rng import rng_state
 from bigbatch.sharding import tags
 
-META = "bigbatch_meta.pt"
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -136,9 +135,9 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, *, tag: str, client_state: 
         error = tags.describe_write_error(exc, save.path) + " (the sharded state)"
     save.check(error)
     rank = bbdist.rank()
-    files = [(f"bigbatch_rng_rank{rank}.pt", rng_state())]
+    files = [(tags.RNG.format(rank), rng_state())]
     if rank == 0:
-        files.append((META, {"format": tags.FORMAT, "tag": tag, "world_size": bbdist.world_size(),
+        files.append((tags.META, {"format": tags.FORMAT, "tag": tag, "world_size": bbdist.world_size(),
                              **(meta or {}), "client_state": dict(client_state or {})}))
     save.write(files)
     return save.finish(keep=keep, samples=(client_state or {}).get("samples", -1))
@@ -157,16 +156,14 @@ def _load_tag(model, optimizer, ckpt_dir: str, tag: str) -> dict:
 
     path = os.path.join(ckpt_dir, tag)
     try:
-        meta = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+        meta = tags.read_meta(ckpt_dir, tag)
         msd, osd = get_state_dict(model, optimizer)  # templates: the current sharding
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except Exception as exc:
         raise tags.CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from None
-    rng = os.path.join(path, f"bigbatch_rng_rank{bbdist.rank()}.pt")
-    if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    tags.restore_rng(path, bbdist.rank())
     if dist.is_initialized():
         dist.barrier()
     return meta

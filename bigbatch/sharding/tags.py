@@ -32,12 +32,38 @@ logger = logging.getLogger(__name__)
 FORMAT = "bigbatch-ckpt-1"
 MANIFEST = "bigbatch_manifest.json"
 LATEST = "latest"
+META = "bigbatch_meta.pt"  # rank 0's description of the tag: format, world size, batch, client state
+RNG = "bigbatch_rng_rank{}.pt"  # each rank's Python, NumPy and torch RNG states
 HASH = "xxh3_128"
 _CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or partial; the message names the file."""
+
+
+def load_file(path: str, mmap: bool = False):
+    """A torch-saved file of a tag, on CPU; CheckpointError naming it when it cannot be read."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:  # a corrupt pickle/zip: name the file
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def read_meta(ckpt_dir: str, tag: str) -> dict:
+    """The tag's :data:`META` (both engines write one)."""
+    return load_file(os.path.join(ckpt_dir, tag, META))
+
+
+def restore_rng(path: str, rank: int) -> None:
+    """This rank's RNG states from the tag directory ``path``, when it holds them."""
+    from bigbatch.rng import set_rng_state
+
+    rng = os.path.join(path, RNG.format(rank))
+    if os.path.isfile(rng):
+        set_rng_state(load_file(rng))
 
 
 class NoUsableCheckpoint(CheckpointError):

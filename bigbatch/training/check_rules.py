@@ -152,7 +152,6 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
 
     if source is None:
         return Start(None, None, 0, 0, make_plan(cfg, world_size).global_batch, None)
-    import torch
 
     from bigbatch.sharding import tags
 
@@ -164,7 +163,7 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
                           "checkpoint.every_steps or checkpoint.at_end first, or omit --from to start from "
                           "initialisation")
     tag = good[0]
-    meta = torch.load(os.path.join(ckpt, tag, "bigbatch_meta.pt"), map_location="cpu", weights_only=False)
+    meta = tags.read_meta(ckpt, tag)
     client = meta.get("client_state") or {}
     noise = None
     if client.get("noise_scale"):

@@ -435,9 +435,3 @@ def _fsdp2(cfg: RunConfig, model, plan) -> FSDP2Run:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"optim: {exc}") from None
     return FSDP2Run(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip)
-
-
-def steps_for_tokens(tokens_left: int, tokens_per_step: int) -> int:
-    """Optimizer steps that cover ``tokens_left`` tokens at ``tokens_per_step`` (the last one may
-    overrun)."""
-    return max(0, math.ceil(tokens_left / tokens_per_step))
