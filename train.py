@@ -5,8 +5,8 @@
     python train.py --resume runs/tiny [--section.key VALUE ...]   # latest good checkpoint, any world size
 
 Flow: YAML + overrides -> RunConfig -> tokenizer, packed data -> batch plan (global batch and
-hyperparameters scaled from the reference batch), model, DeepSpeed engine -> training loop
-(bigbatch.training). Outputs in --out: metrics.jsonl, config.resolved.yaml, checkpoints/,
+hyperparameters scaled from the reference batch), model, engine (DeepSpeed or FSDP2) -> training
+loop with its callbacks (bigbatch.training). Outputs in --out: metrics.jsonl, config.resolved.yaml, checkpoints/,
 tensorboard/, loss.png.
 
 Exit codes: 0 finished; 2 bad input (config, files, corpus, batch); 75 (checkpoint.preempt_exit_code)
@@ -19,12 +19,14 @@ torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bigbatch import distributed as bbdist
 from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
-from bigbatch.training.engine import check_batch, setup
+from bigbatch.training.builders import check_batch, setup
+from bigbatch.training.callbacks import default_callbacks
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import command_main, prepare, resolve_run
 
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
         run = setup(cfg, info.world_size, tok, data.seq_len)
-        return Trainer(cfg, out, info, data, corpus, run, resuming=resuming).run()
+        return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
+                       resume_from=os.path.join(out, "checkpoints") if resuming else None).run()
 
     return command_main(body)
 

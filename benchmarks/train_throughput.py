@@ -2,8 +2,8 @@
 and of AdaBound under DeepSpeed ZeRO-3 against FSDP2.
 
 Same pipeline for all: configs/tiny.yaml (plus any overrides given) -> the packed embedded
-corpus -> ``bigbatch.training.engine.setup`` (batch plan, Llama model, DeepSpeed engine with the
-config's ZeRO stage) -> the training loop's step (``DeepSpeedRun.train_step``); only the optimizer
+corpus -> ``bigbatch.training.builders.setup`` (batch plan, Llama model, DeepSpeed engine with the
+config's ZeRO stage) -> the training loop's step (``DeepSpeedEngine.train_step``); only the optimizer
 differs. AdamW is ``torch.optim.AdamW(fused=True)``, torch's fused AdamW, as DeepSpeed's client optimizer.
 
 The engines live in the same ``N`` processes (``torchrun --standalone``, gloo on CPU) and take
@@ -48,7 +48,7 @@ def worker(args) -> None:
     from bigbatch import distributed as bbdist
     from bigbatch.training.config import load_config, parse_overrides
     from bigbatch.training.data import GlobalBatchLoader, prepare_data
-    from bigbatch.training.engine import setup
+    from bigbatch.training.builders import setup
 
     extra = parse_overrides(args.overrides)
     cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in OPTIMIZERS.items()}

@@ -6,7 +6,7 @@ For each world size N (one process group of N real gloo processes on CPU), each 
 (AdaBound, AMSBound, RAdam) and each ZeRO stage 0-3, an engine is built with
 ``bigbatch.sharding.build_engine`` and takes one step; then every tensor in the client
 optimizer's state on each rank is counted (unique storages, ``step`` scalars included). The
-``fsdp2`` rows shard the same model with ``fully_shard`` (``bigbatch.sharding.fsdp2``) and count
+``fsdp2`` rows shard the same model with ``fully_shard`` (``bigbatch.sharding.fsdp2_engine``) and count
 the local shards of the optimizer's DTensor states.
 
     ideal = number of per-element states (2, or 3 with AMSBound's max_exp_avg_sq) x 4 bytes x P / N
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, args, port: int, out_path: str) -> None:
             x = torch.randn(2, args.hidden)
             if stage == "fsdp2":
                 from bigbatch.optim import get_optimizer_class
-                from bigbatch.sharding.fsdp2 import shard_model
+                from bigbatch.sharding.fsdp2_engine import shard_model
 
                 shard_model(model)
                 optimizer = get_optimizer_class(opt)(model.parameters(), lr=1e-3)

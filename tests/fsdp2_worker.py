@@ -11,15 +11,13 @@ single-process reference of the DeepSpeed tests applies unchanged.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import case_runner  # noqa: E402
-import sharding_common as common  # noqa: E402
+import case_runner
+import sharding_common as common
 
 IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "compiled": {"fused": True}}
 
@@ -29,7 +27,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from bigbatch.optim import get_optimizer_class
-    from bigbatch.sharding.fsdp2 import full_state
+    from bigbatch.sharding.fsdp2_checkpoint import full_state
 
     os.environ["BIGBATCH_NATIVE_KERNELS"] = "0" if case["impl"] == "compiled" else "1"
     model = common.make_model(0)

@@ -15,10 +15,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bigbatch.atomic import write_text  # noqa: E402
-from bigbatch.optim import AdaBound, RAdam  # noqa: E402
+from bigbatch.atomic import write_text
+from bigbatch.optim import AdaBound, RAdam
 
 from bigbatch.scaling import scale_hparams, scale_steps
 

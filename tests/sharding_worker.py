@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import noise_problem  # noqa: E402
-import case_runner  # noqa: E402
-import sharding_common as common  # noqa: E402
+import noise_problem
+import case_runner
+import sharding_common as common
 
 
 class _Capture(logging.Handler):
@@ -137,8 +135,8 @@ def _noise_scale(case: dict, world: int, rank: int):
 
 def run_case(case: dict, world: int, rank: int) -> dict:
     from bigbatch.sharding import CheckpointError, load_checkpoint, save_checkpoint
-    from bigbatch.sharding import state as st
-    from bigbatch.sharding.checkpoint import load_full_state
+    from bigbatch.sharding import deepspeed_state as st
+    from bigbatch.sharding.deepspeed_checkpoint import load_full_state
     from bigbatch.sharding.tags import META
 
     kind = case["kind"]

@@ -11,8 +11,6 @@ paths share the rescaling); C's resume equals A up to fp32 reduction order.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
@@ -20,8 +18,7 @@ from bigbatch.scaling import plan_batch, scale_hparams
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
 from bigbatch.training.config import ConfigError, load_config
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import PY, REPO, TORCHRUN, check_ok, main, records, run, small_args  # noqa: E402
+from train_common import PY, REPO, TORCHRUN, check_ok, main, records, run, small_args
 
 SEQ = 64
 T1, T2 = 10 * 8 * SEQ, 10 * 8 * SEQ + 6 * 16 * SEQ  # the changes: after 10 steps at 8, then 6 steps at 16
@@ -113,7 +110,7 @@ def test_config_parses_and_refuses_schedules():
 
 
 def test_unreachable_batches_are_refused_naming_the_entry():
-    from bigbatch.training.engine import check_batch
+    from bigbatch.training.builders import check_batch
 
     cfg = load_config("configs/tiny.yaml", ["--batch.schedule", "[[0,12],[1000,40]]", "--batch.micro_batch_sizes",
                                             "[8, 4]"])
@@ -132,7 +129,7 @@ def test_unreachable_batches_are_refused_naming_the_entry():
 
 
 def test_auto_splits_a_step_for_the_noise_scale_or_says_how():
-    from bigbatch.training.engine import make_plan
+    from bigbatch.training.builders import make_plan
 
     cfg = load_config("configs/tiny.yaml", ["--batch.schedule", "auto", "--batch.max_global_batch", "64"])
     plan = make_plan(cfg, 1)  # micro sizes [16, 8, 4]: 16 on one process would be one micro batch
@@ -169,6 +166,7 @@ def uninterrupted(tmp_path_factory, cache):
     return out, proc
 
 
+@pytest.mark.slow
 def test_batch_changes_inside_the_run_apply_the_rules(uninterrupted):
     out, proc = uninterrupted
     train = records(out)
@@ -200,6 +198,7 @@ def test_batch_changes_inside_the_run_apply_the_rules(uninterrupted):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_resume_at_the_new_batch_equals_the_change_inside_the_run(uninterrupted, tmp_path, cache):
     """(B): batch 8 until T1, checkpoint, then --resume with the schedule: the resumed run moves to 16
     through the same path as (A) did inside its run, so the numbers are the same."""
@@ -219,6 +218,7 @@ def test_resume_at_the_new_batch_equals_the_change_inside_the_run(uninterrupted,
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-7), r["step"]
 
 
+@pytest.mark.slow
 def test_resume_mid_schedule_on_fewer_processes(uninterrupted, tmp_path, cache):
     """(C): two processes stop between the changes (batch 16 in force); one process resumes, keeps 16,
     then moves to 32 at T2, and follows the single-process run."""
@@ -238,6 +238,7 @@ def test_resume_mid_schedule_on_fewer_processes(uninterrupted, tmp_path, cache):
     assert [(c["step"], c["global_batch"]) for c in changes] == [(10, 16), (16, 32)]
 
 
+@pytest.mark.slow
 def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
     """(D): grows 8 -> 16 -> 32 (factor 2, max 32) as soon as the evidence allows, never further."""
     out = tmp_path / "d"

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import PY, REPO, TORCHRUN, check_ok, run, small_args  # noqa: E402
+from train_common import PY, REPO, TORCHRUN, check_ok, run, small_args
 
-from bigbatch.scaling.svag import micro_weights, paper_weights, svag_hparams, svag_weights  # noqa: E402
+from bigbatch.scaling.svag import micro_weights, paper_weights, svag_hparams, svag_weights
 
 
 # ------------------------------------------------------------------ the transform
@@ -79,6 +77,7 @@ def test_svag_hyperparameters_are_the_rule_at_one_over_l():
 # ------------------------------------------------------------------ check-rules, end to end
 
 
+@pytest.mark.slow
 def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
     """A 2-process run saves a checkpoint; check-rules branches from it (k1, k1_seed2, k2, k2 without
     the rule, SVAG l=2) and writes a report whose steps follow tokens / batch and whose branches are
@@ -125,6 +124,7 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
     assert first["clipped_lower"] + first["clipped_upper"] > 0
 
 
+@pytest.mark.slow
 def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
     """The same branches on the FSDP2 engine from initialisation: every branch starts from the same
     weights (the same first eval), k2 runs at the rule's hyperparameters, SVAG's weighted micro-batch
@@ -186,3 +186,28 @@ def test_check_rules_is_a_bigbatch_subcommand():
     proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--help"], timeout=120)
     check_ok(proc)
     assert "--kappas" in proc.stdout and "--svag" in proc.stdout and "critical batch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_check_rules_reports_the_checkpoint_its_branches_started_from(tmp_path, cache):
+    """The newest tag fails its hash check: the branches start from the previous one, and the report
+    says so (its tag, step and tokens), not the newest."""
+    src = tmp_path / "src"
+    check_ok(run([PY, "train.py", "--config", "configs/tiny.yaml", "--out", str(src), *small_args(cache),
+                  "--train.max_steps", "6", "--checkpoint.every_steps", "3", "--logging.progress", "none"]))
+    newest = src / "checkpoints" / "step00000006"
+    victim = newest / "bigbatch_rng_rank0.pt"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "check"
+    proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--from", str(src), "--kappas", "1",
+                "--tokens", "1024", "--evals", "1", "--out", str(out), "--logging.progress", "none"])
+    check_ok(proc)
+    report = json.loads((out / "report.json").read_text())
+    assert report["start"]["tag"] == "step00000003" and report["start"]["step"] == 3
+    assert report["start"]["tokens"] == 3 * report["start"]["global_batch"] * report["seq_len"]
+    assert "step00000003" in (out / "report.md").read_text() and "step00000006" not in (out / "report.md").read_text()
+    assert "passed over: step00000006" in proc.stdout
+    k1 = json.loads((out / "branches" / "k1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert k1["kind"] == "eval" and k1["step"] == 3

@@ -13,15 +13,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
+import sharding_common as common
+from train_common import PY, TORCHRUN, check_ok, records, run, small_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import sharding_common as common  # noqa: E402
-from train_common import PY, TORCHRUN, check_ok, records, run, small_args  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real process groups / daemons
 
 OPTS = ("adabound", "amsbound", "radam")
 IMPLS = ("fused", "foreach", "compiled")

@@ -204,6 +204,7 @@ def _check_trainer_results(out: Path, cases, world):
                 assert res["hparams"][k] == pytest.approx(v, rel=1e-12), (case, k)
 
 
+@pytest.mark.slow
 def test_trainer_one_process(tmp_path):
     cases = ["adabound", "radam", "amsbound_zero2"]
     _run([BIN / "torchrun", "--nproc_per_node", "1", "--master_port", str(_port()), "tests/hf_worker.py",
@@ -211,6 +212,7 @@ def test_trainer_one_process(tmp_path):
     _check_trainer_results(tmp_path, cases, 1)
 
 
+@pytest.mark.slow
 def test_trainer_two_processes(tmp_path):
     # The DeepSpeed dict config under torchrun on CPU: the "4 != 4 * 1 * 2" trap must not come back.
     cases = ["adabound", "amsbound_zero2"]
@@ -223,6 +225,7 @@ def test_trainer_two_processes(tmp_path):
     (["--multi_gpu"], "adabound", None),
     (["--use_deepspeed", "--deepspeed_config_file", "configs/deepspeed/zero2.json"], "amsbound", 2),
 ], ids=["ddp", "deepspeed_zero2"])
+@pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path, launch, optimizer, zero):
     out = tmp_path / "result.json"
     _run([BIN / "accelerate", "launch", *launch, "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
@@ -253,6 +256,7 @@ class _Regression(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(self.lin(x), y)}
 
 
+@pytest.mark.slow
 def test_batch_schedule_callback_grows_accumulation_and_rescales(tmp_path):
     from bigbatch.hf import BatchScheduleCallback, BigBatchTrainer
     from transformers import TrainerCallback

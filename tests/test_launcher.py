@@ -338,6 +338,7 @@ def _wait_file(path: Path, timeout: float = 60):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_launch_local_preempt_resume_rescale(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
@@ -363,6 +364,7 @@ def test_launch_local_preempt_resume_rescale(tmp_path):
     assert steps == list(range(ckpt["step"] + 3))
 
 
+@pytest.mark.slow
 def test_launch_local_failure_stops_the_rest(tmp_path):
     code = ("import os, sys, time\n"
             "if os.environ['RANK'] == '1': sys.exit(3)\n"

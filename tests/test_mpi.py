@@ -17,6 +17,8 @@ import pytest
 
 from test_slurm import OFFLINE, TRAIN_TINY  # one tiny train.py recipe for all launcher tests
 
+pytestmark = pytest.mark.slow  # real process groups / daemons
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")
 BIN = Path(sys.executable).parent

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 
 import pytest
@@ -17,8 +16,7 @@ import torch.multiprocessing as mp
 
 from bigbatch.scaling import GradientNoiseScale, GradSqNormHook, NoiseScaleProbe, grad_sq_norm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from noise_problem import STEPS, TRUE_B_NOISE, Quadratic  # noqa: E402
+from noise_problem import STEPS, TRUE_B_NOISE, Quadratic
 
 
 def _train(model, probe, step_model, gen, micro, accum, steps, sync=contextlib.nullcontext):

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 
 from bigbatch.sharding import tags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args  # noqa: E402
+from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args
+
+pytestmark = pytest.mark.slow  # real process groups / daemons
 
 
 def args(cache: str) -> list[str]:

@@ -29,10 +29,12 @@ import sys
 import pytest
 import torch
 
+import noise_problem
+import sharding_common as common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import noise_problem  # noqa: E402
-import sharding_common as common  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real process groups / daemons
 
 PY = sys.executable
 OPTS = ("adabound", "amsbound", "radam")

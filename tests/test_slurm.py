@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 
 
+import pytest
+
 from bigbatch.launcher import slurm_master_port
+
+pytestmark = pytest.mark.slow  # real process groups / daemons
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")

@@ -11,15 +11,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import (EVAL_KEYS, PY, REPO, TORCHRUN, TRAIN_KEYS, check_ok, env, main, records, run,  # noqa: E402
+from train_common import (EVAL_KEYS, PY, REPO, TORCHRUN, TRAIN_KEYS, check_ok, env, main, records, run,
                           small_args)
 
 REF_STEPS = 100
@@ -35,6 +33,7 @@ def reference(tmp_path_factory, cache) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_single_process_outputs_and_learning(reference):
     out = reference
     train, evals = records(out), records(out, "eval")
@@ -61,6 +60,7 @@ def test_single_process_outputs_and_learning(reference):
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{REF_STEPS:08d}"
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(reference, tmp_path, cache):
     out = tmp_path / "run2"
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
@@ -85,6 +85,7 @@ def test_two_gloo_processes_match_one(reference, tmp_path, cache):
     assert resolved["world_size"] == 2 and resolved["plan"]["grad_accum"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_on_two_processes_continues_exactly(reference, tmp_path, cache):
     out = tmp_path / "preempted"
     # the command a requeued SLURM job repeats: --resume on a directory with no checkpoint starts at 0
@@ -121,6 +122,7 @@ def test_sigterm_saves_and_resume_on_two_processes_continues_exactly(reference, 
         assert r["samples"] == ref[r["step"]]["samples"]
 
 
+@pytest.mark.slow
 def test_optimizer_named_by_class_path(tmp_path, cache):
     """Any optimizer the registry resolves runs in train.py: built by bigbatch, scaled by its rule."""
     out = tmp_path / "adamw"

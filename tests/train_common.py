@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,11 +53,9 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 
 def main(argv: list[str]) -> int:
     """train.py's main in this process (bad inputs: they fail before any engine starts)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
     saved = dict(os.environ)
     try:
         return train.main(argv)

@@ -7,7 +7,7 @@ builds it from the training arguments (its decay / no-decay groups) and gives it
 client optimizer. DeepSpeed's own types (``AdamW``, ``Lamb``, ...) are left to DeepSpeed. ``"auto"`` values are filled by :meth:`OptimizerBlock.fill` as HF fills lr,
 betas, eps and weight_decay; ``final_lr``, ``gamma`` and the rest from ``optim_args`` or the
 constructor's defaults.
-The block checks themselves are :func:`bigbatch.sharding.config.take_optimizer_block`, shared with
+The block checks themselves are :func:`bigbatch.sharding.deepspeed_config.take_optimizer_block`, shared with
 bigbatch's own engine builder.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, constructor_defaults, get_optimizer_class
-from bigbatch.sharding.config import DSConfigError, is_auto, load_ds_config, take_optimizer_block
+from bigbatch.sharding.deepspeed_config import DSConfigError, is_auto, load_ds_config, take_optimizer_block
 
 #: optimizer param -> (TrainingArguments field, getter)
 _FROM_ARGS = {

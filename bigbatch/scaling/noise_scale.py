@@ -269,3 +269,29 @@ class NoiseScaleProbe:
 
     def remove(self) -> None:
         self.hook.remove()
+
+
+class FSDPNoiseProbe:
+    """The gradient noise scale under FSDP2 (needs >= 2 ranks): each rank's gradient over its whole
+    local batch (``micro_batch * grad_accum`` samples, read from the reduce-scatter) against the
+    reduced gradient of the step. Same interface as :class:`bigbatch.scaling.NoiseScaleProbe`."""
+
+    def __init__(self, comm, micro_batch: int, grad_accum: int, estimator):
+        self.comm, self.estimator = comm, estimator
+        self.set_batch(micro_batch, grad_accum)
+
+    def set_batch(self, micro_batch: int, grad_accum: int) -> None:
+        self.local_batch = micro_batch * grad_accum
+
+    def after_backward(self, measure: bool) -> None:
+        pass  # the reduce-scatter of the last backward records the norm
+
+    def skip_step(self) -> None:
+        self.comm.take()
+
+    def step_done(self, global_sq_norm: float):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # the loss was scaled by 1 / (micro batches x ranks) and FSDP sums: what a rank sent is its
+        # local mean gradient / world
+        local = self.comm.take() * world * world
+        return self.estimator.observe_distributed(local, global_sq_norm, self.local_batch, self.local_batch * world)

@@ -40,16 +40,28 @@ Exit codes: 0 done (whatever the verdicts), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
 from bigbatch import distributed as bbdist
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config
+from bigbatch.atomic import write_text
+from bigbatch.scaling.noise_scale import GradientNoiseScale
+from bigbatch.scaling.svag import check_l, micro_weights
+from bigbatch.sharding import tags
+from bigbatch.training.builders import make_plan, setup
+from bigbatch.training.callbacks import Callback, Evaluation, default_callbacks
+from bigbatch.training.config import parse_overrides
+from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
+from bigbatch.training.metrics import pyplot, save_png
+from bigbatch.training.run_dir import command_main, prepare, saved_config
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "eval_loss.png"
 
@@ -129,15 +141,11 @@ def parse_args(argv):
     p.add_argument("--report-only", action="store_true", help="write the report from the branches' results")
     args, rest = p.parse_known_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    from bigbatch.training.config import parse_overrides
-
     return args, parse_overrides(rest)
 
 
 def load_run_config(args, overrides) -> RunConfig:
     """--config (or --from's resolved config) with the overrides."""
-    from bigbatch.training.run_dir import saved_config
-
     if args.config:
         return load_config(args.config, overrides)
     if not args.source:
@@ -146,14 +154,11 @@ def load_run_config(args, overrides) -> RunConfig:
 
 
 def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
-    """The starting point: the newest complete checkpoint of ``source`` (its meta names the batch,
-    tokens and noise scale), or the initialisation at the config's batch on this world size."""
-    from bigbatch.training.engine import make_plan
-
+    """The starting point: the newest checkpoint of ``source`` that verifies (its meta names the batch,
+    tokens and noise scale; every branch loads exactly this tag), or the initialisation at the
+    config's batch on this world size."""
     if source is None:
         return Start(None, None, 0, 0, make_plan(cfg, world_size).global_batch, None)
-
-    from bigbatch.sharding import tags
 
     ckpt = os.path.join(source, "checkpoints")
     good, refused = tags.candidates(ckpt)
@@ -162,13 +167,22 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
         raise ConfigError(f"--from: {os.path.abspath(ckpt)} has no complete checkpoint ({why}); train with "
                           "checkpoint.every_steps or checkpoint.at_end first, or omit --from to start from "
                           "initialisation")
-    tag = good[0]
+    for tag in good:  # the tag every branch loads: the first that verifies (sizes and content hashes)
+        try:
+            tags.verify_tag_together(ckpt, tag)
+            break
+        except tags.CheckpointError as exc:
+            refused.append((tag, str(exc)))
+    else:
+        raise ConfigError(f"--from: no checkpoint in {os.path.abspath(ckpt)} can be loaded: "
+                          + "; ".join(f"{t}: {w}" for t, w in refused))
+    if refused:
+        print(f"check-rules: starting from {tag}; passed over: " + "; ".join(f"{t}: {w}" for t, w in refused),
+              flush=True)
     meta = tags.read_meta(ckpt, tag)
     client = meta.get("client_state") or {}
     noise = None
     if client.get("noise_scale"):
-        from bigbatch.scaling.noise_scale import GradientNoiseScale
-
         est = GradientNoiseScale()
         est.load_state_dict(client["noise_scale"])
         noise = est.b_noise
@@ -188,8 +202,6 @@ def branches_for(kappas: list[float], svag: list[float], without_rules: bool, se
 def plan_branches(args, cfg: RunConfig, start: Start, seq_len: int) -> tuple[list[Branch], int, int]:
     """Branches, tokens per branch and tokens between evaluations, aligned so that every branch
     evaluates at the same token counts; ConfigError naming the argument for a bad one."""
-    from bigbatch.scaling.svag import check_l
-
     kappas = parse_list(args.kappas, "--kappas")
     for k in kappas:
         if not k > 0 or not float(k * start.global_batch).is_integer():
@@ -224,9 +236,6 @@ def plan_branches(args, cfg: RunConfig, start: Start, seq_len: int) -> tuple[lis
 def check_reachable(cfg: RunConfig, branches: list[Branch], start: Start, world_size: int) -> None:
     """Every branch's batch must be reachable on ``world_size`` (and split into two equal halves for
     SVAG): ConfigError naming --kappas or --svag."""
-    from bigbatch.scaling.svag import micro_weights
-    from bigbatch.training.engine import make_plan
-
     for b in branches:
         batch = int(b.kappa * start.global_batch)
         try:
@@ -240,63 +249,43 @@ def check_reachable(cfg: RunConfig, branches: list[Branch], start: Start, world_
             raise ConfigError(f"--svag: l={b.l:g} at global batch {batch}: {exc}") from None
 
 
-class BranchTrainer(Trainer):
-    """A :class:`Trainer` for one branch: stops ``l x tokens`` after the start, evaluates every
-    ``l x eval_every`` tokens from the start (and at it), reads the lr schedule at SDE time, and for
-    SVAG weights the micro-batch losses and moves the hyperparameters to the rule at 1 / l."""
+class BranchRun(Callback):
+    """What makes a :class:`~bigbatch.training.loop.Trainer` run one branch: it stops ``l x tokens``
+    after the start, reads the lr schedule at SDE time (``start + (tokens - start) / l``), for SVAG
+    moves the hyperparameters to the rule at kappa = 1 / l and weights the micro-batch losses, and
+    keeps each evaluation as ``[SDE tokens since the start, eval loss]``. Its evaluations come from
+    :func:`branch_callbacks`."""
 
-    def __init__(self, cfg, out, info, data, corpus, run, *, branch: Branch, start: Start, tokens: int,
-                 eval_every: int):
-        self.branch = branch  # before the Trainer moves a checkpoint's batch: rescale() reads it
-        super().__init__(cfg, out, info, data, corpus, run, resuming=start.checkpoint is not None,
-                         load_from=start.checkpoint, data_seed=branch.data_seed)
-        self.origin, self.origin_step = self.tokens, self.step
-        self.stop_tokens = self.origin + int(branch.l * tokens)
-        self.eval_tokens = int(branch.l * eval_every)
-        self.evals: list[list[float]] = []  # [SDE tokens since the start, eval loss]
-        self._weights = None
-        if branch.l != 1:
-            from bigbatch.scaling.svag import micro_weights
+    def __init__(self, branch: Branch, tokens: int):
+        self.branch, self.tokens = branch, tokens
+        self.origin = self.origin_step = 0
+        self.evals: list[list[float]] = []
 
-            super().rescale(self.plan, self.plan.global_batch * branch.l)  # kappa = 1 / l
-            self._weights = micro_weights(branch.l, rank=info.rank, world_size=info.world_size,
-                                          grad_accum=self.plan.grad_accum)
+    def on_restore(self, trainer) -> None:
+        l = self.branch.l
+        self.origin, self.origin_step = trainer.tokens, trainer.step
+        trainer.stop_tokens, trainer.max_steps = self.origin + int(l * self.tokens), None
+        trainer.lr_clock = lambda tokens: self.origin + (tokens - self.origin) / l
+        if l != 1:
+            trainer.rescale(1 / l)
+            trainer.loss_weights = micro_weights(l, rank=trainer.info.rank, world_size=trainer.info.world_size,
+                                                 grad_accum=trainer.plan.grad_accum)
 
-    def rescale(self, plan, from_global_batch: float) -> dict:
-        if self.branch.rules:
-            return super().rescale(plan, from_global_batch)
-        return {"lr_ratios": [1.0] * len(self.peak_lrs), "groups": [dict(self.hparams)], "kept": True}
+    def post_eval(self, trainer, record: dict) -> None:
+        self.evals.append([(trainer.tokens - self.origin) / self.branch.l, record["eval_loss"]])
 
-    def sde_tokens(self, tokens: int) -> float:
-        return self.origin + (tokens - self.origin) / self.branch.l
 
-    def total_steps(self) -> int:
-        return self.step + math.ceil(max(0, self.stop_tokens - self.tokens) / self.tokens_per_step)
-
-    def lr_factor(self) -> float:
-        return self.schedule.factor(self.sde_tokens(self.tokens + self.tokens_per_step))
-
-    def loss_weights(self):
-        return self._weights
-
-    def eval_due(self) -> bool:
-        return (self.tokens - self.origin) % self.eval_tokens == 0
-
-    def evaluate(self) -> dict:
-        rec = super().evaluate()
-        self.evals.append([(self.tokens - self.origin) / self.branch.l, rec["eval_loss"]])
-        return rec
-
-    def _loop(self) -> int:
-        self.evaluate()  # at the start: the same number for every branch
-        return super()._loop()
+def branch_callbacks(cfg: RunConfig, branch: Branch, tokens: int, eval_every: int) -> tuple[BranchRun, list]:
+    """The branch's :class:`BranchRun` and the callbacks of its run: train.py's, evaluating at the
+    start and every ``l x eval_every`` tokens after it."""
+    run = BranchRun(branch, tokens)
+    evaluation = Evaluation(every_tokens=int(branch.l * eval_every), at_start=True)
+    return run, [*default_callbacks(cfg, evaluation=evaluation), run]
 
 
 def branch_config(cfg: RunConfig, branch: Branch, start: Start) -> RunConfig:
     """The branch's run config: no checkpoints or plot; no noise scale under SVAG (its micro-batch
     gradients are weighted); without the rule, the branch's batch is its own reference."""
-    import copy
-
     c = copy.deepcopy(cfg)
     pairs = [("checkpoint.every_steps", "0"), ("checkpoint.at_end", "false"), ("logging.plot", "false"),
              ("logging.tensorboard", "false"), ("train.eval_every", "0")]
@@ -309,22 +298,20 @@ def branch_config(cfg: RunConfig, branch: Branch, start: Start) -> RunConfig:
 
 def run_branch(cfg, out, info, tok, data, corpus, branch: Branch, start: Start, tokens: int,
                eval_every: int) -> BranchResult:
-    from bigbatch.training.engine import setup
-    from bigbatch.training.run_dir import prepare
-
     bcfg = branch_config(cfg, branch, start)
     bdir = os.path.join(out, "branches", branch.name)
     prepare(bcfg, bdir, info, overwrite=True, resuming=False)
     batch = int(branch.kappa * start.global_batch)
     run = setup(bcfg, info.world_size, tok, data.seq_len, global_batch=batch)
-    trainer = BranchTrainer(bcfg, bdir, info, data, corpus, run, branch=branch, start=start, tokens=tokens,
-                            eval_every=eval_every)
+    recorder, callbacks = branch_callbacks(bcfg, branch, tokens, eval_every)
+    trainer = Trainer(bcfg, bdir, info, data, corpus, run, callbacks=callbacks, resume_from=start.checkpoint,
+                      resume_tag=start.tag, data_seed=branch.data_seed, apply_rules=branch.rules)
     code = trainer.run()
     if code != 0:
         raise SystemExit(code)
     res = BranchResult(branch.name, branch.kappa, branch.l, branch.rules, batch, branch.data_seed,
-                       steps=trainer.step - trainer.origin_step, tokens=trainer.tokens - trainer.origin,
-                       evals=trainer.evals, final_loss=trainer.evals[-1][1], noise_scale=trainer.noise_scale)
+                       steps=trainer.step - recorder.origin_step, tokens=trainer.tokens - recorder.origin,
+                       evals=recorder.evals, final_loss=recorder.evals[-1][1], noise_scale=trainer.noise.b_noise)
     del trainer, run
     gc.collect()
     return res
@@ -363,8 +350,6 @@ def judge(results: list[BranchResult], tolerance: float) -> dict:
 
 
 def plot(results: list[BranchResult], path: str, title: str) -> None:
-    from bigbatch.training.metrics import pyplot, save_png
-
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for r in results:
         style = "--" if (not r.rules or r.name == "k1_seed2") else (":" if r.l != 1 else "-")
@@ -418,9 +403,6 @@ def check_rules(args, overrides) -> dict | None:
         branches, tokens, eval_every = plan_branches(args, cfg, start, cfg.data.seq_len)
         return write_report(args, cfg, start, collect(args.out, branches), tokens, eval_every, world_size=None)
 
-    from bigbatch.atomic import write_text
-    from bigbatch.training.data import prepare_data
-
     info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
     tok, data, corpus = prepare_data(cfg, info)
     start = find_start(cfg, args.source, info.world_size)
@@ -463,8 +445,6 @@ def collect(out: str, branches: list[Branch]) -> list[BranchResult]:
 
 def write_report(args, cfg, start: Start, results: list[BranchResult], tokens: int, eval_every: int, *,
                  world_size: int | None) -> dict:
-    from bigbatch.atomic import write_text
-
     summary = judge(results, args.tolerance)
     report = {"optimizer": cfg.optim.name, "start": asdict(start), "tokens": tokens, "eval_every": eval_every,
               "eval_blocks": cfg.train.eval_blocks, "world_size": world_size, "seq_len": cfg.data.seq_len,
@@ -493,8 +473,6 @@ def submit_branches(args, cfg: RunConfig) -> None:
     """One SLURM job per branch (``bigbatch submit`` with ``--submit``'s options, running this
     command with ``--branches NAME``), then a one-task report job that runs ``--report-only`` once
     every branch job has ended (``afterany``: a failed branch is named in the report job's error)."""
-    import shlex
-
     from bigbatch.launcher.cli import parse_submit, submit_config
     from bigbatch.launcher.submit import SubmitError, render_sbatch, submit
 
@@ -532,8 +510,6 @@ def submit_branches(args, cfg: RunConfig) -> None:
 
 
 def main(argv=None) -> int:
-    from bigbatch.training.run_dir import command_main
-
     def body() -> int:
         check_rules(*parse_args(argv))
         return 0

@@ -269,6 +269,9 @@ class TrainConfig:
     # Non-finite gradients: the step is skipped on every rank (no state changes) and counted; this
     # many skipped in a row stop the run.
     max_skipped_steps: int = 10
+    # A warning and a grad_spike record when a step's gradient norm exceeds this factor x its moving
+    # average (0: off); large-batch runs often announce divergence this way.
+    grad_spike_factor: float = 0.0
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -285,6 +288,8 @@ class TrainConfig:
         _positive("train", "collective_timeout_s", self.collective_timeout_s)
         _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
+        if self.grad_spike_factor and self.grad_spike_factor <= 1:
+            raise ConfigError(f"train.grad_spike_factor: {self.grad_spike_factor!r} must be 0 (off) or > 1")
 
 
 @dataclass

@@ -12,7 +12,9 @@ from collections.abc import Callable
 import yaml
 
 from bigbatch import exit_codes
-from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
+                                      load_config)
+from bigbatch.training.model import count_parameters
 
 #: everything a run writes into its directory (--overwrite removes these and nothing else)
 RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboard", "loss.png")
@@ -135,3 +137,24 @@ def prepare(cfg: RunConfig, out: str, info, *, overwrite: bool, resuming: bool) 
     errors = bbdist.agree("; ".join(problems) or None)
     if errors:
         raise ConfigError(errors[0].split(": ", 1)[1])
+
+
+def write_resolved(trainer) -> None:
+    """``config.resolved.yaml`` (the config, the plan in force, sizes, engine) and the run's header line."""
+    plan, info = trainer.plan, trainer.info
+    resolved = {
+        "world_size": info.world_size, "backend": info.backend,
+        "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan).items()
+                 if k not in ("hparams", "reference_hparams", "optimizer_class")},
+        "scaled_hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.hparams.items()},
+        "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps(),
+        "parameters": count_parameters(trainer.model), "vocab_size": trainer.model.config.vocab_size,
+        "corpus": trainer.corpus.description, "data_cache": trainer.data.path, "train_blocks": int(len(trainer.data.train)),
+        "val_blocks": int(len(trainer.data.val)), "precision": trainer.engine.precision,
+        "engine": trainer.engine.name, "zero_stage": trainer.engine.zero_stage,
+    }
+    dump_yaml({**trainer.cfg.to_dict(), "resolved": resolved}, os.path.join(trainer.out, "config.resolved.yaml"))
+    print(f"bigbatch: {count_parameters(trainer.model) / 1e6:.2f}M params | {info.world_size} proc(s) "
+          f"| global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
+          f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {plan.hparams} | "
+          f"steps {trainer.step}->{trainer.total_steps()} | corpus {trainer.corpus.description}", flush=True)

@@ -1,5 +1,9 @@
-"""Build a DeepSpeed engine whose client optimizer bigbatch builds from its registry (AdaBound,
-AMSBound, RAdam, torch's optimizers, any class path), with the batch plan's scaled hyperparameters."""
+"""DeepSpeed as a :class:`~bigbatch.sharding.training_engine.TrainingEngine`.
+
+:func:`build_engine` runs ``deepspeed.initialize`` with a client optimizer that bigbatch builds from
+its registry (AdaBound, AMSBound, RAdam, torch's optimizers, any class path) with the batch plan's
+scaled hyperparameters; :class:`DeepSpeedEngine` is the training loop's view of the result: steps over
+micro batches, the global gradient norm, a change of layout in place, resharding checkpoints."""
 
 from __future__ import annotations
 
@@ -8,8 +12,13 @@ from typing import Callable
 
 import torch
 
-from bigbatch.sharding.config import DSConfigError, resolve_ds_config
+from bigbatch.distributed import init_distributed
+from bigbatch.scaling.noise_scale import NoiseScaleProbe
+from bigbatch.sharding import deepspeed_state as st
+from bigbatch.sharding.deepspeed_checkpoint import load_checkpoint, save_checkpoint
+from bigbatch.sharding.deepspeed_config import DSConfigError, resolve_ds_config
 from bigbatch.sharding.optimizer import optimizer_groups
+from bigbatch.sharding.training_engine import TrainingEngine
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +29,7 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str
 
     Args:
         model: the module (unpartitioned; ZeRO-3 partitions it here).
-        ds_config: dict or JSON path; see :func:`bigbatch.sharding.config.resolve_ds_config`.
+        ds_config: dict or JSON path; see :func:`bigbatch.sharding.deepspeed_config.resolve_ds_config`.
         plan: a ``BatchPlan``; batch fields, the optimizer and its kappa-scaled hyperparameters.
         optimizer, optimizer_kwargs: the optimizer when no plan names it; unscaled constructor
             kwargs (``foreach``, ``fused``) either way.
@@ -34,9 +43,7 @@ def build_engine(model: torch.nn.Module, ds_config, *, plan=None, optimizer: str
     resolved = resolve_ds_config(ds_config, model=model, plan=plan, optimizer=optimizer,
                                  optimizer_kwargs=optimizer_kwargs)
     model_parameters = optimizer_groups(model, param_groups, resolved.optimizer_cls, plan, error=DSConfigError)
-    import deepspeed
-
-    from bigbatch.distributed import init_distributed
+    import deepspeed  # heavy: imported when an engine is built, not with bigbatch.sharding
 
     init_distributed(use_deepspeed=True)  # no-op when a process group exists
 
@@ -117,3 +124,89 @@ def step_with_grad_norm(engine) -> float:
         reported = engine.get_global_grad_norm()
         norm = float(reported) if reported is not None else float("nan")
     return norm
+
+
+def precision_of(ds_config: dict) -> str:
+    """"bf16", "fp16" or "fp32": the precision a DeepSpeed config dict asks for."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+class DeepSpeedEngine(TrainingEngine):
+    """A DeepSpeed engine (``ds_engine``) built from ``ds_config`` by :func:`build_engine`."""
+
+    name = "deepspeed"
+
+    def __init__(self, ds_engine, ds_config: dict):
+        self.ds_engine = ds_engine
+        self.ds_config = ds_config
+        self.precision = precision_of(ds_config)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds_engine.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """bigbatch's (client) optimizer, on this rank's partition under ZeRO."""
+        return self.ds_engine.basic_optimizer
+
+    def noise_measurable(self, plan) -> bool:
+        """The noise scale needs >= 2 micro batches per step over all ranks."""
+        return plan.grad_accum * plan.world_size >= 2
+
+    def noise_probe(self, plan, estimator):
+        """Per-micro-batch gradient norms (tensor hooks) against the step's reduced gradient."""
+        return NoiseScaleProbe(self.module.parameters(), plan.micro_batch, micro_grad_scale=plan.grad_accum,
+                               estimator=estimator)
+
+    def train_step(self, micro_batches, device, after_backward=None, poison=False, weights=None):
+        """DeepSpeed averages over accumulation and ranks and steps at the last micro batch."""
+        total, gnorm = 0.0, float("nan")
+        for i, x in enumerate(micro_batches):
+            x = x.to(device)
+            loss = self.ds_engine(input_ids=x, labels=x).loss
+            if poison:
+                loss = loss * float("nan")
+            self.ds_engine.backward(loss if weights is None else loss * weights[i])
+            if after_backward is not None:
+                after_backward()
+            if i == len(micro_batches) - 1:
+                gnorm = step_with_grad_norm(self.ds_engine)
+            else:
+                self.ds_engine.step()
+            total += float(loss.detach())
+        return total / len(micro_batches), gnorm
+
+    def step_applied(self) -> bool:
+        """DeepSpeed's ZeRO and bf16 optimizers and fp16 loss scaler skip a non-finite step, and
+        :func:`skip_non_finite_steps` does for the rest."""
+        return bool(self.ds_engine.was_step_applied())
+
+    def state_bytes(self) -> int:
+        """Per parameter the weights, fp32 master and optimizer states in DeepSpeed's files and again
+        in the resharding parts."""
+        return 32 * sum(p.numel() for p in self.module.parameters())
+
+    def save(self, ckpt_dir, *, tag, client_state, keep=None):
+        save_checkpoint(self.ds_engine, ckpt_dir, tag=tag, client_state=client_state, keep=keep)
+
+    def load_newest(self, ckpt_dir, tag=None):
+        """Any world size and ZeRO stage; the batch it was saved at is kept (the loop moves it)."""
+        return load_checkpoint(self.ds_engine, ckpt_dir, tag=tag, fallback=tag is None)
+
+    def set_layout(self, plan) -> None:
+        """DeepSpeed's batch fields (between two optimizer steps): it then steps at the new
+        accumulation boundary."""
+        set_engine_batch(self.ds_engine, plan.micro_batch, plan.grad_accum)
+
+    def rescale(self, kappa, *, optimizer, beta_form="paper"):
+        return st.rescale_engine(self.ds_engine, kappa, optimizer=optimizer, beta_form=beta_form,
+                                 log=False)  # the loop reports it
+
+    def export_full_state(self) -> dict:
+        return st.gather_full_state(self.ds_engine)

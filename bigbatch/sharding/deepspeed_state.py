@@ -17,10 +17,15 @@ flat partition and is carried per optimizer group.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
-from bigbatch.distributed import all_reduce_floats
+from bigbatch.distributed import all_reduce_floats, rank
+from bigbatch.scaling.rescale import rescale_param_groups, rescale_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 def stage_of(engine) -> int:
@@ -228,3 +233,38 @@ def scatter_full_state(engine, full: dict, steps_by_name: dict[str, float | None
         if with_optimizer:
             for k, v in full[name]["state"].items():
                 set_full(engine, p, k, v)
+
+
+def scale_step_counters(engine, kappa: float) -> dict:
+    """The step counters of ZeRO's partitions become ``step / kappa`` (the same samples seen at a
+    batch ``kappa`` times larger); the scheduler's ``last_epoch`` and the engine's ``global_steps``
+    are converted the same way (rounded). Returns the old and new values."""
+    report = {}
+    groups = engine.basic_optimizer.param_groups
+    moved = rescale_scheduler(engine.lr_scheduler, [1.0] * len(groups), groups, kappa=kappa)
+    if moved is not None:
+        report["scheduler_last_epoch"] = moved
+    steps = group_steps(engine)
+    new_steps = [None if s is None else s / kappa for s in steps]
+    set_group_steps(engine, new_steps)
+    report["steps"] = (steps, new_steps)
+    old_gs = engine.global_steps
+    engine.global_steps = int(round(old_gs / kappa))
+    report["global_steps"] = (old_gs, engine.global_steps)
+    return report
+
+
+def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "paper", log: bool = True) -> dict:
+    """Move a restored run to a global batch ``kappa`` times the saved one: hyperparameters, base
+    lrs and the scheduler's base lrs as :mod:`bigbatch.scaling.rescale` describes, then
+    :func:`scale_step_counters`. Returns the new values (``lr_ratios``: new / old lr per group) and,
+    with ``log``, logs them."""
+    groups = engine.basic_optimizer.param_groups
+    report = rescale_param_groups(groups, kappa, optimizer=optimizer, beta_form=beta_form)
+    rescale_scheduler(engine.lr_scheduler, report["lr_ratios"], groups, kappa=None)
+    report.update(scale_step_counters(engine, kappa))
+    if log and rank() == 0:
+        logger.warning("bigbatch: global batch changed by kappa=%.6g; rescaled hyperparameters %s; "
+                       "step counters %s -> %s; global_steps %s", kappa, report["groups"], *report["steps"],
+                       report["global_steps"])
+    return report

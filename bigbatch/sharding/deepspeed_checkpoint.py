@@ -33,7 +33,7 @@ import torch
 
 from bigbatch import distributed as bbdist
 from bigbatch.rng import rng_state
-from bigbatch.sharding import state as st
+from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding import tags
 from bigbatch.sharding.tags import CheckpointError
 
@@ -163,7 +163,7 @@ def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None,
     * otherwise: weights and every optimizer state are scattered from the full state into the
       new partitioning (nothing dropped), group hyperparameters, step counters, scheduler and
       engine counters restored; RNG states are per rank and restored only if the rank existed.
-    * if ``plan.global_batch`` differs from the saved global batch: :func:`rescale_engine`
+    * if ``plan.global_batch`` differs from the saved global batch: :func:`~bigbatch.sharding.deepspeed_state.rescale_engine`
       (hyperparameters by the scaling rules, step counters by samples); the new values are logged.
 
     The tag's files are verified first (sizes, content hashes). ``tag=None`` takes the tag
@@ -200,7 +200,7 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
         engine.skipped_steps = meta["skipped_steps"]
     tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
-        rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
+        st.rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
                        beta_form=plan.beta_form)
     bbdist.barrier()
     return meta["client_state"]
@@ -228,33 +228,3 @@ def _restore_groups(engine, meta: dict) -> None:
             raise CheckpointError(f"parameter group {g}: its parameters came from saved groups {sorted(src)}")
         if src:
             engine.basic_optimizer.param_groups[g].update(saved[src.pop()])
-
-
-def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "paper", log: bool = True) -> dict:
-    """Move a restored run to a global batch ``kappa`` times the saved one.
-
-    Hyperparameters, base lrs and the scheduler as :mod:`bigbatch.scaling.rescale` describes; the
-    step counters of ZeRO's partitions become ``step / kappa`` (the same samples seen), and the
-    scheduler's ``last_epoch`` and the engine's ``global_steps`` are converted the same way
-    (rounded). Returns the new values (``lr_ratios``: new / old lr per group)
-    and, with ``log``, logs them.
-    """
-    from bigbatch.scaling.rescale import rescale_param_groups, rescale_scheduler
-
-    groups = engine.basic_optimizer.param_groups
-    report = rescale_param_groups(groups, kappa, optimizer=optimizer, beta_form=beta_form)
-    moved = rescale_scheduler(engine.lr_scheduler, report["lr_ratios"], groups, kappa=kappa)
-    if moved is not None:
-        report["scheduler_last_epoch"] = moved
-    steps = st.group_steps(engine)
-    new_steps = [None if s is None else s / kappa for s in steps]
-    st.set_group_steps(engine, new_steps)
-    report["steps"] = (steps, new_steps)
-    old_gs = engine.global_steps
-    engine.global_steps = int(round(old_gs / kappa))
-    report["global_steps"] = (old_gs, engine.global_steps)
-    if log and bbdist.rank() == 0:
-        logger.warning("bigbatch: global batch changed by kappa=%.6g; rescaled hyperparameters %s; "
-                       "step counters %s -> %s; global_steps %d -> %d", kappa, report["groups"], steps,
-                       new_steps, old_gs, engine.global_steps)
-    return report

@@ -1,0 +1,21 @@
+"""Checkpoints every N steps and at the end of the run."""
+
+from __future__ import annotations
+
+from bigbatch.training.callbacks.base import Callback, StepResult
+
+
+class Checkpointing(Callback):
+    """A save every ``every_steps`` steps (not at the last, which ``at_end`` covers); a periodic save
+    that fails stops the run or, with ``checkpoint.on_save_error: continue``, is recorded."""
+
+    def __init__(self, every_steps: int, at_end: bool):
+        self.every_steps, self.at_end = every_steps, at_end
+
+    def post_step(self, trainer, result: StepResult) -> None:
+        if self.every_steps and trainer.step % self.every_steps == 0 and not result.last:
+            trainer.checkpointer.save(trainer, periodic=True)
+
+    def on_end(self, trainer) -> None:
+        if self.at_end:
+            trainer.checkpointer.save(trainer)

@@ -1,0 +1,33 @@
+"""When the loop evaluates: every N steps or every N tokens, and always at the end."""
+
+from __future__ import annotations
+
+from bigbatch.training.callbacks.base import Callback, StepResult
+
+
+class Evaluation(Callback):
+    """:meth:`Trainer.evaluate <bigbatch.training.loop.Trainer.evaluate>` every ``every_steps`` steps,
+    or every ``every_tokens`` tokens after the start (``at_start``: at the start too), and at the end
+    unless the last step was just evaluated."""
+
+    def __init__(self, *, every_steps: int = 0, every_tokens: int = 0, at_start: bool = False):
+        self.every_steps, self.every_tokens, self.at_start = every_steps, every_tokens, at_start
+        self.origin = 0
+
+    def on_start(self, trainer) -> None:
+        self.origin = trainer.tokens
+        if self.at_start:
+            trainer.evaluate()
+
+    def due(self, trainer) -> bool:
+        if self.every_tokens:
+            return (trainer.tokens - self.origin) % self.every_tokens == 0
+        return bool(self.every_steps) and trainer.step % self.every_steps == 0
+
+    def post_step(self, trainer, result: StepResult) -> None:
+        if not result.last and self.due(trainer):
+            trainer.evaluate()
+
+    def on_end(self, trainer) -> None:
+        if trainer.last_eval is None or trainer.last_eval["step"] != trainer.step:
+            trainer.evaluate()

@@ -1,0 +1,63 @@
+"""The run's checkpoints: the engine's state and every stateful component's, by name."""
+
+from __future__ import annotations
+
+from bigbatch import exit_codes
+from bigbatch.sharding import tags
+from bigbatch.sharding.tags import CheckpointError, CheckpointSaveError
+from bigbatch.training.config import ConfigError
+from bigbatch.training.run_state import RunStopped
+
+
+class Checkpointer:
+    """Saves and restores ``engine`` in ``ckpt_dir`` with a client state made of ``states``: named
+    objects with ``state_dict()`` / ``load_state_dict()`` (the Trainer's run state, the noise meter,
+    callbacks with a ``state_key``). The Trainer's state is stored flat (step, samples, tokens,
+    global_batch, ...), every other one under its name."""
+
+    def __init__(self, engine, ckpt_dir: str, *, keep: int, on_save_error: str, if_unusable: str):
+        self.engine, self.ckpt_dir = engine, ckpt_dir
+        self.keep, self.on_save_error, self.if_unusable = keep, on_save_error, if_unusable
+
+    def restore(self, source: str, states: dict, *, tag: str | None = None) -> tuple[dict | None, str | None]:
+        """Load the newest good checkpoint of ``source`` (or ``tag``; collective) into the engine and ``states``:
+        ``(client state, note)``; None to start from step 0. None usable is a ConfigError naming
+        every tag and why, unless ``checkpoint.if_unusable`` is ``restart``."""
+        try:
+            client, note = self.engine.load(source, if_unusable=self.if_unusable, tag=tag)
+        except CheckpointError as exc:  # NoUsableCheckpoint, or the one tag asked for
+            raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable "
+                              "restart") from None
+        if client is not None:
+            for name, obj in states.items():
+                if name == "trainer":
+                    obj.load_state_dict(client)
+                elif client.get(name):
+                    obj.load_state_dict(client[name])
+        return client, note
+
+    def save(self, trainer, *, periodic: bool = False) -> bool:
+        """Save at ``trainer.step`` (collective). False: a periodic save failed and
+        ``checkpoint.on_save_error`` is ``continue`` (recorded); otherwise a failed save stops the run."""
+        warning = tags.space_warning(self.ckpt_dir, tags.expected_bytes(self.ckpt_dir) or self.engine.state_bytes())
+        if warning:
+            trainer.logger.log({"kind": "warning", "step": trainer.step, "tokens": trainer.tokens, "message": warning})
+            trainer.progress.write(f"warning: {warning}")
+        trainer.watchdog.beat("checkpoint save", trainer.step)
+        client = {}
+        for name, obj in trainer.states().items():
+            if name == "trainer":
+                client.update(obj.state_dict())
+            else:
+                client[name] = obj.state_dict()
+        try:
+            self.engine.save(self.ckpt_dir, tag=f"step{trainer.step:08d}", client_state=client, keep=self.keep)
+        except CheckpointSaveError as exc:
+            if periodic and self.on_save_error == "continue":
+                trainer.logger.log({"kind": "checkpoint_error", "step": trainer.step, "tokens": trainer.tokens,
+                                    "message": str(exc)})
+                trainer.progress.write(f"warning: {exc} Training continues (checkpoint.on_save_error: continue).")
+                return False
+            raise RunStopped(exit_codes.SAVE_FAILED, f"error: {exc}") from None
+        trainer.watchdog.beat("checkpoint saved", trainer.step)
+        return True
