@@ -23,10 +23,10 @@ import os
 import sys
 
 from bigbatch import distributed as bbdist
-from bigbatch.training.config import parse_overrides
-from bigbatch.training.data import prepare_data
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
+from bigbatch.training.config import parse_overrides
+from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import command_main, prepare, resolve_run
 

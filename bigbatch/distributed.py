@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bigbatch.launcher.env import detect_topology, export_env
+
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -68,7 +70,6 @@ def init_distributed(topology=None, *, backend: str | None = None, use_deepspeed
     ``timeout_s``: how long a collective may wait for the other ranks before it fails. On CUDA,
     selects device ``local_rank`` first.
     """
-    from bigbatch.launcher.env import detect_topology, export_env
 
     topo = detect_topology() if topology is None else topology
     export_env(topo)

@@ -13,7 +13,8 @@ import torch
 
 from bigbatch.optim import AdaBound, AMSBound, RAdam, canonical_name, get_optimizer_class
 
-IMPLS = ["fused", "compiled", "foreach", "single"]  # compiled: fused with the C kernel turned off
+COMPILED = pytest.param("compiled", marks=pytest.mark.slow)  # Inductor compiles: seconds per graph
+IMPLS = ["fused", COMPILED, "foreach", "single"]  # compiled: fused with the C kernel turned off
 
 
 def impl_kwargs(impl: str) -> dict:
@@ -213,7 +214,7 @@ def test_base_lr_is_per_group_and_survives_regrouping():
 
 
 @pytest.mark.parametrize("cls", [AdaBound, AMSBound, RAdam])
-@pytest.mark.parametrize("impl", ["fused", "compiled", "foreach"], indirect=True)
+@pytest.mark.parametrize("impl", ["fused", COMPILED, "foreach"], indirect=True)
 def test_state_dict_round_trip_continues_bit_identically(cls, impl):
     params = make_params()
     opt = cls(params, lr=1e-2, **impl_kwargs(impl))
@@ -340,6 +341,7 @@ NATIVE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,kw", NATIVE_CASES, ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
 def test_native_kernel_equals_compiled_kernel_bit_for_bit(cls, kw, monkeypatch):
     from bigbatch.optim import _native
@@ -478,6 +480,7 @@ def test_registry_resolves_names_paths_and_classes():
 # ---- one compiled graph per chunk of equal-size tensors (the CUDA and bf16 path) ----
 
 
+@pytest.mark.slow
 def test_compiled_path_compiles_a_graph_per_chunk_signature_once(monkeypatch):
     """30 tensors of 3 sizes: chunks of up to 8 equal-size tensors (8 + 2 per size) are 6 graphs,
     compiled at the first step; later steps, a new lr and a new step count compile nothing."""
@@ -510,7 +513,7 @@ def test_compiled_path_compiles_a_graph_per_chunk_signature_once(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("impl", ["compiled", "foreach", "single"], indirect=True)
+@pytest.mark.parametrize("impl", [COMPILED, "foreach", "single"], indirect=True)
 @pytest.mark.parametrize("cls", [AdaBound, AMSBound, RAdam])
 def test_bf16_params_with_float32_state(cls, impl):
     """state_dtype=float32: full-precision moments beside bf16 weights, the update computed in float32

@@ -117,7 +117,7 @@ def test_beta_forms():
     paper = scale_hparams("adam", {"betas": (0.999, 0.9999)}, 2)["betas"]
     power = scale_hparams("adam", {"betas": (0.999, 0.9999)}, 2, beta_form="power")["betas"]
     assert paper == pytest.approx(power, abs=2e-6)
-    with pytest.raises(ValueError, match="beta_form: must be 'paper' or 'power', got 'linear'"):
+    with pytest.raises(ValueError, match=r"beta_form: must be one of \['paper', 'power', 'keep_beta1', 'keep'\], got 'linear'"):
         scale_hparams("adam", {}, 2, beta_form="linear")
     with pytest.raises(ValueError, match=r"beta2: must be in \[0, 1\), got 1.0"):
         scale_hparams("adam", {"betas": (0.9, 1.0)}, 2)
@@ -196,3 +196,15 @@ def test_rules_compose(family, beta_form):
     one_step = scale_hparams(family, ref, 3.0, beta_form=beta_form)
     for key, value in one_step.items():
         assert two_steps[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_beta_forms_that_keep_betas_still_scale_lr_and_eps():
+    ref = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    k1 = scale_hparams("adamw", ref, 4, beta_form="keep_beta1")
+    assert k1["betas"] == (0.9, pytest.approx(1 - 4 * 0.05))
+    keep = scale_hparams("adamw", ref, 4, beta_form="keep")
+    assert keep["betas"] == (0.9, 0.95)
+    for hp in (k1, keep):
+        assert hp["lr"] == pytest.approx(2e-3) and hp["eps"] == pytest.approx(5e-9)
+        assert hp["weight_decay"] == pytest.approx(0.2)
+    assert scale_hparams("adabound", {"betas": (0.9, 0.999)}, 2, beta_form="keep_beta1")["betas"][0] == 0.9

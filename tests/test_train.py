@@ -184,15 +184,41 @@ def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, cache, capsys, monkeypatc
 
 
 def test_sigusr1_and_sigterm_set_the_stop_flag():
-    from bigbatch.training.loop import StopFlag
+    from bigbatch.training.callbacks import Preemption
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            flag = StopFlag()
+            flag = Preemption(75)
             assert flag.signum is None
             os.kill(os.getpid(), sig)  # a real signal, delivered to this process
             assert flag.signum == sig
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+@pytest.mark.slow
+def test_grad_norm_spike_alarm_flags_exactly_the_spikes(tmp_path, cache):
+    """``train.grad_spike_factor``: a grad_spike record (and a warning) at every step whose gradient
+    norm exceeds the factor x the bias-corrected moving average of the earlier non-spike norms, after 20
+    steps, and at no other step; recomputed here from the per-step train records."""
+    out = tmp_path / "spike"
+    factor = 1.1
+    proc = run([PY, "train.py", "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache),
+                "--train.max_steps", "60", "--train.grad_spike_factor", str(factor)])
+    check_ok(proc)
+    norms = [r["grad_norm"] for r in records(out)]
+    assert len(norms) == 60
+    mean, seen, want = 0.0, 0, []
+    for step, g in enumerate(norms, start=1):
+        avg = mean / (1 - 0.98**seen) if seen else 0.0
+        if seen >= 20 and g > factor * avg:
+            want.append(step)
+            continue
+        mean, seen = 0.98 * mean + 0.02 * g, seen + 1
+    spikes = records(out, "grad_spike")
+    assert [r["step"] for r in spikes] == want and want, (want, norms)
+    for r in spikes:
+        assert r["grad_norm"] > factor * r["grad_norm_ema"]
+    assert proc.stdout.count("x its moving average") == len(want)

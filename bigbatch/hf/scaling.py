@@ -22,7 +22,9 @@ from transformers.trainer_callback import ExportableState
 
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args, short_name
 from bigbatch.optim.registry import get_optimizer_class
+from bigbatch.scaling.batch_schedule import FixedBatchSchedule
 from bigbatch.scaling.planner import plan_batch
+from bigbatch.scaling.rescale import rescale_optimizer
 from bigbatch.scaling.rules import scale_steps
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,6 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, schedule, optimizer=None, *, beta_form: str = "paper"):
-        from bigbatch.scaling.batch_schedule import FixedBatchSchedule
 
         self.schedule = schedule if isinstance(schedule, FixedBatchSchedule) else FixedBatchSchedule(schedule, "samples")
         self.optimizer = optimizer
@@ -178,7 +179,6 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         self.micro_in_epoch = 0
 
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        from bigbatch.scaling.rescale import rescale_optimizer
 
         self.micro_in_epoch += args.gradient_accumulation_steps
         self.samples += self.global_batch

@@ -91,8 +91,8 @@ class BigBatchTrainingArguments(TrainingArguments):
                 isinstance(self.reference_batch_size, bool) or not isinstance(self.reference_batch_size, int)
                 or self.reference_batch_size < 1):
             raise ValueError(f"reference_batch_size: expected an int >= 1, got {self.reference_batch_size!r}")
-        if self.scaling_beta_form not in ("paper", "power"):
-            raise ValueError(f"scaling_beta_form: must be 'paper' or 'power', got {self.scaling_beta_form!r}")
+        if self.scaling_beta_form not in BETA_FORMS:
+            raise ValueError(f"scaling_beta_form: must be one of {list(BETA_FORMS)}, got {self.scaling_beta_form!r}")
         super().__post_init__()
 
     @cached_property

@@ -102,6 +102,7 @@ class AutoBatchSchedule:
     min_gap: int = 0
     last_change: float = field(default=0.0, init=False)
     streak: int = field(default=0, init=False)
+    reason: str = field(default="", init=False)  # why the last decision kept or grew the batch
 
     def __post_init__(self):
         self.start = _count("min_global_batch", self.start, 1)
@@ -125,12 +126,20 @@ class AutoBatchSchedule:
         """``current`` times ``factor`` once the growth condition holds, else ``current``."""
         grown = current * self.factor
         if grown > self.maximum:
+            self.reason = f"at max_global_batch {self.maximum}"
             return current
         ok = noise_scale is not None and math.isfinite(noise_scale) and noise_scale >= self.margin * grown
         self.streak = self.streak + 1 if ok else 0
-        if self.streak >= self.patience and position - self.last_change >= self.min_gap:
+        if not ok:
+            self.reason = f"B_noise below growth_margin {self.margin:g} x {grown}"
+        elif self.streak < self.patience:
+            self.reason = f"B_noise above growth_margin {self.margin:g} x {grown}, waiting for growth_patience"
+        elif position - self.last_change < self.min_gap:
+            self.reason = f"waiting for growth_min_tokens {self.min_gap} since the last change"
+        else:
             self.streak = 0
             self.last_change = position
+            self.reason = f"B_noise >= growth_margin {self.margin:g} x {grown} on {self.patience} measurements"
             return grown
         return current
 

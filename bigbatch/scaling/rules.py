@@ -12,7 +12,9 @@ Rules (``k`` = kappa):
 * Adam, AdamW, RAdam, RMSprop -- square-root rule: ``lr * sqrt(k)``; every ``beta`` (RMSprop's
   ``alpha`` too) as ``1 - k (1 - beta)`` (``beta_form="paper"``) or ``beta ** k``
   (``beta_form="power"``, equal to first order in ``1 - beta`` and always in [0, 1));
-  ``eps / sqrt(k)``. RMSprop's heavy-ball ``momentum`` is kept fixed, as in the SGD rule below.
+  ``eps / sqrt(k)``. Two departures from the SDE rule that practitioners use are available for
+  measurement: ``beta_form="keep_beta1"`` keeps ``beta1`` (the momentum's memory in steps) and scales
+  the other betas as ``"paper"``; ``beta_form="keep"`` keeps every beta (lr and eps still scale). RMSprop's heavy-ball ``momentum`` is kept fixed, as in the SGD rule below.
 * SGD -- linear rule: ``lr * k``; ``momentum``, ``dampening`` and ``nesterov`` are kept fixed (the
   rule of Goyal et al. 2017 used by Malladi et al.): valid while the momentum time scale
   ``1 / (1 - momentum)`` steps is short compared with the time scale of the dynamics.
@@ -44,7 +46,8 @@ import torch
 
 from bigbatch.optim.registry import canonical_name, check_kwargs, constructor_defaults, get_optimizer_class
 
-BetaForm = Literal["paper", "power"]
+BetaForm = Literal["paper", "power", "keep_beta1", "keep"]
+BETA_FORMS = ("paper", "power", "keep_beta1", "keep")
 
 SQRT_RULE = frozenset({"adam", "adamw", "radam", "rmsprop"})
 LINEAR_RULE = frozenset({"sgd"})
@@ -87,14 +90,17 @@ def check_kappa(kappa: Any) -> float:
 
 
 def scale_beta(field: str, beta: Any, kappa: float, beta_form: BetaForm = "paper") -> float:
-    """One EMA coefficient at ``kappa`` times the batch: ``1 - kappa (1 - beta)`` or ``beta ** kappa``."""
+    """One EMA coefficient at ``kappa`` times the batch: ``1 - kappa (1 - beta)`` or ``beta ** kappa``;
+    unchanged under ``"keep"``, and ``beta1`` unchanged under ``"keep_beta1"``."""
     b = _real(field, beta)
     if not 0.0 <= b < 1.0:
         raise ValueError(f"{field}: must be in [0, 1), got {beta!r}")
+    if beta_form not in BETA_FORMS:
+        raise ValueError(f"beta_form: must be one of {list(BETA_FORMS)}, got {beta_form!r}")
+    if beta_form == "keep" or (beta_form == "keep_beta1" and field == "beta1"):
+        return b
     if beta_form == "power":
         return b**kappa
-    if beta_form != "paper":
-        raise ValueError(f"beta_form: must be 'paper' or 'power', got {beta_form!r}")
     scaled = 1.0 - kappa * (1.0 - b)
     if not 0.0 <= scaled < 1.0:
         raise ValueError(
@@ -123,8 +129,9 @@ def scale_hparams(
             ``"adabound"``, ``"amsbound"``), dotted class path or class (subclasses use their base's rule).
         hparams: reference constructor kwargs (without ``params``); not modified.
         kappa: new global batch / reference global batch, any real > 0.
-        beta_form: ``"paper"`` (``1 - kappa (1 - beta)``, errors when it leaves [0, 1)) or
-            ``"power"`` (``beta ** kappa``).
+        beta_form: ``"paper"`` (``1 - kappa (1 - beta)``, errors when it leaves [0, 1)),
+            ``"power"`` (``beta ** kappa``), ``"keep_beta1"`` (beta1 kept, the others as
+            ``"paper"``) or ``"keep"`` (every beta kept).
         overrides: values that replace the scaled ones afterwards (e.g. ``{"gamma": 1e-3}`` to opt out
             of one part of the derived AdaBound rule).
 

@@ -32,6 +32,7 @@ import os
 import torch
 
 from bigbatch import distributed as bbdist
+from bigbatch.optim.registry import canonical_name
 from bigbatch.rng import rng_state
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding import tags
@@ -44,7 +45,6 @@ FULL = "bigbatch_full_state_part{}.pt"
 
 def _optimizer_name(optimizer) -> str:
     """The registry name of the optimizer's scaling rule, else its class path."""
-    from bigbatch.optim.registry import canonical_name
 
     cls = type(optimizer)
     return canonical_name(cls) or f"{cls.__module__}.{cls.__qualname__}"

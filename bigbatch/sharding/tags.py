@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from bigbatch import atomic
 from bigbatch import distributed as bbdist
+from bigbatch.rng import set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
 
 def restore_rng(path: str, rank: int) -> None:
     """This rank's RNG states from the tag directory ``path``, when it holds them."""
-    from bigbatch.rng import set_rng_state
 
     rng = os.path.join(path, RNG.format(rank))
     if os.path.isfile(rng):

@@ -69,6 +69,13 @@ def check_batch(cfg: RunConfig, world_size: int) -> None:
         make_plan(cfg, world_size)
         return
     if cfg.batch.schedule == "auto":
+        if cfg.train.noise_scale_every == 0:
+            raise ConfigError("batch.schedule: auto grows the batch on the gradient noise scale, which "
+                              "train.noise_scale_every=0 turns off; remove that override or use a fixed schedule")
+        if cfg.train.engine == "fsdp2" and world_size < 2:
+            raise ConfigError("batch.schedule: auto needs the gradient noise scale, which train.engine fsdp2 measures "
+                              "only across >= 2 processes (one process: use the deepspeed engine, which splits a "
+                              "step into micro batches)")
         for batch in schedule.batches():
             make_plan(cfg, world_size, batch, where=f"batch.schedule: auto grows to {batch} (min_global_batch "
                                                     f"{schedule.start} x growth_factor {schedule.factor}^k)")

@@ -50,14 +50,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from bigbatch import distributed as bbdist
-from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config
 from bigbatch.atomic import write_text
 from bigbatch.scaling.noise_scale import GradientNoiseScale
 from bigbatch.scaling.svag import check_l, micro_weights
 from bigbatch.sharding import tags
 from bigbatch.training.builders import make_plan, setup
 from bigbatch.training.callbacks import Callback, Evaluation, default_callbacks
-from bigbatch.training.config import parse_overrides
+from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config, parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.metrics import pyplot, save_png

@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 from bigbatch import atomic, exit_codes
+from bigbatch.optim.registry import check_kwargs, get_optimizer_class
+from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
+from bigbatch.scaling.rules import BETA_FORMS
 
 
 class ConfigError(ValueError):
@@ -142,7 +145,6 @@ class OptimConfig:
     no_decay_norms_and_biases: bool = True  # weight decay on matrices only
 
     def validate(self) -> None:
-        from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 
         try:
             cls = get_optimizer_class(self.name)
@@ -176,7 +178,9 @@ class BatchConfig:
     global_batch: int | None = None
     per_device_batch: int | None = None
     micro_batch_sizes: list[int] = field(default_factory=lambda: [8])  # what fits per device
-    beta_form: str = "paper"  # paper | power
+    # how the betas move with the batch: paper (1 - k (1 - beta), the SDE rule), power (beta ** k),
+    # keep_beta1 (beta1 kept, beta2 by the paper rule) or keep (every beta kept); lr x sqrt(k) in all
+    beta_form: str = "paper"
     schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
     min_global_batch: int | None = None  # auto: the first batch
     max_global_batch: int | None = None  # auto: required
@@ -187,7 +191,6 @@ class BatchConfig:
 
     def batch_schedule(self):
         """The :mod:`bigbatch.scaling.batch_schedule` object of ``schedule`` (None without one)."""
-        from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
 
         try:
             if self.schedule is None:
@@ -202,7 +205,7 @@ class BatchConfig:
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))
-        _choice("batch", "beta_form", self.beta_form, ("paper", "power"))
+        _choice("batch", "beta_form", self.beta_form, BETA_FORMS)
         _positive("batch", "reference_global_batch", self.reference_global_batch)
         _positive("batch", "global_batch", self.global_batch)
         _positive("batch", "per_device_batch", self.per_device_batch)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bigbatch.distributed import long_wait_group
 from bigbatch.training.config import ConfigError, DataConfig, RunConfig
 from bigbatch.training.corpus import Corpus, load_corpus
+from bigbatch.training.tokenizer import build_tokenizer
 
 CACHE_VERSION = 1
 
@@ -197,8 +199,6 @@ def prepare_data(cfg: RunConfig, info):
     The wait takes as long as the build, so it uses a group without the short collective timeout."""
     import torch.distributed as dist
 
-    from bigbatch.distributed import long_wait_group
-    from bigbatch.training.tokenizer import build_tokenizer
 
     corpus = load_corpus(cfg.data)
     error = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bigbatch.training.config import ModelConfig
+from bigbatch.training.config import ConfigError, ModelConfig
 
 
 def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -13,7 +13,6 @@ def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     tokenizer's size rounded up to ``cfg.pad_vocab_to``."""
     if cfg.vocab_size is not None:
         if cfg.vocab_size < tokenizer_vocab:
-            from bigbatch.training.config import ConfigError
 
             raise ConfigError(f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer_vocab} tokens")

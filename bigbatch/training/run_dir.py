@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import yaml
 
+from bigbatch import distributed as bbdist
 from bigbatch import exit_codes
-from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
-                                      load_config)
+from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml, load_config
 from bigbatch.training.model import count_parameters
 
 #: everything a run writes into its directory (--overwrite removes these and nothing else)
@@ -59,7 +59,6 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
 def command_main(body: Callable[[], int]) -> int:
     """An entry point's exit code: ``body()``'s, or 2 with one ``error:`` line for a ConfigError; the
     process group is torn down either way."""
-    from bigbatch import distributed as bbdist
 
     try:
         return body()
@@ -117,7 +116,6 @@ def prepare(cfg: RunConfig, out: str, info, *, overwrite: bool, resuming: bool) 
     """Before any work: rank 0 clears the old run (``--overwrite``) and every directory the run
     writes must be usable by the ranks that write it (--out and its checkpoints by all, the data
     cache by each node's first rank). ConfigError on every rank, naming the path and the reason."""
-    from bigbatch import distributed as bbdist
 
     problems = []
     if info.is_main:

@@ -14,6 +14,7 @@ class BatchSchedule(Callback):
 
     def __init__(self, schedule, auto: bool):
         self.schedule, self.auto = schedule, auto
+        self.reason = None  # an automatic schedule's last decision, logged when it changes
 
     def resume_batch(self, trainer, saved: int, planned: int) -> int:
         """An automatic schedule continues with the saved batch, a fixed one with its batch at the
@@ -27,10 +28,28 @@ class BatchSchedule(Callback):
             if not result.measured:
                 return
             new = self.schedule.next_batch(trainer.tokens, trainer.plan.global_batch, trainer.noise.b_noise)
+            self.log_decision(trainer, new)
         else:
             new = self.schedule.batch_at(trainer.tokens)
         if new != trainer.plan.global_batch:
             trainer.change_batch(new)
+
+    def log_decision(self, trainer, new: int) -> None:
+        """A ``batch_decision`` record and a line whenever the reason for keeping (or growing) the batch
+        changes: the user sees B_noise and what the schedule waits for."""
+        reason = self.schedule.reason
+        if reason == self.reason:
+            return
+        self.reason = reason
+        b_noise = trainer.noise.b_noise
+        trainer.logger.log({"kind": "batch_decision", "step": trainer.step, "tokens": trainer.tokens,
+                            "global_batch": trainer.plan.global_batch, "next_global_batch": new,
+                            "noise_scale": b_noise, "reason": reason})
+        noise = "not measured" if b_noise is None else f"{b_noise:.1f}"
+        verb = "grows" if new != trainer.plan.global_batch else "keeps"
+        trainer.progress.write(f"batch schedule auto {verb} global batch {trainer.plan.global_batch}"
+                               f"{f' -> {new}' if verb == 'grows' else ''} at step {trainer.step}: B_noise {noise}; "
+                               f"{reason}")
 
     def state_dict(self) -> dict:
         return self.schedule.state_dict()
