@@ -7,7 +7,8 @@
 Flow: YAML + overrides -> RunConfig -> tokenizer, packed data -> batch plan (global batch and
 hyperparameters scaled from the reference batch), model, DeepSpeed engine -> training loop
 (bigbatch.training). Outputs in --out: metrics.jsonl, config.resolved.yaml, checkpoints/,
-tensorboard/, loss.png.
+tensorboard/, loss.png, tokenizer/ and hf_config.json (what `bigbatch export` needs besides a checkpoint),
+hf/ (checkpoint.export_hf), wandb/ (logging.wandb).
 
 Exit codes: 0 finished; 2 bad input (config, files, corpus, batch); 75 (checkpoint.preempt_exit_code)
 stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job with --resume OUT (--resume on a
@@ -19,6 +20,7 @@ torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bigbatch import distributed as bbdist
@@ -26,7 +28,7 @@ from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.engine import check_batch, setup
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import command_main, prepare, resolve_run
+from bigbatch.training.run_dir import command_main, has_checkpoint, prepare, resolve_run, save_model_files
 
 
 def parse_args(argv):
@@ -47,7 +49,11 @@ def main(argv=None) -> int:
         check_batch(cfg, info.world_size)  # before any work
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
-        run = setup(cfg, info.world_size, tok, data.seq_len)
+        # a resume from a checkpoint takes its weights from there, never from model.init_from
+        run = setup(cfg, info.world_size, tok, data.seq_len,
+                    init_weights=not (resuming and has_checkpoint(os.path.join(out, "checkpoints"))))
+        if info.is_main:
+            save_model_files(out, tok, run.model.config)
         return Trainer(cfg, out, info, data, corpus, run, resuming=resuming).run()
 
     return command_main(body)

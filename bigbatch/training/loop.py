@@ -431,6 +431,8 @@ class Trainer:
     def _loop(self) -> int:
         cfg, main = self.cfg, self.info.is_main
         window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
+        if cfg.train.eval_at_start and self.step == 0:
+            self.evaluate()
         while not self.done():
             self.set_lr()
             step_loss, gnorm, measured = self.train_step()
@@ -492,4 +494,7 @@ class Trainer:
                                   title=f"{cfg.model.arch} {cfg.optim.name}, {batch}")
                 msg += f"\nloss curves: {png}"
             print(msg + f"\nmetrics: {os.path.join(self.out, 'metrics.jsonl')}", flush=True)
+        if cfg.checkpoint.export_hf and cfg.checkpoint.at_end and main:
+            from bigbatch.training.export import export_run
+            print(f"hugging face model: {export_run(self.out, os.path.join(self.out, 'hf'), overwrite=True)}", flush=True)
         return 0

@@ -14,8 +14,12 @@ import yaml
 from bigbatch import exit_codes
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 
+#: the run's tokenizer (save_pretrained files) and its transformers model config, written at the start
+TOKENIZER_DIR = "tokenizer"
+HF_CONFIG = "hf_config.json"
 #: everything a run writes into its directory (--overwrite removes these and nothing else)
-RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboard", "loss.png")
+RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboard", "loss.png", TOKENIZER_DIR,
+             HF_CONFIG, "hf", "wandb")
 RESOLVED = "config.resolved.yaml"
 
 
@@ -135,3 +139,30 @@ def prepare(cfg: RunConfig, out: str, info, *, overwrite: bool, resuming: bool) 
     errors = bbdist.agree("; ".join(problems) or None)
     if errors:
         raise ConfigError(errors[0].split(": ", 1)[1])
+
+
+def save_model_files(out: str, tokenizer, model_config) -> None:
+    """The run carries what an export needs besides its checkpoints (rank 0, at the start): the
+    tokenizer as ``out/tokenizer/`` (written beside and renamed: whole or not at all) and the
+    ``transformers`` model config as ``out/hf_config.json``. A run directory moved to another machine
+    still exports."""
+    from bigbatch import atomic
+
+    target = os.path.join(out, TOKENIZER_DIR)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tokenizer-")
+    try:
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(target):  # a resume or --overwrite: the same or a newer tokenizer
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.write_text(os.path.join(out, HF_CONFIG), model_config.to_json_string())
+
+
+def has_checkpoint(ckpt_dir: str) -> bool:
+    """Whether ``ckpt_dir`` holds a complete checkpoint (one a resume will load)."""
+    from bigbatch.sharding import tags
+
+    return any(t.complete for t in tags.scan(ckpt_dir))
