@@ -244,7 +244,8 @@ def test_wandb_offline_run_holds_the_training_records(runs):
     assert any("train/noise_scale" in h for h in history)  # 2 ranks measure it
     evals = [h for h in history if "eval/eval_loss" in h]
     assert evals[-1]["eval/eval_loss"] == pytest.approx(records(runs["z3"], "eval")[-1]["eval_loss"])
-    assert any("loss_plot" in h for h in history)
+    assert any(h.get("loss_plot/_type") == "image-file" for h in history)  # loss.png, at the end
+    assert list(runs["z3"].glob("wandb/offline-run-*/files/media/images/loss_plot_*.png"))
     (meta,) = [r.run for r in _wandb_records(runs["z3"]) if r.WhichOneof("record_type") == "run"]
     assert meta.project == "bb-test" and meta.display_name == "z3"
     config = {u.key: json.loads(u.value_json) for u in meta.config.update}

@@ -108,7 +108,8 @@ def load_weights(model: torch.nn.Module, tag_path: str, meta: dict) -> None:
 
         full, extras = load_full_state(tag_path, meta["full_state_parts"])
         state = {n: e["fp32"] for n, e in full.items()}
-        state.update({k.split(":", 1)[1]: v for k, v in extras.items()})
+        persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are recomputed
+        state.update({n: v for n, v in ((k.split(":", 1)[1], v) for k, v in extras.items()) if n in persistent})
     else:  # FSDP2: DCP shards; only the model's entries are read, resharded to full tensors
         import torch.distributed.checkpoint as dcp
 
