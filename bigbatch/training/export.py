@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_shard_size=args.max_shard_size)
         except CheckpointError as exc:
             raise ConfigError(f"RUN_DIR: {exc}") from None
+        except OSError as exc:  # --out's parent unwritable, a full disk: nothing was left behind
+            raise ConfigError(f"--out: {args.out!r}: cannot be written ({exc.strerror or exc})") from None
         print(f"exported {args.run_dir} to {path}", flush=True)
         return 0
 
