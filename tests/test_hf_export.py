@@ -200,6 +200,17 @@ def test_lm_eval_on_an_export(exports, tmp_path):
     print(f"lm-eval tiny_python_mc acc: {acc}")
 
 
+@pytest.mark.slow
+def test_eval_bad_input_exit_2(exports, tmp_path, capsys):
+    from bigbatch.launcher.cli import main as cli_main
+
+    assert cli_main(["eval", str(tmp_path / "none"), "--tasks", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: DIR:") and "no config.json" in err and len(err.splitlines()) == 1
+    assert cli_main(["eval", str(exports["z3"]), "--tasks", "no_such_task_here"]) == 2
+    assert "error: --tasks: 'no_such_task_here' unknown to lm-eval" in capsys.readouterr().err
+
+
 def _wandb_records(run_dir: Path) -> list:
     """The protobuf records of the offline W&B run under ``run_dir/wandb``: its ``.wandb`` file is a
     LevelDB-style log (a 7-byte file header, then 32 KiB blocks of chunks with a 7-byte header: CRC,

@@ -1,6 +1,7 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
-(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start).
+(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start),
+``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness.
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml

@@ -17,6 +17,10 @@ def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = Non
              batch_size: int = 8, device: str = "cpu", num_fewshot: int | None = None) -> dict:
     """lm-eval's ``simple_evaluate`` of ``model_dir`` (float32) on ``tasks``: its result dict
     (``results[task][metric]``). Bad arguments raise a ConfigError naming them."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ConfigError(f"DIR: {model_dir!r} is not a Hugging Face model directory (no config.json)")
+    if include_path is not None and not os.path.exists(include_path):
+        raise ConfigError(f"--include-path: {include_path!r} does not exist")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -24,14 +28,10 @@ def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = Non
     except ImportError:
         raise ConfigError("bigbatch eval needs lm-evaluation-harness, which is not installed; "
                           "pip install 'bigbatch[eval]'") from None
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ConfigError(f"DIR: {model_dir!r} is not a Hugging Face model directory (no config.json)")
-    if include_path is not None and not os.path.exists(include_path):
-        raise ConfigError(f"--include-path: {include_path!r} does not exist")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown or not tasks:
-        raise ConfigError(f"--tasks: {unknown or tasks!r} unknown to lm-eval"
+        raise ConfigError(f"--tasks: {','.join(unknown or tasks)!r} unknown to lm-eval"
                           + ("" if include_path else " (local task YAMLs need --include-path)"))
     lm = HFLM(pretrained=model_dir, batch_size=batch_size, device=device, dtype="float32")
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,

@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = p.parse_args(argv)
         try:
-            path = export_run(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite,
-                              max_shard_size=args.max_shard_size)
+            shard = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size  # bytes
+            path = export_run(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite, max_shard_size=shard)
         except CheckpointError as exc:
             raise ConfigError(f"RUN_DIR: {exc}") from None
         except OSError as exc:  # --out's parent unwritable, a full disk: nothing was left behind
