@@ -28,7 +28,7 @@ from bigbatch.training.callbacks import default_callbacks
 from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import command_main, prepare, resolve_run
+from bigbatch.training.run_dir import command_main, has_checkpoint, prepare, resolve_run, save_model_files
 
 
 def parse_args(argv):
@@ -49,9 +49,13 @@ def main(argv=None) -> int:
         check_batch(cfg, info.world_size)  # before any work
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
-        run = setup(cfg, info.world_size, tok, data.seq_len)
+        # a resume from a checkpoint takes its weights from there, never from model.init_from
+        ckpt_dir = os.path.join(out, "checkpoints")
+        run = setup(cfg, info.world_size, tok, data.seq_len, init_weights=not (resuming and has_checkpoint(ckpt_dir)))
+        if info.is_main:
+            save_model_files(out, tok, run.model.config)
         return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
-                       resume_from=os.path.join(out, "checkpoints") if resuming else None).run()
+                       resume_from=ckpt_dir if resuming else None).run()
 
     return command_main(body)
 

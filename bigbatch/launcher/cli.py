@@ -1,12 +1,15 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
-(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start).
+(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start),
+``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness.
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
     bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
     bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4 --tokens 200000 --out runs/check
     bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
+    bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
+    bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
 """
 
 from __future__ import annotations
@@ -176,6 +179,22 @@ def _cmd_check_rules(args) -> int:
     return check_rules_main(args.args)
 
 
+def _cmd_export(args) -> int:
+    from bigbatch.training.export import main as export_main
+
+    return export_main(args.args)
+
+
+def _cmd_eval(args) -> int:
+    from bigbatch.training.evaluate import main as eval_main
+
+    return eval_main(args.args)
+
+
+# subcommands that parse their own options, all of them (argparse would claim the first ones)
+_OWN_PARSERS = {"check-rules": _cmd_check_rules, "export": _cmd_export, "eval": _cmd_eval}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigbatch", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("args", nargs=argparse.REMAINDER)
     cr.set_defaults(func=_cmd_check_rules)
 
+    ex = sub.add_parser("export", add_help=False, help="write a run's checkpoint as a Hugging Face model directory")
+    ex.add_argument("args", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("eval", add_help=False, help="lm-evaluation-harness on a Hugging Face model directory")
+    ev.add_argument("args", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_cmd_eval)
+
     en = sub.add_parser("env", help="print the detected topology")
     en.add_argument("--json", action="store_true")
     en.add_argument("--mpi4py", action="store_true", help="allow mpi4py discovery")
@@ -234,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["check-rules"]:  # its own options, all of them (argparse would claim the first ones)
-        return _cmd_check_rules(argparse.Namespace(args=argv[1:]))
+    if argv[:1] and argv[0] in _OWN_PARSERS:
+        return _OWN_PARSERS[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     _strip_separator(args)
     try:

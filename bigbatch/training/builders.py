@@ -139,13 +139,14 @@ class RunSetup:
     engine: TrainingEngine
 
 
-def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None) -> RunSetup:
+def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None,
+          init_weights: bool = True) -> RunSetup:
     """Plan -> model (seeded, identical on every rank) -> parameter groups (no decay on vectors,
     overrides at the reference batch) -> DeepSpeed engine with the optimizer built from the plan."""
     check_batch(cfg, world_size)
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
-                        eos_token_id=tokenizer.eos_token_id)
+                        eos_token_id=tokenizer.eos_token_id, init_weights=init_weights)
     if cfg.train.engine == "fsdp2":
         return RunSetup(plan, model, _fsdp2(cfg, model, plan))
     groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),

@@ -42,7 +42,9 @@ def _positive(section: str, key: str, value: Any, *, allow_zero: bool = False) -
 
 @dataclass
 class ModelConfig:
-    """A causal LM built from a config (never downloaded). Sizes in elements."""
+    """A causal LM built from a config (never downloaded), or ``init_from`` a Hugging Face model
+    directory (or a hub name, with a network): its weights, architecture and tokenizer; the keys set
+    here must then agree with it. Sizes in elements."""
 
     arch: str = "llama"  # llama | gpt2
     hidden_size: int = 128
@@ -58,6 +60,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attn_implementation: str = "sdpa"  # sdpa | eager
+    init_from: str | None = None  # an HF causal LM: directory or hub name (bigbatch.training.init_from)
 
     def validate(self) -> None:
         _choice("model", "arch", self.arch, ("llama", "gpt2"))
@@ -275,6 +278,7 @@ class TrainConfig:
     # A warning and a grad_spike record when a step's gradient norm exceeds this factor x its moving
     # average (0: off); large-batch runs often announce divergence this way.
     grad_spike_factor: float = 0.0
+    eval_at_start: bool = False  # evaluate before the first step (e.g. a model.init_from's starting loss)
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -315,6 +319,7 @@ class CheckpointConfig:
     if_unusable: str = "fail"  # fail | restart
     on_save_error: str = "stop"  # stop | continue
     signal_grace_s: float = 20.0  # under torchrun's 30 s between SIGTERM and SIGKILL
+    export_hf: bool = False  # at the end, the final checkpoint as a Hugging Face model in OUT/hf
 
     def validate(self) -> None:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
@@ -363,9 +368,23 @@ class LoggingConfig:
     progress: str = "auto"  # auto (bar on a terminal, else lines) | bar | lines | none
     tensorboard: bool = True  # used when the tensorboard package is installed
     plot: bool = True  # OUT/loss.png at the end
+    # Weights & Biases beside TensorBoard (pip install 'bigbatch[wandb]'): every metrics record, the
+    # resolved config and loss.png; files under OUT/wandb. mode None: $WANDB_MODE, else offline.
+    wandb: bool = False
+    wandb_project: str = "bigbatch"
+    wandb_name: str | None = None  # None: the run directory's name
+    wandb_mode: str | None = None  # online | offline | disabled
 
     def validate(self) -> None:
         _choice("logging", "progress", self.progress, ("auto", "bar", "lines", "none"))
+        if self.wandb_mode is not None:
+            _choice("logging", "wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        if self.wandb:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("logging.wandb: true needs the wandb package, which is not installed; "
+                                  "pip install 'bigbatch[wandb]' or set logging.wandb: false") from None
 
 
 @dataclass
@@ -385,6 +404,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.model.init_from:
+            from bigbatch.training.init_from import apply_init_from
+
+            apply_init_from(self)
         return self
 
     def to_dict(self) -> dict:

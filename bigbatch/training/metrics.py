@@ -7,6 +7,10 @@ hyperparameters; eval records have ``kind: "eval"`` with ``eval_loss`` and ``eva
 ``global_batch`` and ``kappa`` (relative to the reference batch). ``batch_change`` records mark a
 change of the global batch (old and new batch, kappa, the new hyperparameters); ``warning``
 records a global batch past ``warn_factor`` x the noise scale.
+
+With ``logging.wandb`` in the run's ``config.resolved.yaml`` (written before the logger starts), every
+record also goes to Weights & Biases (:mod:`bigbatch.training.wandb_log`), and ``loss.png`` when the
+logger closes.
 """
 
 from __future__ import annotations
@@ -82,18 +86,25 @@ class Progress:
 
 class MetricsLogger:
     """Appends records to ``out_dir/metrics.jsonl`` (flushed per line so a killed run keeps
-    what it logged) and mirrors scalars to TensorBoard when it is installed and enabled.
-    Inactive (no files) on ranks other than 0."""
+    what it logged) and mirrors scalars to TensorBoard when it is installed and enabled, and to
+    W&B when the run's resolved config says ``logging.wandb``. Inactive (no files) on ranks other
+    than 0."""
 
     def __init__(self, out_dir: str, *, active: bool, tensorboard: bool = True):
         self.active = active
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
+        self.wandb = None
         self._fh = None
         self._write_failed = False
         if not active:
             return
         self._fh = open(self.path, "a")
+        resolved = _resolved_config(out_dir)
+        if resolved.get("logging", {}).get("wandb"):
+            from bigbatch.training.wandb_log import WandbRun
+
+            self.wandb = WandbRun(out_dir, resolved)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -122,6 +133,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if k not in ("step", "time", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -130,6 +143,20 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish(os.path.join(os.path.dirname(self.path), "loss.png"))
+            self.wandb = None
+
+
+def _resolved_config(out_dir: str) -> dict:
+    """The run's ``config.resolved.yaml`` as a dict ({} when there is none)."""
+    import yaml
+
+    path = os.path.join(out_dir, "config.resolved.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
 
 
 def pyplot():

@@ -48,10 +48,18 @@ def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, *, eos_token_id: 
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 0,
-                eos_token_id: int | None = None, device: str | torch.device | None = None):
-    """A freshly initialised ``AutoModelForCausalLM`` in fp32 (the engine casts for bf16/fp16).
+                eos_token_id: int | None = None, device: str | torch.device | None = None,
+                init_weights: bool = True):
+    """A freshly initialised ``AutoModelForCausalLM`` in fp32 (the engine casts for bf16/fp16), or
+    ``cfg.init_from``'s (its weights unless ``init_weights`` is false: a resume loads its checkpoint).
     ``device="meta"`` builds without memory (parameter counting)."""
     from transformers import AutoModelForCausalLM
+
+    if cfg.init_from and device != "meta":
+        from bigbatch.training.init_from import load_model
+
+        model = load_model(cfg, weights=init_weights)
+        return model.to(device) if device is not None else model
 
     config = hf_config(cfg, vocab_size, seq_len, eos_token_id=eos_token_id)
     torch.manual_seed(seed)  # same init on every rank and every resume

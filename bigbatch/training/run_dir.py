@@ -11,13 +11,18 @@ from collections.abc import Callable
 
 import yaml
 
+from bigbatch import atomic, exit_codes
 from bigbatch import distributed as bbdist
-from bigbatch import exit_codes
+from bigbatch.sharding import tags
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml, load_config
 from bigbatch.training.model import count_parameters
 
+#: the run's tokenizer (save_pretrained files) and its transformers model config, written at the start
+TOKENIZER_DIR = "tokenizer"
+HF_CONFIG = "hf_config.json"
 #: everything a run writes into its directory (--overwrite removes these and nothing else)
-RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboard", "loss.png")
+RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboard", "loss.png", TOKENIZER_DIR,
+             HF_CONFIG, "hf", "wandb")
 RESOLVED = "config.resolved.yaml"
 
 
@@ -156,3 +161,26 @@ def write_resolved(trainer) -> None:
           f"| global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
           f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {plan.hparams} | "
           f"steps {trainer.step}->{trainer.total_steps()} | corpus {trainer.corpus.description}", flush=True)
+
+
+def save_model_files(out: str, tokenizer, model_config) -> None:
+    """The run carries what an export needs besides its checkpoints (rank 0, at the start): the
+    tokenizer as ``out/tokenizer/`` (written beside and renamed: whole or not at all) and the
+    ``transformers`` model config as ``out/hf_config.json``. A run directory moved to another machine
+    still exports."""
+    target = os.path.join(out, TOKENIZER_DIR)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tokenizer-")
+    try:
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(target):  # a resume or --overwrite: the same or a newer tokenizer
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.write_text(os.path.join(out, HF_CONFIG), model_config.to_json_string())
+
+
+def has_checkpoint(ckpt_dir: str) -> bool:
+    """Whether ``ckpt_dir`` holds a complete checkpoint (one a resume will load)."""
+    return any(t.complete for t in tags.scan(ckpt_dir))

@@ -10,6 +10,7 @@ from bigbatch.training.callbacks.checkpointing import Checkpointing
 from bigbatch.training.callbacks.critical_batch import CriticalBatchWarning
 from bigbatch.training.callbacks.evaluation import Evaluation
 from bigbatch.training.callbacks.grad_spike import GradNormSpike
+from bigbatch.training.callbacks.hf_export import HFExport
 from bigbatch.training.callbacks.metrics import TrainMetrics, hparam_fields
 from bigbatch.training.callbacks.preemption import Preemption
 from bigbatch.training.callbacks.skipped_steps import SkippedSteps
@@ -18,7 +19,7 @@ from bigbatch.training.callbacks.watchdog import WatchdogBeat
 from bigbatch.training.config import RunConfig
 
 __all__ = ["Callback", "StepResult", "BatchSchedule", "BoundCounts", "Checkpointing", "CriticalBatchWarning",
-           "Evaluation", "GradNormSpike", "TrainMetrics", "Preemption", "SkippedSteps", "FinalSummary",
+           "Evaluation", "GradNormSpike", "HFExport", "TrainMetrics", "Preemption", "SkippedSteps", "FinalSummary",
            "WatchdogBeat", "default_callbacks", "hparam_fields"]
 
 
@@ -35,10 +36,12 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
     if t.grad_spike_factor:
         callbacks.append(GradNormSpike(t.grad_spike_factor))
     callbacks += [
-        evaluation or Evaluation(every_steps=t.eval_every),
+        evaluation or Evaluation(every_steps=t.eval_every, at_start=t.eval_at_start),
         Checkpointing(c.every_steps, c.at_end),
         Preemption(c.preempt_exit_code),
     ]
+    if c.export_hf and c.at_end:
+        callbacks.append(HFExport())
     schedule = cfg.batch.batch_schedule()
     if schedule is not None:
         callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto"))

@@ -7,8 +7,8 @@ from bigbatch.training.callbacks.base import Callback, StepResult
 
 class Evaluation(Callback):
     """:meth:`Trainer.evaluate <bigbatch.training.loop.Trainer.evaluate>` every ``every_steps`` steps,
-    or every ``every_tokens`` tokens after the start (``at_start``: at the start too), and at the end
-    unless the last step was just evaluated."""
+    or every ``every_tokens`` tokens after the start (``at_start``: at the start too, unless a resume
+    starts past step 0 with ``every_steps``), and at the end unless the last step was just evaluated."""
 
     def __init__(self, *, every_steps: int = 0, every_tokens: int = 0, at_start: bool = False):
         self.every_steps, self.every_tokens, self.at_start = every_steps, every_tokens, at_start
@@ -16,7 +16,7 @@ class Evaluation(Callback):
 
     def on_start(self, trainer) -> None:
         self.origin = trainer.tokens
-        if self.at_start:
+        if self.at_start and (self.every_tokens or trainer.step == 0):
             trainer.evaluate()
 
     def due(self, trainer) -> bool:

@@ -1,0 +1,213 @@
+"""A run's checkpoint as a standard Hugging Face model directory, in one CPU process.
+
+:func:`export_run` reads the newest good checkpoint of ``RUN_DIR/checkpoints`` (or a given tag) from
+either engine, at whatever world size it was saved:
+
+* DeepSpeed (any ZeRO stage): the full fp32 weight of every parameter that each checkpoint already
+  holds in ``bigbatch_full_state_part<r>.pt`` (:mod:`bigbatch.sharding.deepspeed_checkpoint`), buffers and
+  frozen weights from part 0;
+* FSDP2: the ``model`` entries of the DCP shards, read without a process group into a model built on
+  CPU (:mod:`bigbatch.sharding.fsdp2_checkpoint`); the optimizer's entries are not read.
+
+It writes ``config.json``, ``model.safetensors`` (sharded with an index above ``max_shard_size``, as
+``save_pretrained`` does), ``generation_config.json`` and the run's tokenizer into a temporary
+directory beside ``out`` and renames it, so an export is there whole or not at all.
+``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)`` need nothing
+else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from bigbatch.sharding import tags
+from bigbatch.sharding.tags import CheckpointError
+from bigbatch.training.config import ConfigError
+from bigbatch.training.run_dir import HF_CONFIG, TOKENIZER_DIR, saved_config
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def choose_tag(ckpt_dir: str, tag: str | None, arg: str = "RUN_DIR") -> str:
+    """``tag`` if it is good, else the newest good tag (``latest`` first, as a resume chooses); a
+    ConfigError naming ``arg`` (or ``--tag``) and every refused tag when there is none."""
+    if tag is not None:
+        try:
+            tags.verify_tag(ckpt_dir, tag)
+        except CheckpointError as exc:
+            raise ConfigError(f"--tag: {tag!r} is not a good checkpoint of {ckpt_dir!r}: {exc}") from None
+        return tag
+    order, refused = tags.candidates(ckpt_dir)
+    for candidate in order:
+        try:
+            tags.verify_tag(ckpt_dir, candidate)
+            return candidate
+        except CheckpointError as exc:
+            refused.append((candidate, str(exc)))
+    why = "; ".join(f"{t}: {w}" for t, w in refused) or "no complete checkpoint"
+    raise ConfigError(f"{arg}: {os.path.dirname(ckpt_dir)!r} has no good checkpoint in {ckpt_dir!r} ({why})")
+
+
+def model_config(run_dir: str, cfg=None):
+    """The ``transformers`` config the run trained: ``RUN_DIR/hf_config.json`` (written at the start of
+    every run), else rebuilt from the saved run config (runs from before that file existed)."""
+    from transformers import AutoConfig
+
+    path = os.path.join(run_dir, HF_CONFIG)
+    if os.path.isfile(path):
+        import json
+
+        with open(path) as fh:
+            data = json.load(fh)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    from bigbatch.training.model import hf_config
+
+    cfg = cfg or saved_config(run_dir, [], "RUN_DIR")
+    resolved = _resolved(run_dir)
+    tok = run_tokenizer(run_dir, cfg)
+    return hf_config(cfg.model, int(resolved["vocab_size"]), cfg.data.seq_len, eos_token_id=tok.eos_token_id)
+
+
+def _resolved(run_dir: str) -> dict:
+    import yaml
+
+    from bigbatch.training.run_dir import RESOLVED
+
+    with open(os.path.join(run_dir, RESOLVED)) as fh:
+        return (yaml.safe_load(fh) or {}).get("resolved", {})
+
+
+def run_tokenizer(run_dir: str, cfg=None):
+    """The run's tokenizer: ``RUN_DIR/tokenizer``, else the one its config names (a BPE from the data
+    cache, a local directory or hub name) for runs from before the directory carried it."""
+    from transformers import AutoTokenizer
+
+    path = os.path.join(run_dir, TOKENIZER_DIR)
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    from bigbatch.training.corpus import load_corpus
+    from bigbatch.training.tokenizer import build_tokenizer
+
+    cfg = cfg or saved_config(run_dir, [], "RUN_DIR")
+    try:
+        corpus = load_corpus(cfg.data) if cfg.tokenizer.kind == "bpe" else None
+        return build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir, train=False)
+    except (FileNotFoundError, ConfigError) as exc:
+        raise ConfigError(f"RUN_DIR: {run_dir!r} has no {TOKENIZER_DIR}/ and its tokenizer cannot be found "
+                          f"({exc})") from None
+
+
+def load_weights(model: torch.nn.Module, tag_path: str, meta: dict) -> None:
+    """Fill ``model`` (built on CPU in fp32) with the checkpoint's full weights, from either engine."""
+    if "full_state_parts" in meta:  # DeepSpeed: full fp32 weights per parameter
+        from bigbatch.sharding.deepspeed_checkpoint import load_full_state
+
+        full, extras = load_full_state(tag_path, meta["full_state_parts"])
+        state = {n: e["fp32"] for n, e in full.items()}
+        persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are recomputed
+        state.update({n: v for n, v in ((k.split(":", 1)[1], v) for k, v in extras.items()) if n in persistent})
+    else:  # FSDP2: DCP shards; only the model's entries are read, resharded to full tensors
+        import torch.distributed.checkpoint as dcp
+
+        template = {"model": {k: v for k, v in model.state_dict().items()}}
+        try:
+            dcp.load(template, checkpoint_id=tag_path, no_dist=True)
+        except Exception as exc:
+            raise CheckpointError(f"{tag_path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        state = template["model"]
+    expected = set(model.state_dict())
+    tied = {n for n in expected if n not in state and _is_tied(model, n)}
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{tag_path}: its weights do not match the run's model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    """Whether state-dict entry ``name`` shares its storage with another entry (tied embeddings)."""
+    sd = model.state_dict()
+    ptr = sd[name].data_ptr()
+    return any(k != name and v.data_ptr() == ptr for k, v in sd.items())
+
+
+def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool = False,
+               max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> str:
+    """Write the checkpoint ``tag`` (default: the newest good one) of the run in ``run_dir`` as a Hugging
+    Face model directory ``out`` (see the module docstring); returns ``out``. Bad input (no run, no good
+    checkpoint, ``out`` not empty without ``overwrite``) raises a ConfigError naming the argument before
+    anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"RUN_DIR: {run_dir!r} is not a directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out: {out!r} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f"--out: {out!r} exists and is not empty; pass --overwrite to replace it")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    chosen = choose_tag(ckpt_dir, tag)
+    cfg = saved_config(run_dir, [], "RUN_DIR")
+    tokenizer = run_tokenizer(run_dir, cfg)
+    config = model_config(run_dir, cfg)
+    config.use_cache = True  # training turned the KV cache off; generation wants it
+    meta = tags.read_meta(ckpt_dir, chosen)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_weights(model, os.path.join(ckpt_dir, chosen), meta)
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}-export-")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out):  # --overwrite (or an empty directory): the old one goes once the new is whole
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-export-")
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bigbatch export RUN_DIR --out DIR [--tag TAG] [--overwrite] [--max-shard-size 5GB]``."""
+    import argparse
+
+    from bigbatch.training.run_dir import command_main
+
+    p = argparse.ArgumentParser(prog="bigbatch export",
+                                description="Write a run's checkpoint as a Hugging Face model directory.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train.py run directory")
+    p.add_argument("--out", required=True, help="the model directory to write (new or empty)")
+    p.add_argument("--tag", default=None, help="the checkpoint tag (default: the newest good one)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
+                   help="safetensors shards up to this size (e.g. 5GB, 500MB); an index lists them")
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        try:
+            shard = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size  # bytes
+            path = export_run(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite, max_shard_size=shard)
+        except CheckpointError as exc:
+            raise ConfigError(f"RUN_DIR: {exc}") from None
+        except OSError as exc:  # --out's parent unwritable, a full disk: nothing was left behind
+            raise ConfigError(f"--out: {args.out!r}: cannot be written ({exc.strerror or exc})") from None
+        print(f"exported {args.run_dir} to {path}", flush=True)
+        return 0
+
+    return command_main(body)
