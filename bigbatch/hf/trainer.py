@@ -28,6 +28,7 @@ from bigbatch.hf.accelerate import init_distributed_state, needs_backend_fix
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args
 from bigbatch.hf.scaling import ScalingRulesCallback
 from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, get_optimizer_class, is_bigbatch_optimizer
+from bigbatch.scaling.rules import BETA_FORMS
 
 logger = logging.getLogger(__name__)
 
