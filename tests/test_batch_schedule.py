@@ -268,3 +268,29 @@ def test_bad_schedules_exit_2(tmp_path, cache, capsys, monkeypatch):
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_auto_schedule_says_why_it_keeps_and_grows(tmp_path, cache):
+    """Every growth and every change of reason on a logging step is a batch_decision record with
+    B_noise, consistent with the schedule's rule, and a line on the console."""
+    out = tmp_path / "e"
+    margin = 0.5
+    proc = run([PY, "train.py", *sched_args(cache), "--out", str(out), "--batch.schedule", "auto",
+                "--batch.max_global_batch", "16", "--batch.growth_margin", str(margin), "--batch.growth_patience", "3",
+                "--train.max_steps", "16"])
+    check_ok(proc)
+    decisions = records(out, "batch_decision")
+    assert decisions and all(d["noise_scale"] > 0 for d in decisions)
+    for d in decisions:
+        grown = d["global_batch"] * 2
+        if d["next_global_batch"] != d["global_batch"]:
+            assert d["noise_scale"] >= margin * grown and "on 3 measurements" in d["reason"]
+        elif d["reason"].startswith("B_noise below"):
+            assert d["noise_scale"] < margin * grown
+        elif d["reason"].startswith("at max_global_batch"):
+            assert d["global_batch"] == 16
+    growth = [d for d in decisions if d["next_global_batch"] != d["global_batch"]]
+    changes = records(out, "batch_change")
+    assert [(d["step"], d["next_global_batch"]) for d in growth] == [(c["step"], c["global_batch"]) for c in changes]
+    assert proc.stdout.count("batch schedule auto ") == len(decisions)

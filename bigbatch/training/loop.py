@@ -22,7 +22,8 @@ import sys
 
 from bigbatch import distributed as bbdist
 from bigbatch.training.builders import RunSetup, lr_schedule, make_plan
-from bigbatch.training.callbacks import Callback, StepResult, hparam_fields
+from bigbatch.training.callbacks import Callback, StepResult
+from bigbatch.training.callbacks.batch_schedule import report_batch_change
 from bigbatch.training.checkpointer import Checkpointer
 from bigbatch.training.config import RunConfig
 from bigbatch.training.data import GlobalBatchLoader, eval_batches
@@ -37,9 +38,9 @@ class Trainer:
 
     ``data``: the packed blocks (``corpus``: their source); ``run``: plan, model and engine from
     :func:`bigbatch.training.builders.setup`; ``resume_from``: the checkpoint directory to continue
-    from (its newest good tag, or ``resume_tag``; none there starts from step 0); ``data_seed``: the order of the
-    training blocks (default ``train.seed``); ``apply_rules``: move the hyperparameters by the scaling
-    rules when the batch changes (False keeps them). Callbacks may set ``stop_tokens`` (the token
+    from (its newest good tag, or ``resume_tag``; none there starts from step 0); ``data_seed``: the
+    order of the training blocks (default ``train.seed``); ``apply_rules``: move the hyperparameters
+    by the scaling rules when the batch changes (False keeps them). Callbacks may set ``stop_tokens`` (the token
     budget), ``max_steps`` (a cap on the step count; None: none), ``lr_clock`` (tokens -> the tokens
     at which the lr schedule is read) and ``loss_weights`` (multipliers of this rank's micro-batch
     losses) in :meth:`Callback.on_restore`.
@@ -183,18 +184,7 @@ class Trainer:
         report = self.rescale(plan.global_batch / old)
         self.use_plan(plan)
         self.saved_batch = plan.global_batch
-        noise = self.noise.b_noise
-        self.logger.log({"kind": "batch_change", "reason": reason, "step": self.step,
-                         "samples": self.loader.samples_seen, "tokens": self.tokens, "old_global_batch": old,
-                         "global_batch": plan.global_batch, "kappa_change": plan.global_batch / old,
-                         "kappa": plan.kappa, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
-                         "noise_scale": noise, "lr_peak": self.peak_lrs[0], **hparam_fields(self.hparams)})
-        moved = ("hyperparameters kept" if report.get("kept") else
-                 f"rescaled hyperparameters: peak lr {self.peak_lrs[0]:.4g}, {hparam_fields(self.hparams)}")
-        self.say(f"{'--resume: ' if reason == 'resume' else ''}batch change at step {self.step} ({self.tokens:,} "
-                 f"tokens): global batch {old} -> {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum "
-                 f"x {self.info.world_size} (kappa {plan.kappa:g}; B_noise "
-                 f"{'not measured' if noise is None else f'{noise:.1f}'}); {moved}")
+        report_batch_change(self, old, report, reason)
 
     def say(self, text: str) -> None:
         """A line for the user on the main rank (through the progress display once it exists)."""

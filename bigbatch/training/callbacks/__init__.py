@@ -44,7 +44,7 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
         callbacks.append(HFExport())
     schedule = cfg.batch.batch_schedule()
     if schedule is not None:
-        callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto"))
+        callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto", log_every=t.log_every))
     callbacks.append(FinalSummary(cfg.logging.plot, f"{cfg.model.arch} {cfg.optim.name}",
                                   None if schedule is None else str(cfg.batch.schedule)))
     return callbacks
