@@ -208,7 +208,9 @@ class Trainer:
                 self.say(f"--resume: no complete checkpoint in {self.resume_from}; starting from step 0")
         if self.info.is_main:
             truncate_metrics(os.path.join(self.out, "metrics.jsonl"), self.step)
-        self.logger = MetricsLogger(self.out, active=self.info.is_main, tensorboard=self.cfg.logging.tensorboard)
+        log = self.cfg.logging
+        self.logger = MetricsLogger(self.out, active=self.info.is_main, tensorboard=log.tensorboard,
+                                    wandb=log.wandb)
         try:
             if client is not None:  # the engine holds the saved batch's hyperparameters: move them on
                 target = self.plan.global_batch
@@ -221,7 +223,7 @@ class Trainer:
             self.noise.use_plan(self.plan)
             self._fire("on_restore")
             if self.info.is_main:
-                write_resolved(self)
+                self.logger.describe(write_resolved(self))
             self.progress = Progress(self.cfg.logging.progress, self.total_steps(), initial=self.step,
                                      enabled=self.info.is_main)
             self._fire("on_start")

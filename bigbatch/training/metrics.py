@@ -8,9 +8,9 @@ hyperparameters; eval records have ``kind: "eval"`` with ``eval_loss`` and ``eva
 change of the global batch (old and new batch, kappa, the new hyperparameters); ``warning``
 records a global batch past ``warn_factor`` x the noise scale.
 
-With ``logging.wandb`` in the run's ``config.resolved.yaml`` (written before the logger starts), every
-record also goes to Weights & Biases (:mod:`bigbatch.training.wandb_log`), and ``loss.png`` when the
-logger closes.
+With ``logging.wandb``, every record also goes to Weights & Biases
+(:mod:`bigbatch.training.wandb_log`): the W&B run starts with the resolved config, and ``loss.png`` is
+attached when the logger closes.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ class Progress:
 class MetricsLogger:
     """Appends records to ``out_dir/metrics.jsonl`` (flushed per line so a killed run keeps
     what it logged) and mirrors scalars to TensorBoard when it is installed and enabled, and to
-    W&B when the run's resolved config says ``logging.wandb``. Inactive (no files) on ranks other
-    than 0."""
+    W&B when ``wandb`` is on (the run starts at :meth:`describe`, with the resolved config). Inactive
+    (no files) on ranks other than 0."""
 
-    def __init__(self, out_dir: str, *, active: bool, tensorboard: bool = True):
+    def __init__(self, out_dir: str, *, active: bool, tensorboard: bool = True, wandb: bool = False):
         self.active = active
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
@@ -100,11 +100,7 @@ class MetricsLogger:
         if not active:
             return
         self._fh = open(self.path, "a")
-        resolved = _resolved_config(out_dir)
-        if resolved.get("logging", {}).get("wandb"):
-            from bigbatch.training.wandb_log import WandbRun
-
-            self.wandb = WandbRun(out_dir, resolved)
+        self._wandb_pending = [] if wandb else None  # records before describe() starts W&B
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -135,6 +131,19 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
         if self.wandb is not None:
             self.wandb.log(record)
+        elif self._wandb_pending is not None:
+            self._wandb_pending.append(record)
+
+    def describe(self, config: dict) -> None:
+        """The resolved run config (plan, sizes) once it is known: starts the W&B run with it."""
+        if not self.active or self._wandb_pending is None:
+            return
+        from bigbatch.training.wandb_log import WandbRun  # optional extra: imported only when asked for
+
+        self.wandb = WandbRun(os.path.dirname(self.path), config)
+        for record in self._wandb_pending:
+            self.wandb.log(record)
+        self._wandb_pending = None
 
     def close(self) -> None:
         if self._fh is not None:
@@ -146,17 +155,6 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish(os.path.join(os.path.dirname(self.path), "loss.png"))
             self.wandb = None
-
-
-def _resolved_config(out_dir: str) -> dict:
-    """The run's ``config.resolved.yaml`` as a dict ({} when there is none)."""
-    import yaml
-
-    path = os.path.join(out_dir, "config.resolved.yaml")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
 
 
 def pyplot():

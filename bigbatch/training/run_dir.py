@@ -142,8 +142,9 @@ def prepare(cfg: RunConfig, out: str, info, *, overwrite: bool, resuming: bool) 
         raise ConfigError(errors[0].split(": ", 1)[1])
 
 
-def write_resolved(trainer) -> None:
-    """``config.resolved.yaml`` (the config, the plan in force, sizes, engine) and the run's header line."""
+def write_resolved(trainer) -> dict:
+    """``config.resolved.yaml`` (the config, the plan in force, sizes, engine) and the run's header line;
+    returns what it wrote."""
     plan, info = trainer.plan, trainer.info
     resolved = {
         "world_size": info.world_size, "backend": info.backend,
@@ -156,11 +157,13 @@ def write_resolved(trainer) -> None:
         "val_blocks": int(len(trainer.data.val)), "precision": trainer.engine.precision,
         "engine": trainer.engine.name, "zero_stage": trainer.engine.zero_stage,
     }
-    dump_yaml({**trainer.cfg.to_dict(), "resolved": resolved}, os.path.join(trainer.out, "config.resolved.yaml"))
+    full = {**trainer.cfg.to_dict(), "resolved": resolved}
+    dump_yaml(full, os.path.join(trainer.out, RESOLVED))
     print(f"bigbatch: {count_parameters(trainer.model) / 1e6:.2f}M params | {info.world_size} proc(s) "
           f"| global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
           f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {plan.hparams} | "
           f"steps {trainer.step}->{trainer.total_steps()} | corpus {trainer.corpus.description}", flush=True)
+    return full
 
 
 def save_model_files(out: str, tokenizer, model_config) -> None:
