@@ -18,35 +18,26 @@ torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is co
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from bigbatch import distributed as bbdist
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
-from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import command_main, has_checkpoint, prepare, resolve_run, save_model_files
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="run config YAML (configs/*.yaml)")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest good checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    args, rest = p.parse_known_args(argv)
-    return args, parse_overrides(rest)
+from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
+                                      save_model_files)
 
 
 def main(argv=None) -> int:
     def body() -> int:
-        args, overrides = parse_args(argv)
+        args, overrides = parse_args(argv, __doc__)
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
         check_batch(cfg, info.world_size)  # before any work
+        for note in cfg.notes() if info.is_main else []:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
         # a resume from a checkpoint takes its weights from there, never from model.init_from

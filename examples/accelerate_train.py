@@ -1,11 +1,12 @@
 """Train a tiny Llama with ``accelerate`` and a bigbatch optimizer (with or without DeepSpeed).
 
-    accelerate launch --cpu --num_processes 2 examples/accelerate_train.py --optimizer adabound
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --optimizer adabound
     accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 examples/accelerate_train.py --optimizer radam
     accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json --num_processes 2 \
         examples/accelerate_train.py --optimizer amsbound
 
-The hyperparameters are given at ``--reference-batch-size``; the script plans the run's global batch
+Without a GPU, ``--multi_gpu`` still starts the processes (gloo on CPU); ``--cpu`` would start
+only one, whatever ``--num_processes`` says. The hyperparameters are given at ``--reference-batch-size``; the script plans the run's global batch
 (processes x ``--per-device-batch`` x ``--grad-accum``) and scales them by bigbatch's rules, and the lr
 schedule is defined in samples. With ``--out FILE`` rank 0 writes what ran (optimizer class, its
 hyperparameters, losses) as JSON.

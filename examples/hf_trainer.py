@@ -9,12 +9,14 @@
 Every ``TrainingArguments`` flag works; ``--optim`` also takes ``adabound``, ``amsbound`` and ``radam``;
 ``--reference_batch_size`` is the global batch the flags were tuned at (the run scales lr, betas,
 eps, bounds and the step counts to its own global batch and logs them). The model is a tiny Llama
-built from a config and the data a small in-memory set, so the script runs anywhere, offline.
+built from a config and the data a small in-memory set, so the script runs anywhere, offline. The
+loss is logged every 5 steps unless ``--logging_steps`` says otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -40,6 +42,9 @@ def dataset(n=256, seq=16):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=")[0] == "--logging_steps" for a in argv):
+        argv += ["--logging_steps", "5"]  # the Trainer's 500 would log no loss in a short run
     (args,) = HfArgumentParser(BigBatchTrainingArguments).parse_args_into_dataclasses(argv)
     trainer = BigBatchTrainer(model=tiny_model(), args=args, train_dataset=dataset())
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

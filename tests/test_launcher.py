@@ -269,9 +269,11 @@ def test_topology_validation_and_export_round_trip():
 
 
 def test_render_srun_template(tmp_path, capsys):
+    (tmp_path / "x y.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())  # submit checks train.py's
     rc = cli_main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
                    "--account", "proj", "--time", "04:00:00", "--signal-seconds", "300", "--env", "A=b c",
-                   "--srun-arg=--mpi=pmix", "--chdir", str(tmp_path), "--", "train.py", "--config", "x y.yaml"])
+                   "--srun-arg=--mpi=pmix", "--chdir", str(tmp_path), "--", "train.py", "--config", "x y.yaml",
+                   "--resume", "run"])
     assert rc == 0
     script = capsys.readouterr().out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
@@ -279,7 +281,7 @@ def test_render_srun_template(tmp_path, capsys):
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", f"#SBATCH --chdir={tmp_path}",
                  "export A='b c'", 'scontrol requeue "$SLURM_JOB_ID"', 'if [ "$got_term" = 0 ] && [ "$rc" = 75 ]'):
         assert line in script, line
-    assert f"srun --wait=60 --mpi=pmix {sys.executable} train.py --config 'x y.yaml' &" in script
+    assert f"srun --wait=60 --mpi=pmix {sys.executable} train.py --config 'x y.yaml' --resume run &" in script
     assert "{{" not in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,28 @@ def test_train_two_nodes_preempt_requeue_then_resume_on_one_node(slurm_cluster, 
     assert "| 2 proc(s) |" in log2 and "global batch 4" in log2 and "(kappa 0.5)" in log2, log2
     assert "'lr': 0.003," not in log2 and "'lr': 0.003}" not in log2, log2
     assert _train_steps(run) == list(range(1, 27)), log2
+
+
+def test_train_out_survives_its_own_requeue(slurm_cluster, tmp_path):
+    """`bigbatch submit -- train.py --config C --out D` (not --resume): USR1 mid-run, the job checkpoints,
+    requeues itself, and the requeue continues D (as --resume D) to the end: every step logged once."""
+    run = tmp_path / "run"
+    job = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--ntasks-per-node", "2",
+                  command=["train.py", *TRAIN_TINY, "--train.max_steps", "16", "--out", str(run)])
+    end = time.monotonic() + 180
+    while not _train_steps(run) or _train_steps(run)[-1] < 1:
+        assert time.monotonic() < end, _job_log(tmp_path, job)
+        info = slurm_cluster.job_info(job)
+        assert info == {} or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
+        time.sleep(0.3)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    _release_if_requeued(slurm_cluster, job, timeout=120)
+    slurm_cluster.wait_done(job, timeout=240)
+    log = _job_log(tmp_path, job)
+    assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
+    assert "already holds a run" not in log and "workers exited with status 0" in log, log
+    assert re.search(r"steps [1-9][0-9]*->16 ", log), log  # the requeue started from the checkpoint
+    assert _train_steps(run) == list(range(1, 17)), log  # each step once across the requeue
 
 
 def test_check_rules_submits_branches_and_a_report_job(slurm_cluster, tmp_path):

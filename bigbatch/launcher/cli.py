@@ -23,9 +23,10 @@ import subprocess
 import sys
 import time
 
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.launcher.env import LauncherEnvError, Topology, detect_topology, free_port
 from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, TEMPLATES, SubmitConfig, SubmitError, render_sbatch,
-                                      submit)
+                                      submit, train_out_dir)
 
 __all__ = ["main", "launch_local", "worker_command"]
 
@@ -33,10 +34,14 @@ __all__ = ["main", "launch_local", "worker_command"]
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
+class LaunchError(ValueError):
+    """Bad ``bigbatch launch`` options; the message names the option, the value and what is allowed."""
+
+
 def worker_command(command: list[str], python: str = sys.executable) -> list[str]:
     """``train.py ...`` and ``-m pkg ...`` run with ``python``; anything else runs as is."""
     if not command:
-        raise SystemExit("bigbatch: nothing to run; e.g. bigbatch launch train.py --config x.yaml")
+        raise LaunchError("nothing to run; e.g. bigbatch launch train.py --config x.yaml")
     if command[0].endswith(".py") or command[0] == "-m":
         return [python, *command]
     return list(command)
@@ -50,11 +55,11 @@ def launch_local(command: list[str], nproc: int, *, nnodes: int = 1, node_rank: 
     ``grace_s`` seconds). Returns the first non-zero exit status (a signal N gives 128+N), else 0.
     """
     if nproc < 1:
-        raise SystemExit(f"bigbatch launch: --nproc-per-node {nproc} must be >= 1")
+        raise LaunchError(f"--nproc-per-node: {nproc} must be >= 1")
     if not 0 <= node_rank < nnodes:
-        raise SystemExit(f"bigbatch launch: --node-rank {node_rank} must be in [0, --nnodes={nnodes})")
+        raise LaunchError(f"--node-rank: {node_rank} must be in [0, --nnodes={nnodes})")
     if nnodes > 1 and master_port is None:
-        raise SystemExit("bigbatch launch: --master-port is required with --nnodes > 1")
+        raise LaunchError("--master-port: required with --nnodes > 1")
     port = master_port or free_port()
     world = nnodes * nproc
     procs: list[subprocess.Popen] = []
@@ -97,6 +102,11 @@ def launch_local(command: list[str], nproc: int, *, nnodes: int = 1, node_rank: 
 
 def _cmd_launch(args) -> int:
     command = worker_command(args.command, args.python)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node: {args.nproc_per_node} must be >= 1")
+    problem = train_command_problem(command, os.getcwd())
+    if problem:
+        raise LaunchError(problem)
     in_allocation = os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID") is None
     if in_allocation and not args.local:
         # Inside sbatch/salloc: srun starts the workers on every node of the allocation.
@@ -108,7 +118,8 @@ def _cmd_launch(args) -> int:
         argv = srun + command
         print("[bigbatch] " + shlex.join(argv), file=sys.stderr, flush=True)
         return launch_exec(argv)
-    return launch_local(command, args.nproc_per_node or 1, nnodes=args.nnodes, node_rank=args.node_rank,
+    nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    return launch_local(command, nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                         master_addr=args.master_addr, master_port=args.master_port, grace_s=args.exit_grace)
 
 
@@ -154,8 +165,76 @@ def parse_submit(options: list[str], command: list[str]):
     return args
 
 
+#: ``bigbatch submit`` options whose defaults decide what the job gets; said once when not given
+SUBMIT_DEFAULTS = ("--time", "--cpus-per-task", "--ntasks-per-node", "--nodes", "--gpus-per-node", "--template",
+                   "--signal-seconds", "--output", "--chdir")
+
+
+def _submit_notes(args, cfg: SubmitConfig) -> list[str]:
+    """What a submission chose without being told: the defaults used and a rewritten --out."""
+    given = {a.split("=", 1)[0] for a in getattr(args, "options", [])}
+    shown = {"--time": cfg.time, "--cpus-per-task": cfg.cpus_per_task, "--nodes": cfg.nodes,
+             "--gpus-per-node": cfg.gpus_per_node, "--template": cfg.template, "--output": cfg.output,
+             "--ntasks-per-node": f"{cfg.workers_per_node} (one per GPU, else 1)",
+             "--signal-seconds": f"{cfg.signal_seconds} (USR1 before the time limit)" if cfg.requeue else None,
+             "--chdir": cfg.workdir}
+    used = [f"{k} {shown[k]}" for k in SUBMIT_DEFAULTS if k not in given and shown[k] is not None]
+    notes = [f"defaults used: {', '.join(used)}"] if used else []
+    out = train_out_dir(cfg.command) if cfg.requeue else None
+    if out:
+        notes.append(f"train.py --out {out[1]} runs as given at the first start and as --resume {out[1]} on every "
+                     "requeue (--out refuses a directory that holds a run)")
+    return notes
+
+
+def check_submission(cfg: SubmitConfig) -> None:
+    """What would make the job fail on the cluster, refused now (SubmitError, one line): --chdir not a
+    directory, --output's directory missing or not writable, and for train.py a command line it would
+    refuse at start (bad config, --out holding a run, ...): it is resolved here, in --chdir."""
+    from bigbatch.training.run_dir import dir_problem
+
+    if not os.path.isdir(cfg.workdir):
+        raise SubmitError(f"--chdir: {cfg.workdir!r} is not a directory")
+    out_dir = os.path.dirname(os.path.join(cfg.workdir, cfg.output)) or cfg.workdir
+    if "%" not in out_dir:
+        if not os.path.isdir(out_dir):
+            raise SubmitError(f"--output: directory {out_dir!r} does not exist (SLURM would drop the job's log)")
+        problem = dir_problem(out_dir)
+        if problem:
+            raise SubmitError(f"--output: directory {out_dir!r} {problem}")
+    problem = train_command_problem(cfg.command, cfg.workdir)
+    if problem:
+        raise SubmitError(problem)
+
+
+def train_command_problem(command: list[str], workdir: str) -> str | None:
+    """Why train.py would refuse ``command`` (its arguments after ``train.py``) at start, resolved in
+    ``workdir`` as it will be (bad config or value, --out holding a run or a file, ...), or None; for
+    launchers to say it once, before starting anything."""
+    from bigbatch.training.config import ConfigError
+    from bigbatch.training.run_dir import parse_args, resolve_run
+
+    starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
+    if not starts:
+        return None
+    here = os.getcwd()
+    try:
+        os.chdir(workdir)
+        targs, overrides = parse_args(command[starts[0] + 1:])
+        resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+    except ConfigError as exc:
+        return f"train.py would refuse this command at start: {exc}"
+    finally:
+        os.chdir(here)
+    return None
+
+
 def _cmd_submit(args) -> int:
     cfg = submit_config(args)
+    cfg.validate()
+    check_submission(cfg)
+    for note in _submit_notes(args, cfg):
+        print(f"bigbatch submit: {note}", file=sys.stderr, flush=True)
     if args.dry_run:
         sys.stdout.write(render_sbatch(cfg))
         return 0
@@ -196,7 +275,7 @@ _OWN_PARSERS = {"check-rules": _cmd_check_rules, "export": _cmd_export, "eval": 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigbatch", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bigbatch", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     la = sub.add_parser("launch", help="start workers here (or with srun inside an allocation)")
@@ -265,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return _OWN_PARSERS[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     _strip_separator(args)
+    args.options = argv[1:argv.index("--")] if "--" in argv else argv[1:]  # what the user gave
     try:
         return args.func(args)
-    except (SubmitError, LauncherEnvError) as exc:
+    except (SubmitError, LauncherEnvError, LaunchError) as exc:
         print(f"bigbatch {args.cmd}: {exc}", file=sys.stderr)
         return 2
 

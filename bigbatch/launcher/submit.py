@@ -111,6 +111,44 @@ def _worker_argv(cfg: SubmitConfig) -> list[str]:
     return cmd
 
 
+_RUN_DIR_OPT = "@@bigbatch_run_dir_opt@@"  # stands for "$run_dir_opt" until the command is quoted
+
+
+def train_out_dir(command: list[str]) -> tuple[int, str] | None:
+    """``(index of --out, DIR)`` when ``command`` runs train.py with ``--out DIR`` and no ``--resume``:
+    such a command refuses, on a requeue, the run its first start created."""
+    starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
+    if not starts:
+        return None
+    args = command[starts[0] + 1:]
+    if any(a == "--resume" or a.startswith("--resume=") for a in args):
+        return None
+    for j, a in enumerate(args):
+        if a == "--out" and j + 1 < len(args):
+            return starts[0] + 1 + j, args[j + 1]
+        if a.startswith("--out="):
+            return starts[0] + 1 + j, a.split("=", 1)[1]
+    return None
+
+
+def _requeue_safe(cfg: SubmitConfig, argv: list[str]) -> tuple[list[str], str]:
+    """``argv`` with train.py's ``--out`` made ``"$run_dir_opt"``, and the lines that set it: ``--out`` on
+    the first start (it still refuses a directory that holds another run), ``--resume`` on every
+    requeue (SLURM_RESTART_COUNT > 0), which continues the run the first start created."""
+    found = train_out_dir(argv) if cfg.requeue else None
+    if found is None:
+        return argv, ""
+    j, out = found
+    argv = [*argv[:j], _RUN_DIR_OPT, out, *argv[j + (1 if argv[j] == "--out" else 0) + 1:]]
+    lines = ("# train.py --out refuses a directory that holds a run: every requeue continues it with --resume.\n"
+             'run_dir_opt=--out\nif [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then run_dir_opt=--resume; fi')
+    return argv, lines
+
+
+def _shell_join(argv: list[str]) -> str:
+    return shlex.join(argv).replace(_RUN_DIR_OPT, '"$run_dir_opt"')
+
+
 _WAIT_BLOCK = """\
 # `wait` returns early whenever a trapped signal arrives: keep waiting until srun is gone.
 while :; do
@@ -147,7 +185,7 @@ def render_sbatch(cfg: SubmitConfig) -> str:
             lines.append(f"#SBATCH --{opt}={getattr(cfg, opt)}")
     lines += [f"#SBATCH {arg}" for arg in cfg.sbatch_args]
     env = {"PYTHONUNBUFFERED": "1", **cfg.env}
-    worker = _worker_argv(cfg)
+    worker, run_dir_lines = _requeue_safe(cfg, _worker_argv(cfg))
     if not cfg.requeue:
         requeue_test = "false"
     elif cfg.template == "srun":
@@ -171,8 +209,9 @@ def render_sbatch(cfg: SubmitConfig) -> str:
         "env_lines": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         "srun_args": "".join(shlex.quote(a) + " " for a in cfg.srun_args),
         "python": shlex.quote(cfg.python),
-        "command": shlex.join(worker),
-        "torchrun_command": shlex.join(torchrun_cmd),
+        "command": _shell_join(worker),
+        "torchrun_command": _shell_join(torchrun_cmd),
+        "run_dir_lines": run_dir_lines,
         "port_base": str(SLURM_PORT_BASE),
         "port_span": str(SLURM_PORT_SPAN),
         "wait_block": _WAIT_BLOCK.format(requeue_test=requeue_test),

@@ -58,6 +58,10 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, 
         if needs_noise_scale(cfg) and "micro batches per step" in str(exc):
             hint = (" (the gradient noise scale, which train.noise_scale_every or batch.schedule: auto needs, "
                     "compares micro batches with their step)")
+        if str(exc).startswith(("beta1", "beta2", "alpha")):  # the rule moved a beta out of [0, 1)
+            key = "alpha" if str(exc).startswith("alpha") else "betas"
+            where = f"optim.hparams.{key} and {where if where != 'batch' else 'batch.*'}"
+            hint = f" (kappa = global batch / batch.reference_global_batch {b.reference_global_batch})"
         raise ConfigError(f"{where}: {exc}{hint}") from None
 
 

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 from bigbatch import distributed as bbdist
 from bigbatch.atomic import write_text
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.scaling.noise_scale import GradientNoiseScale
 from bigbatch.scaling.svag import check_l, micro_weights
 from bigbatch.sharding import tags
@@ -60,7 +61,7 @@ from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, lo
 from bigbatch.training.data import prepare_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.metrics import pyplot, save_png
-from bigbatch.training.run_dir import command_main, prepare, saved_config
+from bigbatch.training.run_dir import command_main, out_problem, prepare, saved_config
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "eval_loss.png"
 
@@ -119,8 +120,8 @@ def parse_list(text: str, what: str, cast=float) -> list:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="bigbatch check-rules", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bigbatch check-rules", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config YAML (default with --from: that run's resolved config)")
     p.add_argument("--from", dest="source", metavar="RUN_DIR",
                    help="start from the newest good checkpoint of this run (default: initialisation)")
@@ -245,7 +246,8 @@ def check_reachable(cfg: RunConfig, branches: list[Branch], start: Start, world_
             raise ConfigError(f"--kappas: kappa {b.kappa:g} (global batch {batch} on {world_size} process(es)) cannot "
                               f"be run: {exc}") from None
         except ValueError as exc:
-            raise ConfigError(f"--svag: l={b.l:g} at global batch {batch}: {exc}") from None
+            raise ConfigError(f"--svag: l={b.l:g} at global batch {batch}: {exc}; run on an even number of "
+                              f"processes or give --batch.micro_batch_sizes {max(1, plan.micro_batch // 2)}") from None
 
 
 class BranchRun(Callback):
@@ -395,6 +397,9 @@ def check_rules(args, overrides) -> dict | None:
     them as SLURM jobs; or, with ``--report-only``, report the results they wrote. Returns the
     report (None when it is not written by this call)."""
     cfg = load_run_config(args, overrides)
+    problem = out_problem(args.out)  # before any work, writing nothing
+    if problem:
+        raise ConfigError(f"--out: {os.path.abspath(args.out)}: {problem}")
     if args.submit:
         return submit_branches(args, cfg)
     if args.report_only:
@@ -411,6 +416,10 @@ def check_rules(args, overrides) -> dict | None:
         os.makedirs(args.out, exist_ok=True)
         print(f"check-rules: {len(branches)} branches of {tokens:,} tokens from "
               f"{start.tag or 'initialisation'} (B0 = {start.global_batch}): {[b.name for b in branches]}", flush=True)
+        if tokens != args.tokens:
+            print(f"check-rules: --tokens {args.tokens:,} -> {tokens:,} tokens per branch: {tokens // eval_every} "
+                  f"evaluation(s) every {eval_every:,} tokens, a whole number of steps at the largest batch",
+                  flush=True)
     results = []
     for b in branches:
         r = run_branch(cfg, args.out, info, tok, data, corpus, b, start, tokens, eval_every)

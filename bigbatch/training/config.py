@@ -161,6 +161,33 @@ class OptimConfig:
         _positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         if "lr" not in self.hparams:
             raise ConfigError("optim.hparams.lr: required (the learning rate at the reference batch)")
+        self._check_constructs(cls)
+
+    def _check_constructs(self, cls) -> None:
+        """The optimizer must accept its hyperparameters: built once on a one-element parameter
+        (microseconds), its refusal becomes a ConfigError naming ``optim.<section>.<key>`` (found by
+        building it with that key alone, lr first) rather than an engine's error after start-up."""
+        import torch
+
+        def build(**kw):
+            cls([torch.nn.Parameter(torch.zeros(1))], **kw)
+
+        try:
+            build(**self.hparams, **self.kwargs)
+            return
+        except (ValueError, TypeError, RuntimeError) as exc:
+            whole = exc
+        base = {"lr": self.hparams["lr"]}
+        items = [("hparams", "lr", self.hparams["lr"])]
+        items += [("hparams", k, v) for k, v in self.hparams.items() if k != "lr"]
+        items += [("kwargs", k, v) for k, v in self.kwargs.items()]
+        for section, key, value in items:
+            try:
+                build(**{**base, key: value})
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ConfigError(f"optim.{section}.{key}: {value!r} is refused by {cls.__name__}: {exc}") from None
+        raise ConfigError(f"optim.hparams: {self.hparams!r} with optim.kwargs {self.kwargs!r} are refused together "
+                          f"by {cls.__name__}: {whole}")
 
 
 @dataclass
@@ -413,6 +440,25 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def notes(self) -> list[str]:
+        """Valid choices a user may not have meant, each one line, for the run to say once at start:
+        a fixed batch schedule whose batch shrinks, and deepspeed settings that FSDP2 ignores (every
+        shipped config has a deepspeed section, so ``--train.engine fsdp2`` over one is no error)."""
+        out = []
+        if isinstance(self.batch.schedule, list):
+            for i in range(1, len(self.batch.schedule)):
+                (_, before), (tokens, after) = self.batch.schedule[i - 1], self.batch.schedule[i]
+                if after < before:
+                    out.append(f"batch.schedule[{i}]: [{tokens}, {after}] shrinks the global batch from {before}; "
+                               f"the rules then scale by kappa {after / before:g} < 1 (smaller lr and 1 - beta)")
+        if self.train.engine == "fsdp2":
+            ds, default = dataclasses.asdict(self.deepspeed), dataclasses.asdict(DeepSpeedConfig())
+            ignored = [f"deepspeed.{k}" for k in ds if ds[k] != default[k]]
+            if ignored:
+                out.append(f"{', '.join(ignored)}: ignored, train.engine is 'fsdp2' (its settings are the fsdp2 "
+                           "section's)")
+        return out
+
 
 # ---------------------------------------------------------------- parsing and coercion
 
@@ -435,6 +481,16 @@ def _numeric(value: Any) -> Any:
     return value
 
 
+def _yaml_value(where: str, text: str) -> Any:
+    """``text`` (a command-line value) read as YAML, or a ConfigError naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: {text!r} is not valid YAML ({problem}); quote the value and close "
+                          "every bracket") from None
+
+
 def _coerce(where: str, tp: Any, value: Any) -> Any:
     """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -442,25 +498,28 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
+        first_error = None
         for arg in args[:-1]:  # the first type that takes the value
             try:
                 return _coerce(where, arg, value)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                first_error = first_error or exc
+        if first_error and isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+            raise first_error  # a list or mapping that does not parse: say why, not "not allowed"
         return _coerce(where, args[-1], value)
     if value is None:
         raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # CLI: "8,16" or "[8, 16]"
-            parsed = yaml.safe_load(value)
+            parsed = _yaml_value(where, value)
             value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(where, value)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _numeric(value)
@@ -529,7 +588,7 @@ def _apply(cfg: RunConfig, path: list[str], value: Any, source: str) -> None:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"{source}: {dotted!r} goes through a non-mapping value")
-            node[path[-1]] = _numeric(yaml.safe_load(value) if isinstance(value, str) else value)
+            node[path[-1]] = _numeric(_yaml_value(dotted, value) if isinstance(value, str) else value)
         return
     if len(path) > 2:
         raise ConfigError(f"{source}: {dotted!r} is too deep; {path[0]}.{key} is a plain value")

@@ -5,11 +5,11 @@ Face model directory, e.g. one ``bigbatch export`` wrote: its ``HFLM`` model cla
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 from bigbatch import atomic
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.training.config import ConfigError
 
 
@@ -41,7 +41,7 @@ def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = Non
 def main(argv: list[str] | None = None) -> int:
     from bigbatch.training.run_dir import command_main
 
-    p = argparse.ArgumentParser(prog="bigbatch eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bigbatch eval", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", metavar="DIR", help="a Hugging Face model directory (bigbatch export's --out)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")

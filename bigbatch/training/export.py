@@ -24,6 +24,7 @@ import tempfile
 
 import torch
 
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
 from bigbatch.sharding.tags import CheckpointError
 from bigbatch.training.config import ConfigError
@@ -185,12 +186,10 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
 
 def main(argv: list[str] | None = None) -> int:
     """``bigbatch export RUN_DIR --out DIR [--tag TAG] [--overwrite] [--max-shard-size 5GB]``."""
-    import argparse
-
     from bigbatch.training.run_dir import command_main
 
-    p = argparse.ArgumentParser(prog="bigbatch export",
-                                description="Write a run's checkpoint as a Hugging Face model directory.")
+    p = ArgumentParser(prog="bigbatch export",
+                       description="Write a run's checkpoint as a Hugging Face model directory.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train.py run directory")
     p.add_argument("--out", required=True, help="the model directory to write (new or empty)")
     p.add_argument("--tag", default=None, help="the checkpoint tag (default: the newest good one)")

@@ -32,10 +32,34 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def last_logged_step(path: str) -> int:
+    """The largest ``step`` of the records in ``path`` (0 without any; a line cut short by a kill is
+    skipped)."""
+    last = 0
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    last = max(last, int(json.loads(line).get("step", 0) or 0))
+                except (ValueError, AttributeError, TypeError):
+                    continue
+    return last
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
     """Drop records logged after ``last_step`` (they belong to steps a resume will redo);
-    rewritten atomically."""
+    rewritten atomically. A restart from step 0 of a run that had logged steps keeps that history:
+    the file is renamed ``metrics.jsonl.<UTC time>`` (never deleted) and a new one begins."""
     if not os.path.isfile(path):
+        return
+    if last_step == 0 and last_logged_step(path) > 0:
+        aside = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        n = 1
+        while os.path.exists(aside):
+            aside, n = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}", n + 1
+        os.replace(path, aside)
+        print(f"metrics: starting from step 0; the earlier history (to step {last_logged_step(aside)}) is kept "
+              f"in {aside}", flush=True)
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

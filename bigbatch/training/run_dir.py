@@ -3,6 +3,7 @@ there, and whether it can write there at all."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -13,8 +14,11 @@ import yaml
 
 from bigbatch import atomic, exit_codes
 from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
-from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml, load_config
+from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
+                                      load_config, parse_overrides)
+from bigbatch.training.metrics import last_logged_step
 from bigbatch.training.model import count_parameters
 
 #: the run's tokenizer (save_pretrained files) and its transformers model config, written at the start
@@ -26,6 +30,18 @@ RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "checkpoints", "tensorboar
 RESOLVED = "config.resolved.yaml"
 
 
+def parse_args(argv: list[str] | None, description: str | None = None):
+    """train.py's command line: (options, overrides) where the options are ``config``, ``out``,
+    ``resume`` and ``overwrite``."""
+    p = ArgumentParser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="run config YAML (configs/*.yaml)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    args, rest = p.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
 def resolve_run(config: str | None, out: str | None, resume: str | None, overwrite: bool,
                 overrides: list[tuple[str, str]]) -> tuple[RunConfig, str, bool]:
     """(config, run directory, resuming) from the command line. ``--resume DIR`` takes DIR's saved
@@ -35,18 +51,40 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
         if out and os.path.abspath(out) != os.path.abspath(resume):
             raise ConfigError(f"--out {out!r} and --resume {resume!r} differ; give only --resume")
         cfg = load_config(config, overrides) if config else saved_config(resume, overrides, "--resume")
+        check_history(cfg, resume)
         return cfg, resume, True
     if not out:
         raise ConfigError("--out: required (the run directory), or --resume DIR")
     if not config:
         raise ConfigError("--config: required (a run config such as configs/tiny.yaml)")
     cfg = load_config(config, overrides)
+    problem = out_problem(out)
+    if problem:  # said now, before the process group and DeepSpeed start; prepare() checks writing
+        raise ConfigError(f"--out: {os.path.abspath(out)}: {problem}")
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))
                 and not (os.path.isdir(os.path.join(out, f)) and not os.listdir(os.path.join(out, f)))]
     if existing and not overwrite:
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
     return cfg, out, False
+
+
+def check_history(cfg: RunConfig, run_dir: str) -> None:
+    """A resumed run whose metrics go past step 0 but whose ``checkpoints/`` holds no complete
+    checkpoint (deleted, emptied, never completed) would start again from step 0: refused unless
+    ``checkpoint.if_unusable: restart`` (then the old metrics are kept aside, see truncate_metrics).
+    With no step logged yet (a requeue before the first save) it starts from step 0 as always.
+    Damaged checkpoints are judged later, by loading them."""
+    last = last_logged_step(os.path.join(run_dir, "metrics.jsonl"))
+    ckpt = os.path.join(run_dir, "checkpoints")
+    if last == 0 or cfg.checkpoint.if_unusable == "restart" or has_checkpoint(ckpt):
+        return
+    found = [t.tag for t in tags.scan(ckpt)]
+    raise ConfigError(f"--resume: {os.path.abspath(run_dir)} logged steps up to {last} but "
+                      f"{os.path.abspath(ckpt)} has no complete checkpoint "
+                      f"({'incomplete: ' + ', '.join(found) if found else 'none there'}); restore them, or pass "
+                      "--checkpoint.if_unusable restart to start from step 0 (metrics.jsonl is then kept as "
+                      "metrics.jsonl.<time>)")
 
 
 def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> RunConfig:
@@ -56,7 +94,11 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
     if not os.path.isfile(saved):
         raise ConfigError(f"{arg}: {run_dir!r} has no {RESOLVED}; give --config too")
     with open(saved) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{arg}: {saved} is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                              "give --config too") from None
     data.pop("resolved", None)
     return apply_overrides(config_from_dict(data), overrides)
 
@@ -92,10 +134,10 @@ def clear_run(out: str) -> None:
             raise ConfigError(f"--overwrite: cannot remove {exc.filename or path} ({exc.strerror or exc})") from None
 
 
-def dir_problem(path: str) -> str | None:
-    """Why ``path`` cannot be a directory this process writes into, or None. Creates it when it is
-    missing, and writes and deletes a probe file (a read-only file system, a full disk or missing
-    permissions show only when writing)."""
+def out_problem(path: str) -> str | None:
+    """Why ``path`` cannot become a directory this process writes into, or None, leaving nothing
+    behind: it or an ancestor is a file, or the nearest existing directory takes no new file (a
+    probe file is created there and removed)."""
     p = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(p) and not os.path.isdir(p):
         return "exists and is not a directory"
@@ -104,6 +146,24 @@ def dir_problem(path: str) -> str | None:
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         return f"{ancestor} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bigbatch-write-test-", dir=ancestor)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        return f"cannot be created in {ancestor} ({exc.strerror or exc})" if ancestor != p else \
+            f"is not writable ({exc.strerror or exc})"
+    return None
+
+
+def dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a directory this process writes into, or None. Creates it when it is
+    missing, and writes and deletes a probe file (a read-only file system, a full disk or missing
+    permissions show only when writing)."""
+    p = os.path.abspath(os.path.expanduser(path))
+    problem = out_problem(p)
+    if problem:
+        return problem
     try:
         os.makedirs(p, exist_ok=True)
     except OSError as exc:
