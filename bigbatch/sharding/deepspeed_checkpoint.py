@@ -35,11 +35,10 @@ from bigbatch import distributed as bbdist
 from bigbatch.rng import rng_state
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding import tags
+from bigbatch.sharding.full_state import FULL, FullState, check_compatible, read_full_state, read_parts, saved_engine
 from bigbatch.sharding.tags import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-FULL = "bigbatch_full_state_part{}.pt"
 
 
 def _optimizer_name(optimizer) -> str:
@@ -76,10 +75,10 @@ def _load_module_extras(engine, extras: dict[str, torch.Tensor]) -> None:
     buffers = dict(engine.module.named_buffers())
     params = dict(engine.module.named_parameters())
     for key, value in extras.items():
-        kind, name = key.split(":", 1)
-        if kind == "buffer" and name in buffers:
+        kind, name = key.split(":", 1)  # "state": another engine's state-dict key, buffer or frozen weight
+        if kind in ("buffer", "state") and name in buffers:
             buffers[name].data.copy_(value)
-        elif kind == "frozen" and name in params:
+        elif name in params and (kind == "frozen" or (kind == "state" and not params[name].requires_grad)):
             p = params[name]
             if hasattr(p, "ds_id"):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -119,7 +118,7 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
              (FULL.format(rank), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
         files.append((tags.META, {
-            "format": tags.FORMAT, "tag": tag, "world_size": world, "zero_stage": st.stage_of(engine),
+            "format": tags.FORMAT, "tag": tag, "engine": "deepspeed", "world_size": world, "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "grad_accum": engine.gradient_accumulation_steps(),
@@ -180,8 +179,15 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     path = os.path.join(ckpt_dir, tag)
     meta = tags.read_meta(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
-    same = meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
-    if same:
+    other = saved_engine(meta) != "deepspeed"
+    same = not other and meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
+    if other:
+        logger.info("bigbatch: loading %s, saved by %s on %d processes, into DeepSpeed ZeRO-%d on %d", path,
+                    saved_engine(meta), meta["world_size"], st.stage_of(engine), world)
+        fs = read_full_state(ckpt_dir, tag, meta=meta)
+        check_compatible(fs, _group_names(engine), _optimizer_name(engine.basic_optimizer), "deepspeed")
+        _load_full(engine, fs)
+    elif same:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -189,15 +195,7 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     else:
         logger.info("bigbatch: resharding %s from world size %d (ZeRO-%d) to %d (ZeRO-%d)", path,
                     meta["world_size"], meta["zero_stage"], world, st.stage_of(engine))
-        full, extras = load_full_state(path, meta["full_state_parts"])
-        _restore_groups(engine, meta)
-        st.scatter_full_state(engine, full, meta["steps_by_name"])
-        _load_module_extras(engine, extras)
-        if meta["scheduler"] is not None and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(meta["scheduler"])
-        engine.global_steps = meta["global_steps"]
-        engine.global_samples = meta["global_samples"]
-        engine.skipped_steps = meta["skipped_steps"]
+        _load_full(engine, read_full_state(ckpt_dir, tag, meta=meta))
     tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
         st.rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
@@ -206,20 +204,36 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     return meta["client_state"]
 
 
-def load_full_state(path: str, parts: int) -> tuple[dict, dict]:
-    """Merge the full-state parts of a checkpoint directory (memory-mapped)."""
-    params, extras = {}, {}
-    for r in range(parts):
-        blob = tags.load_file(os.path.join(path, FULL.format(r)), mmap=True)
-        params.update(blob["params"])
-        extras.update(blob["extras"])
-    return params, extras
+load_full_state = read_parts  # the merged parts of a tag directory: ({name: entry}, extras)
 
 
-def _restore_groups(engine, meta: dict) -> None:
+def _load_full(engine, fs: FullState) -> None:
+    """Weights, every optimizer state, step counters, group hyperparameters, buffers, scheduler and
+    engine counters from a tag's by-name full state (any world size, stage or engine)."""
+    meta, client = fs.meta, fs.meta.get("client_state") or {}
+    _restore_groups(engine, fs.group_by_name, [g["hparams"] for g in fs.groups])
+    full = {n: {"fp32": w, "state": fs.optim.get(n, {})} for n, w in fs.params.items()}
+    st.scatter_full_state(engine, full, fs.steps_by_name)
+    _load_module_extras(engine, fs.extras)
+    if meta.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    # an FSDP2 tag has no DeepSpeed counters: the loop's position stands for them
+    engine.global_steps = meta.get("global_steps", client.get("step", 0))
+    engine.global_samples = meta.get("global_samples", client.get("samples", 0))
+    engine.skipped_steps = meta.get("skipped_steps", client.get("skipped_steps", 0))
+
+
+def _group_names(engine) -> list[list[str]]:
+    """Names of the trainable parameters of each client-optimizer group."""
+    by_name = st.group_index_by_name(engine)
+    out: list[list[str]] = [[] for _ in engine.basic_optimizer.param_groups]
+    for n, g in by_name.items():
+        out[g].append(n)
+    return out
+
+
+def _restore_groups(engine, by_name: dict[str, int], saved: list[dict]) -> None:
     """Hyperparameters of each client group, matched by the names of its parameters."""
-    by_name = meta["group_by_name"]
-    saved = meta["group_hparams"]
     name_of = {id(p): n for n, p in engine.module.named_parameters()}
     for g, params in st.lp_groups(engine):
         names = {name_of[id(p)] for p in params if id(p) in name_of}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bigbatch import exit_codes
 from bigbatch.sharding import tags
+from bigbatch.sharding.full_state import IncompatibleCheckpoint
 from bigbatch.sharding.tags import CheckpointError, CheckpointSaveError
 from bigbatch.training.config import ConfigError
 from bigbatch.training.run_state import RunStopped
@@ -28,6 +29,8 @@ class Checkpointer:
         except CheckpointError as exc:  # NoUsableCheckpoint, or the one tag asked for
             raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable "
                               "restart") from None
+        except IncompatibleCheckpoint as exc:  # another engine's tag that this run cannot take
+            raise ConfigError(f"--resume: {exc}") from None
         if client is not None:
             for name, obj in states.items():
                 if name == "trainer":
