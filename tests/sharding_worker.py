@@ -212,8 +212,8 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         save_checkpoint(engine, d, tag="good")
         _train(engine, 3, 2, world, rank)
         save_checkpoint(engine, d, tag="broken")
-        if rank == 0:  # truncate one of DeepSpeed's files after the save completed
-            victim = sorted(f for f in os.listdir(os.path.join(d, "broken")) if "optim_states" in f)[0]
+        if rank == 0:  # truncate a full-state part after the save completed
+            victim = sorted(f for f in os.listdir(os.path.join(d, "broken")) if "full_state_part" in f)[0]
             path = os.path.join(d, "broken", victim)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)

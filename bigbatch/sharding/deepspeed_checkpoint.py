@@ -1,17 +1,19 @@
-"""Checkpoints of DeepSpeed engines that resume exactly, on any world size, atomically.
+"""Checkpoints of DeepSpeed engines that resume exactly, on any world size, stage or engine, atomically.
 
-Layout of ``<ckpt_dir>/<tag>/``:
+Layout of ``<ckpt_dir>/<tag>/`` (each tensor stored once: DeepSpeed's own files, which would hold
+the optimizer state a second time, are not written):
 
-* DeepSpeed's own files (``mp_rank_00_model_states.pt``, ``*zero_pp_rank_*_optim_states.pt``):
-  used when the world size and ZeRO stage are unchanged (exact, DeepSpeed's native path);
-* ``bigbatch_meta.pt`` (rank 0): world size, stage, batch fields, optimizer name, param-group
-  hyperparameters, step counters, LR-scheduler state, engine counters, ``client_state``;
+* ``bigbatch_meta.pt`` (rank 0): engine, world size, stage, batch fields, optimizer name, param-group
+  hyperparameters, step counters, LR-scheduler state, engine counters, fp16's loss scale, ``client_state``;
 * ``bigbatch_full_state_part<r>.pt`` (rank r keeps every N-th parameter): per parameter name the
   full fp32 weight and every per-element optimizer state (``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ...), assembled through DeepSpeed's fragment API; part 0 also holds buffers
-  and frozen weights. Used to reshard onto another world size or stage, with nothing dropped by
+  and frozen weights. Every load scatters it into the engine's partitioning, the same one (bitwise
+  the uninterrupted run: fp32 values copied, bf16/fp16 weights cast from their fp32 master as
+  DeepSpeed does after a step) or another world size, stage or engine, with nothing dropped by
   name (DeepSpeed's universal checkpoint keeps only fp32/exp_avg/exp_avg_sq/step). Each rank
-  holds about 1/N of the full state while saving; loading memory-maps the parts;
+  holds about 1/N of the full state while saving; loading memory-maps the parts
+  (:func:`bigbatch.sharding.full_state.read_full_state` reads it in one process);
 * ``bigbatch_rng_rank<r>.pt`` (every rank): Python, NumPy and torch RNG states;
 * ``bigbatch_manifest.json`` (rank 0, last): every file of the tag with its size and content hash
   (:mod:`bigbatch.sharding.tags`).
@@ -102,14 +104,6 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
     save = tags.TagSave(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
     client_state = dict(client_state or {})
-    error = None
-    try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
-                               save_latest=False)
-    except Exception as exc:  # a write failed on this rank; the others wait in DeepSpeed's last barrier
-        error = tags.describe_write_error(exc, save.path) + " (DeepSpeed's files)"
-        bbdist.barrier()
-    save.check(error)
     full = st.gather_full_state(engine, keep=lambda i: i % world == rank)
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
@@ -118,7 +112,8 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
              (FULL.format(rank), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
         files.append((tags.META, {
-            "format": tags.FORMAT, "tag": tag, "engine": "deepspeed", "world_size": world, "zero_stage": st.stage_of(engine),
+            "format": tags.FORMAT, "tag": tag, "engine": "deepspeed", "world_size": world,
+            "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "grad_accum": engine.gradient_accumulation_steps(),
@@ -129,7 +124,8 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
             "group_by_name": group_of,
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps, "client_state": client_state,
+            "skipped_steps": engine.skipped_steps, "loss_scaler": _loss_scaler_state(engine),
+            "client_state": client_state,
         }))
     save.write(files)  # every rank's files are on disk, or the save failed
     return save.finish(keep=keep, samples=engine.global_samples, steps=engine.global_steps)
@@ -158,10 +154,10 @@ def list_checkpoints(ckpt_dir: str) -> list[str]:
 def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None, fallback: bool = False) -> dict:
     """Restore ``engine`` from ``ckpt_dir`` (collective); return the saved ``client_state``.
 
-    * same world size and ZeRO stage: DeepSpeed's own loader (exact), plus RNG states;
-    * otherwise: weights and every optimizer state are scattered from the full state into the
-      new partitioning (nothing dropped), group hyperparameters, step counters, scheduler and
-      engine counters restored; RNG states are per rank and restored only if the rank existed.
+    Weights and every optimizer state are scattered from the tag's full state into this engine's
+    partitioning (any world size and stage; an FSDP2 tag too), group hyperparameters, step counters,
+    scheduler and engine counters restored; RNG states are per rank and restored only if the rank
+    existed. At the saving world size and stage the run continues bitwise.
     * if ``plan.global_batch`` differs from the saved global batch: :func:`~bigbatch.sharding.deepspeed_state.rescale_engine`
       (hyperparameters by the scaling rules, step counters by samples); the new values are logged.
 
@@ -179,23 +175,17 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     path = os.path.join(ckpt_dir, tag)
     meta = tags.read_meta(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
-    other = saved_engine(meta) != "deepspeed"
-    same = not other and meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
-    if other:
+    if saved_engine(meta) != "deepspeed":
         logger.info("bigbatch: loading %s, saved by %s on %d processes, into DeepSpeed ZeRO-%d on %d", path,
                     saved_engine(meta), meta["world_size"], st.stage_of(engine), world)
         fs = read_full_state(ckpt_dir, tag, meta=meta)
         check_compatible(fs, _group_names(engine), _optimizer_name(engine.basic_optimizer), "deepspeed")
-        _load_full(engine, fs)
-    elif same:
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load it")
     else:
-        logger.info("bigbatch: resharding %s from world size %d (ZeRO-%d) to %d (ZeRO-%d)", path,
-                    meta["world_size"], meta["zero_stage"], world, st.stage_of(engine))
-        _load_full(engine, read_full_state(ckpt_dir, tag, meta=meta))
+        if meta["world_size"] != world or meta["zero_stage"] != st.stage_of(engine):
+            logger.info("bigbatch: resharding %s from world size %d (ZeRO-%d) to %d (ZeRO-%d)", path,
+                        meta["world_size"], meta["zero_stage"], world, st.stage_of(engine))
+        fs = read_full_state(ckpt_dir, tag, meta=meta)
+    _load_full(engine, fs)
     tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
         st.rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
@@ -221,6 +211,25 @@ def _load_full(engine, fs: FullState) -> None:
     engine.global_steps = meta.get("global_steps", client.get("step", 0))
     engine.global_samples = meta.get("global_samples", client.get("samples", 0))
     engine.skipped_steps = meta.get("skipped_steps", client.get("skipped_steps", 0))
+    _set_loss_scaler_state(engine, meta.get("loss_scaler"))
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler_state(engine) -> dict | None:
+    """fp16's dynamic loss scale (the only state of DeepSpeed's optimizer wrapper besides the tensors)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not engine.fp16_enabled():
+        return None
+    return {k: getattr(scaler, k) for k in _SCALER_FIELDS if hasattr(scaler, k)}
+
+
+def _set_loss_scaler_state(engine, state: dict | None) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if state and scaler is not None and engine.fp16_enabled():
+        for k, v in state.items():
+            setattr(scaler, k, v)
 
 
 def _group_names(engine) -> list[list[str]]:
