@@ -5,7 +5,7 @@ two moments and ``max_exp_avg_sq`` per parameter): a stack of ``--layers`` Linea
 Printed, each against a reference measured in the same run:
 
 * bytes per parameter of a tag against the state it holds (weights, fp32 master weights when the
-  weights are bf16, the moments, AMSBound's max): DeepSpeed ZeRO-1 (bigbatch's by-name parts only)
+  weights are bf16, the moments, AMSBound's max): DeepSpeed ZeRO-``--stage`` (bigbatch's by-name parts only)
   next to what DeepSpeed's own files, written as well before, added (measured: DeepSpeed's
   ``save_checkpoint`` on the same engine); FSDP2 (torch.distributed.checkpoint);
 * the time the training loop is stalled per FSDP2 save: a synchronous save, and a background save
@@ -13,7 +13,8 @@ Printed, each against a reference measured in the same run:
   in background threads), with the time the background save takes to complete;
 * content hashes: the hashing's share of a DeepSpeed save, and the verification before a load.
 
-    python benchmarks/checkpoint_io.py [--mparams 25] [--repeats 3] [--precision fp32|bf16] [--dir /tmp/...]
+    python benchmarks/checkpoint_io.py [--mparams 25] [--repeats 3] [--precision fp32|bf16] [--stage 2]
+                                       [--dir /tmp/...]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def deepspeed_part(args, width, layers, ckpt) -> dict:
 
     from bigbatch.sharding import build_engine, save_checkpoint, tags
 
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": args.stage},
           "optimizer": {"type": "AMSBound", "params": {"lr": 1e-3}}, "steps_per_print": 10**9,
           "bf16": {"enabled": args.precision == "bf16"}}
     engine, _, _ = build_engine(model(width, layers), ds)
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="DeepSpeed's weights")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=2, help="DeepSpeed's ZeRO stage")
     p.add_argument("--dir", default="/tmp/bigbatch-ckpt-io")
     args = p.parse_args()
 
@@ -137,9 +139,10 @@ def main() -> None:
     ds_state = lp + (4 if lp != 4 else 0) + 3 * 4  # weights, fp32 master, exp_avg, exp_avg_sq, max_exp_avg_sq
     fs_state = 4 + 3 * 4
     print(f"model {layers} x {width}x{width} = {n / 1e6:.1f}M params, AMSBound ({args.repeats} saves, medians)")
-    print(f"DeepSpeed ZeRO-1 {args.precision}: state {ds_state} B/param | tag {ds['bytes'] / n:.2f} B/param = "
-          f"{ds['bytes'] / n / ds_state:.3f}x the state | with DeepSpeed's own files as before "
-          f"{(ds['bytes'] + ds['native_bytes']) / n:.2f} B/param = {(ds['bytes'] + ds['native_bytes']) / n / ds_state:.3f}x")
+    before = ds["bytes"] + ds["native_bytes"]
+    print(f"DeepSpeed ZeRO-{args.stage} {args.precision}: state {ds_state} B/param | tag {ds['bytes'] / n:.2f} "
+          f"B/param = {ds['bytes'] / n / ds_state:.3f}x the state | with DeepSpeed's own files as before "
+          f"{before / n:.2f} B/param = {before / n / ds_state:.3f}x")
     print(f"FSDP2 fp32: state {fs_state} B/param | tag {fs['bytes'] / n:.2f} B/param = "
           f"{fs['bytes'] / n / fs_state:.3f}x the state")
     print(f"FSDP2 save: synchronous {fs['sync']:.3f} s | background: loop stalled {fs['stall']:.3f} s = "

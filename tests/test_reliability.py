@@ -335,10 +335,10 @@ def _small_fs(path: Path, megabytes: float) -> None:
 
 
 def test_full_disk_stops_the_run_cleanly(tmp_path, cache):
-    """Checkpoints on a 2 MB file system (one tag of this model is ~1.2 MB on 2 ranks): the second save
+    """Checkpoints on a 0.75 MB file system (one tag of this model is ~0.5 MB on 2 ranks): the second save
     fails on every rank, naming the file; its files are removed; 'latest' and the first tag stay."""
     out = tmp_path / "full"
-    _small_fs(out / "checkpoints", 2)
+    _small_fs(out / "checkpoints", 0.75)
     try:
         proc = run(TORCHRUN + ["train.py", *args(cache), "--out", str(out), "--train.max_steps", "30",
                                "--checkpoint.every_steps", "10"])

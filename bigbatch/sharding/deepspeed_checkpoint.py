@@ -37,7 +37,7 @@ from bigbatch import distributed as bbdist
 from bigbatch.rng import rng_state
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding import tags
-from bigbatch.sharding.full_state import FULL, FullState, check_compatible, read_full_state, read_parts, saved_engine
+from bigbatch.sharding.full_state import FULL, FullState, check_compatible, read_full_state, saved_engine
 from bigbatch.sharding.tags import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -192,9 +192,6 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
                        beta_form=plan.beta_form)
     bbdist.barrier()
     return meta["client_state"]
-
-
-load_full_state = read_parts  # the merged parts of a tag directory: ({name: entry}, extras)
 
 
 def _load_full(engine, fs: FullState) -> None:

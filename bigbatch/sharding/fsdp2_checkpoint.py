@@ -27,7 +27,8 @@ from bigbatch import distributed as bbdist
 from bigbatch.rng import rng_state
 from bigbatch.sharding import tags
 from bigbatch.optim.registry import canonical_name
-from bigbatch.sharding.full_state import FullState, IncompatibleCheckpoint, check_compatible, read_full_state, saved_engine
+from bigbatch.sharding.full_state import (FullState, IncompatibleCheckpoint, check_compatible, read_full_state,
+                                          saved_engine)
 
 
 class ReusedBufferStager(AsyncStager):

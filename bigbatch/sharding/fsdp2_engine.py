@@ -24,8 +24,8 @@ from bigbatch import distributed as bbdist
 from bigbatch.scaling.noise_scale import FSDPNoiseProbe
 from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
 from bigbatch.sharding import tags
+from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
 from bigbatch.sharding.training_engine import TrainingEngine
 
 
