@@ -161,13 +161,14 @@ def all_reduce_floats(values: list[float], op: str = "sum", group=None) -> list[
     return out
 
 
-def agree(error: str | None) -> list[str]:
+def agree(error: str | None, group=None) -> list[str]:
     """Every rank's error (``"rank R: ..."``) after a step that may have failed on some of them, so
-    that all ranks go on or stop together; empty when it worked everywhere. Collective."""
-    if not is_initialized() or dist.get_world_size() == 1:
+    that all ranks go on or stop together; empty when it worked everywhere. Collective (over
+    ``group``, default: every rank)."""
+    if not is_initialized() or dist.get_world_size(group) == 1:
         return [f"rank 0: {error}"] if error else []
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, error)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, error, group=group)
     return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
 
 

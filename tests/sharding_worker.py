@@ -136,7 +136,7 @@ def _noise_scale(case: dict, world: int, rank: int):
 def run_case(case: dict, world: int, rank: int) -> dict:
     from bigbatch.sharding import CheckpointError, load_checkpoint, save_checkpoint
     from bigbatch.sharding import deepspeed_state as st
-    from bigbatch.sharding.deepspeed_checkpoint import load_full_state
+    from bigbatch.sharding.full_state import read_parts
     from bigbatch.sharding.tags import META
 
     kind = case["kind"]
@@ -175,7 +175,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         out["group_steps"] = st.group_steps(engine)
         full = st.gather_full_state(engine)
         meta = torch.load(os.path.join(_tag_dir(case), META), weights_only=False)
-        saved, _ = load_full_state(_tag_dir(case), meta["full_state_parts"])
+        saved, _ = read_parts(_tag_dir(case), meta["full_state_parts"])
         diffs = {}
         for name, entry in saved.items():
             diffs[f"{name}/fp32"] = float((full[name]["fp32"] - entry["fp32"]).abs().max())
@@ -212,8 +212,8 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         save_checkpoint(engine, d, tag="good")
         _train(engine, 3, 2, world, rank)
         save_checkpoint(engine, d, tag="broken")
-        if rank == 0:  # truncate one of DeepSpeed's files after the save completed
-            victim = sorted(f for f in os.listdir(os.path.join(d, "broken")) if "optim_states" in f)[0]
+        if rank == 0:  # truncate a full-state part after the save completed
+            victim = sorted(f for f in os.listdir(os.path.join(d, "broken")) if "full_state_part" in f)[0]
             path = os.path.join(d, "broken", victim)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)

@@ -94,7 +94,7 @@ def test_space_warning_and_write_errors(tmp_path):
 
 def test_bit_rot_is_refused_and_the_previous_tag_used(base, tmp_path):
     out = copy_run(base, tmp_path / "rot")
-    victim = out / "checkpoints" / "step00000010" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim = out / "checkpoints" / "step00000010" / "bigbatch_full_state_part0.pt"
     flip_bytes(victim)
     proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
     check_ok(proc)
@@ -110,7 +110,7 @@ def test_bit_rot_is_refused_and_the_previous_tag_used(base, tmp_path):
 def test_every_tag_damaged_refuses_to_restart_unless_asked(base, tmp_path):
     out = copy_run(base, tmp_path / "allbad")
     flip_bytes(out / "checkpoints" / "step00000005" / "bigbatch_full_state_part0.pt")
-    with open(out / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt", "r+b") as fh:
+    with open(out / "checkpoints" / "step00000010" / "bigbatch_full_state_part0.pt", "r+b") as fh:
         fh.truncate(100)
     before = (out / "metrics.jsonl").read_text()
     proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
@@ -335,10 +335,10 @@ def _small_fs(path: Path, megabytes: float) -> None:
 
 
 def test_full_disk_stops_the_run_cleanly(tmp_path, cache):
-    """Checkpoints on a 2 MB file system (one tag of this model is ~1.2 MB on 2 ranks): the second save
+    """Checkpoints on a 0.75 MB file system (one tag of this model is ~0.5 MB on 2 ranks): the second save
     fails on every rank, naming the file; its files are removed; 'latest' and the first tag stay."""
     out = tmp_path / "full"
-    _small_fs(out / "checkpoints", 2)
+    _small_fs(out / "checkpoints", 0.75)
     try:
         proc = run(TORCHRUN + ["train.py", *args(cache), "--out", str(out), "--train.max_steps", "30",
                                "--checkpoint.every_steps", "10"])
@@ -363,3 +363,62 @@ def test_full_disk_stops_the_run_cleanly(tmp_path, cache):
         assert "Training continues" in proc.stdout
     finally:
         subprocess.run(["umount", str(out / "checkpoints")])
+
+
+# ------------------------------------------------------------------ a kill during a background save
+
+
+def _partial_tag(ckpt: Path) -> Path | None:
+    """A tag whose files are being written (DCP's shards there, no manifest yet), after a complete one."""
+    if not (ckpt / tags.LATEST).exists():
+        return None
+    for tag in ckpt.iterdir():
+        if tag.is_dir() and not (tag / tags.MANIFEST).exists() and any(tag.glob("*.distcp")):
+            return tag
+    return None
+
+
+def test_a_kill_during_a_background_save_leaves_latest_on_the_previous_tag(tmp_path, cache):
+    """FSDP2's periodic saves complete in the background (checkpoint.async_save): a job killed while one
+    is in flight (SIGKILL to every process, as a node failure) leaves that tag without a manifest,
+    ``latest`` on the previous complete tag, and a resume continues from there."""
+    out = tmp_path / "run"
+    big = ["--model.hidden_size", "256", "--model.intermediate_size", "1024", "--model.num_heads", "4",
+           "--model.num_layers", "4"]  # ~4M parameters: a save takes long enough to be caught in flight
+    proc = subprocess.Popen(TORCHRUN + ["train.py", *args(cache), *big, "--out", str(out), "--train.engine", "fsdp2",
+                                        "--train.max_steps", "400", "--checkpoint.every_steps", "2",
+                                        "--checkpoint.keep", "3"],
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    ckpt, partial, pids = out / "checkpoints", None, {}
+
+    def kill_all():
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    deadline = time.monotonic() + 240
+    try:
+        pids = _workers(proc)
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = _partial_tag(ckpt) if ckpt.exists() else None
+            if partial is not None:
+                kill_all()
+                break
+            time.sleep(0.002)
+    finally:
+        kill_all()
+        stdout, stderr = proc.communicate(timeout=60)
+    assert partial is not None, f"no save caught in flight (exit {proc.returncode}):\n{stderr[-3000:]}"
+    assert not (partial / tags.MANIFEST).exists()
+    latest = tags.read_latest(str(ckpt))
+    assert latest != partial.name and int(latest[4:]) < int(partial.name[4:]), (latest, partial.name)
+    tags.verify_tag(str(ckpt), latest)  # complete and good: every byte hashed before latest moved
+    step = int(latest[4:])
+    proc = run(TORCHRUN + ["train.py", "--resume", str(out), "--train.max_steps", str(step + 2)])
+    check_ok(proc)
+    assert [r["step"] for r in records(out)] == list(range(1, step + 3))

@@ -1,17 +1,19 @@
-"""Checkpoints of DeepSpeed engines that resume exactly, on any world size, atomically.
+"""Checkpoints of DeepSpeed engines that resume exactly, on any world size, stage or engine, atomically.
 
-Layout of ``<ckpt_dir>/<tag>/``:
+Layout of ``<ckpt_dir>/<tag>/`` (each tensor stored once: DeepSpeed's own files, which would hold
+the optimizer state a second time, are not written):
 
-* DeepSpeed's own files (``mp_rank_00_model_states.pt``, ``*zero_pp_rank_*_optim_states.pt``):
-  used when the world size and ZeRO stage are unchanged (exact, DeepSpeed's native path);
-* ``bigbatch_meta.pt`` (rank 0): world size, stage, batch fields, optimizer name, param-group
-  hyperparameters, step counters, LR-scheduler state, engine counters, ``client_state``;
+* ``bigbatch_meta.pt`` (rank 0): engine, world size, stage, batch fields, optimizer name, param-group
+  hyperparameters, step counters, LR-scheduler state, engine counters, fp16's loss scale, ``client_state``;
 * ``bigbatch_full_state_part<r>.pt`` (rank r keeps every N-th parameter): per parameter name the
   full fp32 weight and every per-element optimizer state (``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ...), assembled through DeepSpeed's fragment API; part 0 also holds buffers
-  and frozen weights. Used to reshard onto another world size or stage, with nothing dropped by
+  and frozen weights. Every load scatters it into the engine's partitioning, the same one (bitwise
+  the uninterrupted run: fp32 values copied, bf16/fp16 weights cast from their fp32 master as
+  DeepSpeed does after a step) or another world size, stage or engine, with nothing dropped by
   name (DeepSpeed's universal checkpoint keeps only fp32/exp_avg/exp_avg_sq/step). Each rank
-  holds about 1/N of the full state while saving; loading memory-maps the parts;
+  holds about 1/N of the full state while saving; loading memory-maps the parts
+  (:func:`bigbatch.sharding.full_state.read_full_state` reads it in one process);
 * ``bigbatch_rng_rank<r>.pt`` (every rank): Python, NumPy and torch RNG states;
 * ``bigbatch_manifest.json`` (rank 0, last): every file of the tag with its size and content hash
   (:mod:`bigbatch.sharding.tags`).
@@ -36,11 +38,10 @@ from bigbatch.optim.registry import canonical_name
 from bigbatch.rng import rng_state
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding import tags
+from bigbatch.sharding.full_state import FULL, FullState, check_compatible, read_full_state, saved_engine
 from bigbatch.sharding.tags import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-FULL = "bigbatch_full_state_part{}.pt"
 
 
 def _optimizer_name(optimizer) -> str:
@@ -76,10 +77,10 @@ def _load_module_extras(engine, extras: dict[str, torch.Tensor]) -> None:
     buffers = dict(engine.module.named_buffers())
     params = dict(engine.module.named_parameters())
     for key, value in extras.items():
-        kind, name = key.split(":", 1)
-        if kind == "buffer" and name in buffers:
+        kind, name = key.split(":", 1)  # "state": another engine's state-dict key, buffer or frozen weight
+        if kind in ("buffer", "state") and name in buffers:
             buffers[name].data.copy_(value)
-        elif kind == "frozen" and name in params:
+        elif name in params and (kind == "frozen" or (kind == "state" and not params[name].requires_grad)):
             p = params[name]
             if hasattr(p, "ds_id"):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -103,14 +104,6 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
     save = tags.TagSave(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
     client_state = dict(client_state or {})
-    error = None
-    try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"bigbatch_client_state": client_state},
-                               save_latest=False)
-    except Exception as exc:  # a write failed on this rank; the others wait in DeepSpeed's last barrier
-        error = tags.describe_write_error(exc, save.path) + " (DeepSpeed's files)"
-        bbdist.barrier()
-    save.check(error)
     full = st.gather_full_state(engine, keep=lambda i: i % world == rank)
     extras = _module_extras(engine)
     steps = st.group_steps(engine)
@@ -119,7 +112,8 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
              (FULL.format(rank), {"params": full, "extras": extras if rank == 0 else {}})]
     if rank == 0:
         files.append((tags.META, {
-            "format": tags.FORMAT, "tag": tag, "world_size": world, "zero_stage": st.stage_of(engine),
+            "format": tags.FORMAT, "tag": tag, "engine": "deepspeed", "world_size": world,
+            "zero_stage": st.stage_of(engine),
             "full_state_parts": world, "global_batch": engine.train_batch_size(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "grad_accum": engine.gradient_accumulation_steps(),
@@ -130,7 +124,8 @@ def save_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, client_sta
             "group_by_name": group_of,
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps, "client_state": client_state,
+            "skipped_steps": engine.skipped_steps, "loss_scaler": _loss_scaler_state(engine),
+            "client_state": client_state,
         }))
     save.write(files)  # every rank's files are on disk, or the save failed
     return save.finish(keep=keep, samples=engine.global_samples, steps=engine.global_steps)
@@ -159,10 +154,10 @@ def list_checkpoints(ckpt_dir: str) -> list[str]:
 def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None, fallback: bool = False) -> dict:
     """Restore ``engine`` from ``ckpt_dir`` (collective); return the saved ``client_state``.
 
-    * same world size and ZeRO stage: DeepSpeed's own loader (exact), plus RNG states;
-    * otherwise: weights and every optimizer state are scattered from the full state into the
-      new partitioning (nothing dropped), group hyperparameters, step counters, scheduler and
-      engine counters restored; RNG states are per rank and restored only if the rank existed.
+    Weights and every optimizer state are scattered from the tag's full state into this engine's
+    partitioning (any world size and stage; an FSDP2 tag too), group hyperparameters, step counters,
+    scheduler and engine counters restored; RNG states are per rank and restored only if the rank
+    existed. At the saving world size and stage the run continues bitwise.
     * if ``plan.global_batch`` differs from the saved global batch: :func:`~bigbatch.sharding.deepspeed_state.rescale_engine`
       (hyperparameters by the scaling rules, step counters by samples); the new values are logged.
 
@@ -180,24 +175,17 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     path = os.path.join(ckpt_dir, tag)
     meta = tags.read_meta(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
-    same = meta["world_size"] == world and meta["zero_stage"] == st.stage_of(engine)
-    if same:
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load it")
+    if saved_engine(meta) != "deepspeed":
+        logger.info("bigbatch: loading %s, saved by %s on %d processes, into DeepSpeed ZeRO-%d on %d", path,
+                    saved_engine(meta), meta["world_size"], st.stage_of(engine), world)
+        fs = read_full_state(ckpt_dir, tag, meta=meta)
+        check_compatible(fs, _group_names(engine), _optimizer_name(engine.basic_optimizer), "deepspeed")
     else:
-        logger.info("bigbatch: resharding %s from world size %d (ZeRO-%d) to %d (ZeRO-%d)", path,
-                    meta["world_size"], meta["zero_stage"], world, st.stage_of(engine))
-        full, extras = load_full_state(path, meta["full_state_parts"])
-        _restore_groups(engine, meta)
-        st.scatter_full_state(engine, full, meta["steps_by_name"])
-        _load_module_extras(engine, extras)
-        if meta["scheduler"] is not None and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(meta["scheduler"])
-        engine.global_steps = meta["global_steps"]
-        engine.global_samples = meta["global_samples"]
-        engine.skipped_steps = meta["skipped_steps"]
+        if meta["world_size"] != world or meta["zero_stage"] != st.stage_of(engine):
+            logger.info("bigbatch: resharding %s from world size %d (ZeRO-%d) to %d (ZeRO-%d)", path,
+                        meta["world_size"], meta["zero_stage"], world, st.stage_of(engine))
+        fs = read_full_state(ckpt_dir, tag, meta=meta)
+    _load_full(engine, fs)
     tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
         st.rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
@@ -206,20 +194,52 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     return meta["client_state"]
 
 
-def load_full_state(path: str, parts: int) -> tuple[dict, dict]:
-    """Merge the full-state parts of a checkpoint directory (memory-mapped)."""
-    params, extras = {}, {}
-    for r in range(parts):
-        blob = tags.load_file(os.path.join(path, FULL.format(r)), mmap=True)
-        params.update(blob["params"])
-        extras.update(blob["extras"])
-    return params, extras
+def _load_full(engine, fs: FullState) -> None:
+    """Weights, every optimizer state, step counters, group hyperparameters, buffers, scheduler and
+    engine counters from a tag's by-name full state (any world size, stage or engine)."""
+    meta, client = fs.meta, fs.meta.get("client_state") or {}
+    _restore_groups(engine, fs.group_by_name, [g["hparams"] for g in fs.groups])
+    full = {n: {"fp32": w, "state": fs.optim.get(n, {})} for n, w in fs.params.items()}
+    st.scatter_full_state(engine, full, fs.steps_by_name)
+    _load_module_extras(engine, fs.extras)
+    if meta.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    # an FSDP2 tag has no DeepSpeed counters: the loop's position stands for them
+    engine.global_steps = meta.get("global_steps", client.get("step", 0))
+    engine.global_samples = meta.get("global_samples", client.get("samples", 0))
+    engine.skipped_steps = meta.get("skipped_steps", client.get("skipped_steps", 0))
+    _set_loss_scaler_state(engine, meta.get("loss_scaler"))
 
 
-def _restore_groups(engine, meta: dict) -> None:
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler_state(engine) -> dict | None:
+    """fp16's dynamic loss scale (the only state of DeepSpeed's optimizer wrapper besides the tensors)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not engine.fp16_enabled():
+        return None
+    return {k: getattr(scaler, k) for k in _SCALER_FIELDS if hasattr(scaler, k)}
+
+
+def _set_loss_scaler_state(engine, state: dict | None) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if state and scaler is not None and engine.fp16_enabled():
+        for k, v in state.items():
+            setattr(scaler, k, v)
+
+
+def _group_names(engine) -> list[list[str]]:
+    """Names of the trainable parameters of each client-optimizer group."""
+    by_name = st.group_index_by_name(engine)
+    out: list[list[str]] = [[] for _ in engine.basic_optimizer.param_groups]
+    for n, g in by_name.items():
+        out[g].append(n)
+    return out
+
+
+def _restore_groups(engine, by_name: dict[str, int], saved: list[dict]) -> None:
     """Hyperparameters of each client group, matched by the names of its parameters."""
-    by_name = meta["group_by_name"]
-    saved = meta["group_hparams"]
     name_of = {id(p): n for n, p in engine.module.named_parameters()}
     for g, params in st.lp_groups(engine):
         names = {name_of[id(p)] for p in params if id(p) in name_of}

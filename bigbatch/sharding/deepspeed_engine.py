@@ -188,11 +188,12 @@ class DeepSpeedEngine(TrainingEngine):
         return bool(self.ds_engine.was_step_applied())
 
     def state_bytes(self) -> int:
-        """Per parameter the weights, fp32 master and optimizer states in DeepSpeed's files and again
-        in the resharding parts."""
-        return 32 * sum(p.numel() for p in self.module.parameters())
+        """Per parameter the fp32 master and two or three moments, stored once (the low-precision
+        weights are cast from the master on load)."""
+        return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
 
-    def save(self, ckpt_dir, *, tag, client_state, keep=None):
+    def save(self, ckpt_dir, *, tag, client_state, keep=None, background=False):
+        """Synchronous (DeepSpeed's fragment gathers are collectives on the training's group)."""
         save_checkpoint(self.ds_engine, ckpt_dir, tag=tag, client_state=client_state, keep=keep)
 
     def load_newest(self, ckpt_dir, tag=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -23,7 +24,8 @@ from bigbatch import distributed as bbdist
 from bigbatch.scaling.noise_scale import FSDPNoiseProbe
 from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.sharding.fsdp2_checkpoint import full_state, load_checkpoint, save_checkpoint
+from bigbatch.sharding import tags
+from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
 from bigbatch.sharding.training_engine import TrainingEngine
 
 
@@ -94,12 +96,17 @@ class FSDP2Engine(TrainingEngine):
 
     name = "fsdp2"
 
-    def __init__(self, model, optimizer, *, precision: str, grad_clip: float):
+    def __init__(self, model, optimizer, *, precision: str, grad_clip: float, async_save: bool = False):
         self.module, self.optimizer = model, optimizer
         self.precision = precision
         self.grad_clip = grad_clip
         self._applied = True
         self.comm = install_normed_reduce_scatter(model)
+        # saves that complete in the background talk over a group of their own (collective: made here,
+        # where every rank builds its engine)
+        self.save_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.async_save = async_save
+        self.pending, self.stager = None, ReusedBufferStager()
 
     def noise_measurable(self, plan) -> bool:
         """Each rank's local batch against the global one: needs >= 2 ranks."""
@@ -145,10 +152,29 @@ class FSDP2Engine(TrainingEngine):
         """float32 weights and two or three moments."""
         return 16 * sum(p.numel() for p in self.module.parameters())
 
-    def save(self, ckpt_dir, *, tag, client_state, keep=None):
+    def save(self, ckpt_dir, *, tag, client_state, keep=None, background=False):
+        """With ``background`` (and ``fsdp2``'s ``async_save``): returns once the state is copied to
+        memory; the tag completes while training goes on (:meth:`wait_saves`). A failure of the
+        previous background save is raised here, after this save started."""
+        earlier = None
+        try:
+            self.wait_saves()
+        except tags.CheckpointSaveError as exc:
+            earlier = exc
+        background = background and self.async_save and self.save_group is not None
         meta = {"global_batch": client_state.get("global_batch"), "optimizer": canonical_name(type(self.optimizer))}
-        save_checkpoint(self.module, self.optimizer, ckpt_dir, tag=tag, client_state=client_state, meta=meta,
-                        keep=keep)
+        result = save_checkpoint(self.module, self.optimizer, ckpt_dir, tag=tag, client_state=client_state,
+                                 meta=meta, keep=keep, background=background, group=self.save_group,
+                                 stager=self.stager)
+        if background:
+            self.pending = result
+        if earlier is not None:
+            raise earlier
+
+    def wait_saves(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.wait()
 
     def load_newest(self, ckpt_dir, tag=None):
         """Through DCP, on any world size."""

@@ -100,16 +100,19 @@ def tag_files(path: str) -> list[str]:
     return sorted(out)
 
 
-def hash_share(path: str, files: list[str]) -> dict[str, str]:
-    """Hashes of this rank's share of ``files`` (every world-th one); all ranks' shares gathered."""
-    rank, world = bbdist.rank(), bbdist.world_size()
+def hash_share(path: str, files: list[str], group=None) -> dict[str, str]:
+    """Hashes of this rank's share of ``files`` (every world-th one); all ranks' shares gathered
+    (over ``group``, default: every rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return {f: file_hash(os.path.join(path, f)) for f in files}
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     mine = {f: file_hash(os.path.join(path, f)) for i, f in enumerate(files) if i % world == rank}
     if world == 1:
         return mine
-    import torch.distributed as dist
-
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group=group)
     return {k: v for part in gathered for k, v in part.items()}
 
 
@@ -309,13 +312,14 @@ class TagSave:
     :meth:`check`, so all ranks go on or all raise :class:`CheckpointSaveError` (the new tag's files
     removed, the message naming the rank, the file and the error, ``latest`` and the earlier tags
     untouched). :meth:`finish` hashes the files (the ranks share the work), writes the manifest and
-    ``latest``, and applies the retention.
+    ``latest``, and applies the retention. ``group``: the process group of its collectives (a
+    save that completes in a background thread needs one of its own; default: every rank).
     """
 
-    def __init__(self, ckpt_dir: str, tag: str):
+    def __init__(self, ckpt_dir: str, tag: str, group=None):
         if os.sep in tag or tag in ("", ".", "..", LATEST):
             raise ValueError(f"tag={tag!r}: must be a plain directory name")
-        self.ckpt_dir, self.tag = ckpt_dir, tag
+        self.ckpt_dir, self.tag, self.group = ckpt_dir, tag, group
         self.path = os.path.join(ckpt_dir, tag)
         error = None
         if bbdist.rank() == 0:
@@ -330,7 +334,7 @@ class TagSave:
 
     def check(self, error: str | None) -> None:
         """After a step that may have failed on this rank (``error``): collective."""
-        if errors := bbdist.agree(error):
+        if errors := bbdist.agree(error, self.group):
             raise self.failed(errors)
 
     def failed(self, errors: list[str]) -> CheckpointSaveError:
@@ -359,7 +363,7 @@ class TagSave:
     def finish(self, *, keep: int | None = None, **order) -> str:
         """Hash, write the manifest (with ``order``, e.g. ``samples=``) and ``latest``; keep the ``keep``
         newest complete tags. Returns the tag's path."""
-        hashes = hash_share(self.path, tag_files(self.path))
+        hashes = hash_share(self.path, tag_files(self.path), self.group)
         error, deleted = None, []
         if bbdist.rank() == 0:
             try:

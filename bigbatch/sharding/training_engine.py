@@ -69,9 +69,16 @@ class TrainingEngine(abc.ABC):
         ``groups``: the new hyperparameters)."""
 
     @abc.abstractmethod
-    def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None) -> None:
+    def save(self, ckpt_dir: str, *, tag: str, client_state: dict, keep: int | None = None,
+             background: bool = False) -> None:
         """Collective all-or-nothing save: ``latest`` moves only when every rank is done;
-        :class:`~bigbatch.sharding.tags.CheckpointSaveError` on every rank when any failed."""
+        :class:`~bigbatch.sharding.tags.CheckpointSaveError` on every rank when any failed.
+        ``background``: the save may complete while training goes on, where the engine can
+        (:meth:`wait_saves`)."""
+
+    def wait_saves(self) -> None:
+        """Wait for a save still completing in the background (collective); raise its
+        :class:`~bigbatch.sharding.tags.CheckpointSaveError`, if it failed."""
 
     @abc.abstractmethod
     def load_newest(self, ckpt_dir: str, tag: str | None = None) -> dict:

@@ -178,4 +178,5 @@ def _fsdp2(cfg: RunConfig, model, plan) -> FSDP2Engine:
         optimizer = build_optimizer(model, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"optim: {exc}") from None
-    return FSDP2Engine(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip)
+    return FSDP2Engine(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip,
+                       async_save=cfg.checkpoint.async_save)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bigbatch import exit_codes
 from bigbatch.sharding import tags
+from bigbatch.sharding.full_state import IncompatibleCheckpoint
 from bigbatch.sharding.tags import CheckpointError, CheckpointSaveError
 from bigbatch.training.config import ConfigError
 from bigbatch.training.run_state import RunStopped
@@ -28,6 +29,8 @@ class Checkpointer:
         except CheckpointError as exc:  # NoUsableCheckpoint, or the one tag asked for
             raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable "
                               "restart") from None
+        except IncompatibleCheckpoint as exc:  # another engine's tag that this run cannot take
+            raise ConfigError(f"--resume: {exc}") from None
         if client is not None:
             for name, obj in states.items():
                 if name == "trainer":
@@ -50,14 +53,27 @@ class Checkpointer:
                 client.update(obj.state_dict())
             else:
                 client[name] = obj.state_dict()
-        try:
-            self.engine.save(self.ckpt_dir, tag=f"step{trainer.step:08d}", client_state=client, keep=self.keep)
+        try:  # a periodic save may complete in the background (FSDP2's checkpoint.async_save)
+            self.engine.save(self.ckpt_dir, tag=f"step{trainer.step:08d}", client_state=client, keep=self.keep,
+                             background=periodic)
         except CheckpointSaveError as exc:
-            if periodic and self.on_save_error == "continue":
-                trainer.logger.log({"kind": "checkpoint_error", "step": trainer.step, "tokens": trainer.tokens,
-                                    "message": str(exc)})
-                trainer.progress.write(f"warning: {exc} Training continues (checkpoint.on_save_error: continue).")
-                return False
-            raise RunStopped(exit_codes.SAVE_FAILED, f"error: {exc}") from None
+            return self._failed(trainer, exc, periodic)
         trainer.watchdog.beat("checkpoint saved", trainer.step)
         return True
+
+    def wait(self, trainer) -> bool:
+        """Until a save completing in the background is done (collective); False when it failed and
+        ``checkpoint.on_save_error`` is ``continue``."""
+        try:
+            self.engine.wait_saves()
+        except CheckpointSaveError as exc:
+            return self._failed(trainer, exc, periodic=True)
+        return True
+
+    def _failed(self, trainer, exc: CheckpointSaveError, periodic: bool) -> bool:
+        if periodic and self.on_save_error == "continue":
+            trainer.logger.log({"kind": "checkpoint_error", "step": trainer.step, "tokens": trainer.tokens,
+                                "message": str(exc)})
+            trainer.progress.write(f"warning: {exc} Training continues (checkpoint.on_save_error: continue).")
+            return False
+        raise RunStopped(exit_codes.SAVE_FAILED, f"error: {exc}") from None

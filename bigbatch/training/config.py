@@ -337,7 +337,9 @@ class CheckpointConfig:
     complete). ``if_unusable``: what ``--resume`` does when checkpoints exist but none passes its
     checks: ``fail`` (exit, listing each and why) or ``restart`` (from step 0). ``on_save_error``:
     a periodic save that fails (a full disk): ``stop`` the run, or ``continue`` training without it
-    (recorded in the metrics); a save at the end or on a signal that fails always stops the run."""
+    (recorded in the metrics); a save at the end or on a signal that fails always stops the run.
+    ``async_save``: FSDP2's periodic saves overlap training (the state is copied to memory, then
+    written, hashed and made ``latest`` in the background); DeepSpeed saves synchronously."""
 
     every_steps: int = 0  # 0 = only at the end and on a signal
     at_end: bool = True
@@ -347,6 +349,7 @@ class CheckpointConfig:
     on_save_error: str = "stop"  # stop | continue
     signal_grace_s: float = 20.0  # under torchrun's 30 s between SIGTERM and SIGKILL
     export_hf: bool = False  # at the end, the final checkpoint as a Hugging Face model in OUT/hf
+    async_save: bool = True
 
     def validate(self) -> None:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)

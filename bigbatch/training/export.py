@@ -26,6 +26,7 @@ import torch
 
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
+from bigbatch.sharding.full_state import read_full_state
 from bigbatch.sharding.tags import CheckpointError
 from bigbatch.training.config import ConfigError
 from bigbatch.training.run_dir import HF_CONFIG, TOKENIZER_DIR, saved_config
@@ -104,22 +105,10 @@ def run_tokenizer(run_dir: str, cfg=None):
 
 def load_weights(model: torch.nn.Module, tag_path: str, meta: dict) -> None:
     """Fill ``model`` (built on CPU in fp32) with the checkpoint's full weights, from either engine."""
-    if "full_state_parts" in meta:  # DeepSpeed: full fp32 weights per parameter
-        from bigbatch.sharding.deepspeed_checkpoint import load_full_state
-
-        full, extras = load_full_state(tag_path, meta["full_state_parts"])
-        state = {n: e["fp32"] for n, e in full.items()}
-        persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are recomputed
-        state.update({n: v for n, v in ((k.split(":", 1)[1], v) for k, v in extras.items()) if n in persistent})
-    else:  # FSDP2: DCP shards; only the model's entries are read, resharded to full tensors
-        import torch.distributed.checkpoint as dcp
-
-        template = {"model": {k: v for k, v in model.state_dict().items()}}
-        try:
-            dcp.load(template, checkpoint_id=tag_path, no_dist=True)
-        except Exception as exc:
-            raise CheckpointError(f"{tag_path}: cannot be read ({type(exc).__name__}: {exc})") from None
-        state = template["model"]
+    fs = read_full_state(os.path.dirname(tag_path), os.path.basename(tag_path), meta=meta, weights_only=True)
+    persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are recomputed
+    state = dict(fs.params)
+    state.update({n: v for n, v in ((k.split(":", 1)[1], v) for k, v in fs.extras.items()) if n in persistent})
     expected = set(model.state_dict())
     tied = {n for n in expected if n not in state and _is_tied(model, n)}
     missing = sorted(expected - set(state) - tied)

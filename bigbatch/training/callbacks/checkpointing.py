@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bigbatch.sharding.tags import CheckpointSaveError
 from bigbatch.training.callbacks.base import Callback, StepResult
 
 
@@ -17,5 +18,13 @@ class Checkpointing(Callback):
             trainer.checkpointer.save(trainer, periodic=True)
 
     def on_end(self, trainer) -> None:
+        trainer.checkpointer.wait(trainer)  # a periodic save still completing in the background
         if self.at_end:
             trainer.checkpointer.save(trainer)
+
+    def close(self, trainer) -> None:
+        """A run that stops early still completes (or fails cleanly) a save running in the background."""
+        try:
+            trainer.checkpointer.engine.wait_saves()
+        except CheckpointSaveError as exc:
+            trainer.say(f"warning: {exc}")
