@@ -7,6 +7,7 @@
     bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
     bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4 --tokens 200000 --out runs/check
     bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
+    bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
 """
 
 from __future__ import annotations
@@ -176,6 +177,12 @@ def _cmd_check_rules(args) -> int:
     return check_rules_main(args.args)
 
 
+def _cmd_prepare_data(args) -> int:
+    from bigbatch.data.prepare import main as prepare_main
+
+    return prepare_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigbatch", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("args", nargs=argparse.REMAINDER)
     cr.set_defaults(func=_cmd_check_rules)
 
+    pd = sub.add_parser("prepare-data", add_help=False,
+                        help="tokenize the config's data sources once into token shards (restartable, SLURM arrays)")
+    pd.add_argument("args", nargs=argparse.REMAINDER)
+    pd.set_defaults(func=_cmd_prepare_data)
+
     en = sub.add_parser("env", help="print the detected topology")
     en.add_argument("--json", action="store_true")
     en.add_argument("--mpi4py", action="store_true", help="allow mpi4py discovery")
@@ -236,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check-rules"]:  # its own options, all of them (argparse would claim the first ones)
         return _cmd_check_rules(argparse.Namespace(args=argv[1:]))
+    if argv[:1] == ["prepare-data"]:
+        return _cmd_prepare_data(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     _strip_separator(args)
     try:

@@ -98,11 +98,16 @@ class DataConfig:
     """Where text comes from and how it is packed.
 
     ``source``: ``embedded`` (text shipped with Python itself, no download; see
-    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), or ``hub``
-    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once).
+    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), ``hub``
+    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once), or
+    ``prepared``: token shards written by ``bigbatch prepare-data``, listed in ``prepared`` as
+    ``{path, weight}`` (a mixture when several; bigbatch.data). ``sources``: what
+    ``prepare-data`` reads, a list of ``{name, kind, files, weight, ...}`` (bigbatch.data.sources);
+    empty = the single source above. ``workers`` / ``shard_bytes``: its processes and input bytes
+    per shard.
     """
 
-    source: str = "embedded"  # embedded | text | json | parquet | hub
+    source: str = "embedded"  # embedded | text | json | parquet | hub | prepared
     embedded: str = "stdlib"  # stdlib (docs + sources) | pydoc | kjv
     files: list[str] = field(default_factory=list)
     name: str | None = None
@@ -114,9 +119,21 @@ class DataConfig:
     max_chars: int | None = None  # truncate the corpus (characters), None = all
     cache_dir: str = "~/.cache/bigbatch"
     num_proc: int = 1  # datasets.map workers; the fast tokenizer already uses all cores
+    sources: list[dict] = field(default_factory=list)  # prepare-data inputs
+    prepared: list[dict] = field(default_factory=list)  # source: prepared
+    workers: int = 1  # prepare-data tokenizer processes
+    shard_bytes: int = 64_000_000  # prepare-data input bytes (characters) per shard
 
     def validate(self) -> None:
-        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub"))
+        from bigbatch.data.sources import prepared_entries, source_specs
+
+        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub", "prepared"))
+        if self.source == "prepared":
+            prepared_entries(self)
+        if self.sources:
+            source_specs(self)
+        _positive("data", "workers", self.workers)
+        _positive("data", "shard_bytes", self.shard_bytes)
         _choice("data", "embedded", self.embedded, ("stdlib", "pydoc", "kjv"))
         if self.source in ("text", "json", "parquet") and not self.files:
             raise ConfigError(f"data.files: required when data.source is {self.source!r}")

@@ -120,18 +120,19 @@ def build_packed_data(corpus: Corpus, tokenizer, cfg: DataConfig, *, build: bool
 
 class BlockStream:
     """The global sample order over ``n_blocks`` training blocks: epoch ``e`` is
-    ``randperm(n_blocks)`` seeded by (seed, e). Pure function of the position, so it needs no
-    state beyond the number of samples consumed."""
+    ``randperm(n_blocks)`` seeded by (seed, e, *key). Pure function of the position, so it needs no
+    state beyond the number of samples consumed. ``key`` tells apart the streams of a mixture's sources."""
 
-    def __init__(self, n_blocks: int, seed: int):
+    def __init__(self, n_blocks: int, seed: int, key: tuple = ()):
         self.n_blocks = n_blocks
         self.seed = seed
+        self.key = tuple(key)
         self._epoch = -1
         self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, epoch, *self.key])
             self._perm = rng.permutation(self.n_blocks)
             self._epoch = epoch
         return self._perm
@@ -154,12 +155,13 @@ class GlobalBatchLoader:
     A step consumes ``global_batch = micro_batch * grad_accum * world_size`` samples starting at
     ``samples_seen``; micro step ``m`` of rank ``r`` takes the slice
     ``[(m * world + r) * micro, ... + micro)`` of it. Yields LongTensors of shape
-    (micro_batch, seq_len)."""
+    (micro_batch, seq_len). Blocks with an order of their own (a mixture of prepared sources,
+    bigbatch.data.mixture) give it by ``blocks.stream(seed)``."""
 
     def __init__(self, blocks: np.ndarray, *, micro_batch: int, grad_accum: int, rank: int,
                  world_size: int, seed: int, samples_seen: int = 0):
         self.blocks = blocks
-        self.stream = BlockStream(len(blocks), seed)
+        self.stream = blocks.stream(seed) if hasattr(blocks, "stream") else BlockStream(len(blocks), seed)
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
         self.rank = rank
@@ -200,6 +202,8 @@ def prepare_data(cfg: RunConfig, info):
     from bigbatch.distributed import long_wait_group
     from bigbatch.training.tokenizer import build_tokenizer
 
+    if cfg.data.source == "prepared":
+        return _prepared_data(cfg, info)
     corpus = load_corpus(cfg.data)
     error = None
     if info.local_rank == 0:
@@ -218,3 +222,29 @@ def prepare_data(cfg: RunConfig, info):
         raise ConfigError(first)
     tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir, train=False)
     return tok, build_packed_data(corpus, tok, cfg.data, build=False), corpus
+
+
+def _prepared_data(cfg: RunConfig, info):
+    """``data.source: prepared``: nothing is tokenized; local rank 0 checks every shard's hash
+    (a damaged one stops every rank before any training), then every rank memory-maps them."""
+    import torch.distributed as dist
+
+    from bigbatch.data.mixture import open_prepared
+    from bigbatch.distributed import long_wait_group
+
+    error = None
+    if info.local_rank == 0:
+        try:
+            open_prepared(cfg, check_hashes=True)
+        except ConfigError as exc:
+            error = str(exc)
+    errors = [error]
+    if info.world_size > 1:
+        errors = [None] * info.world_size
+        dist.all_gather_object(errors, error, group=long_wait_group())
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+    tok, data = open_prepared(cfg, check_hashes=False)
+    names = ", ".join(f"{n} {s['weight']:g} ({s['tokens']:,} tokens)" for n, s in data.meta["sources"].items())
+    return tok, data, Corpus(None, data.meta["tokenizer"], f"prepared: {names}")

@@ -32,6 +32,7 @@ import time
 from bigbatch import distributed as bbdist
 from bigbatch import exit_codes
 from bigbatch.training.config import RunConfig, dump_yaml
+from bigbatch.data.mixture import source_fields
 from bigbatch.training.data import GlobalBatchLoader, eval_batches
 from bigbatch.training.engine import RunSetup, lr_schedule, make_plan
 from bigbatch.training.metrics import MetricsLogger, Progress, plot_losses, truncate_metrics
@@ -346,6 +347,8 @@ class Trainer:
         eval_loss = total / max(count, 1)
         rec = {"kind": "eval", "step": self.step, "samples": self.loader.samples_seen, "tokens": self.tokens,
                "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+        rec.update(source_fields(self.engine, self.data, self.loader.samples_seen, self.plan.micro_batch, self.info,
+                                 self.cfg.train.eval_blocks))  # eval_loss/<source>, tokens/<source> of a mixture
         self.logger.log(rec)
         self.progress.write(f"eval step {self.step}: loss {eval_loss:.4f} | ppl {rec['eval_ppl']:.2f}")
         self.last_eval = rec
