@@ -33,6 +33,7 @@ from bigbatch.data.sources import Piece, SourceSpec, plan_pieces, read_piece, re
 from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
 
 PLAN = "plan.json"
+PREPARE_SECTIONS = ("tokenizer", "data")  # all a prepare reads of a config
 ENCODE_BATCH = 1024  # documents per encode_batch call: bounds the memory of a worker
 
 _TOK = None  # this worker's tokenizers.Tokenizer
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = p.parse_known_args(argv)
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers: {args.workers} must be >= 1")
-        cfg = load_config(args.config, parse_overrides(rest))
+        cfg = load_config(args.config, parse_overrides(rest), sections=PREPARE_SECTIONS)
         task, tasks = _array_task()
         task = task if args.task is None else args.task
         tasks = tasks if args.tasks is None else args.tasks

@@ -391,9 +391,11 @@ class RunConfig:
     fsdp2: FSDP2Config = field(default_factory=FSDP2Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self, sections: tuple[str, ...] | None = None) -> "RunConfig":
+        """Check every section, or only ``sections`` (a data-only config for prepare-data)."""
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if sections is None or f.name in sections:
+                getattr(self, f.name).validate()
         return self
 
     def to_dict(self) -> dict:
@@ -543,9 +545,10 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: list[tuple[str, str]] | list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, then validated. ``overrides`` are (dotted key, value)
-    pairs or raw ``--section.key value`` strings."""
+                overrides: list[tuple[str, str]] | list[str] | None = None,
+                sections: tuple[str, ...] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, then validated (only ``sections`` when given).
+    ``overrides`` are (dotted key, value) pairs or raw ``--section.key value`` strings."""
     cfg = RunConfig()
     if path is not None:
         if not os.path.isfile(path):
@@ -564,7 +567,7 @@ def load_config(path: str | os.PathLike | None = None,
             overrides = parse_overrides(list(overrides))  # type: ignore[arg-type]
         for key, value in overrides:  # type: ignore[misc]
             _apply(cfg, key.split("."), value, f"--{key}")
-    return cfg.validate()
+    return cfg.validate(sections)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConfig:
