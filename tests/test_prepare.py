@@ -63,7 +63,7 @@ def test_prepared_blocks_equal_in_job_blocks(tmp_path, cache):
     corpus = load_corpus(cfg.data)
     tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
     packed = build_packed_data(corpus, tok, cfg.data)
-    assert run_prepare(cfg, str(tmp_path / "prep"), log=lambda m: None)
+    assert run_prepare(cfg, str(tmp_path / "prep"), log=lambda m: None).finished
     man = json.loads((tmp_path / "prep" / "embedded" / "manifest.json").read_text())
     assert len(man["shards"]) > 2 and man["dtype"] == "uint16" and man["tokenizer"] == tok.fingerprint
     cfg2 = load_config(TINY, ov + ["--data.source", "prepared", "--data.prepared",
@@ -124,7 +124,7 @@ def test_killed_prepare_restarts_to_the_same_bytes(tmp_path):
 def test_damaged_shard_is_refused_before_training(tmp_path, cache, capsys):
     files = _jsonl(tmp_path / "a.jsonl", 400, 0, WORDS_A)
     cfg = _mixture_config(tmp_path, str(files), str(_jsonl(tmp_path / "b.jsonl", 200, 1, WORDS_B)))
-    assert run_prepare(load_config(cfg, sections=PREPARE_SECTIONS), str(tmp_path / "prep"), log=lambda m: None)
+    assert run_prepare(load_config(cfg, sections=PREPARE_SECTIONS), str(tmp_path / "prep"), log=lambda m: None).finished
     shard = tmp_path / "prep" / "code" / "shard-00000.bin"
     raw = bytearray(shard.read_bytes())
     raw[10] ^= 0xFF
@@ -223,7 +223,7 @@ def test_bad_input_exits_2_naming_it(tmp_path, cache, capsys):
     assert rc == 2 and "data.prepared[0].weight" in err and "-1" in err
     # a prepared set built with another tokenizer than the run's
     cfg = _mixture_config(tmp_path, str(good), str(good))
-    assert run_prepare(load_config(cfg, sections=PREPARE_SECTIONS), str(out), log=lambda m: None)
+    assert run_prepare(load_config(cfg, sections=PREPARE_SECTIONS), str(out), log=lambda m: None).finished
     other = load_config(TINY, small_args(cache)[:8])
     other_tok = build_tokenizer(other.tokenizer, load_corpus(other.data), other.data.cache_dir)
     other_tok.save_pretrained(tmp_path / "other-tok")

@@ -23,7 +23,8 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -176,10 +177,21 @@ def _stream_hub(spec: SourceSpec, si: int, shard_bytes: int):
         yield Piece(si, index, None, 0, len(docs)), docs
 
 
+@dataclass
+class PrepareResult:
+    """``finished``: the manifests were written (every piece of every task is done); ``shards`` and
+    ``tokens`` this task wrote; ``seconds``: wall time of its tokenize-and-write phase (no imports,
+    tokenizer loading or planning)."""
+
+    finished: bool
+    shards: int
+    tokens: int
+    seconds: float
+
+
 def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
-                log=print) -> bool:
-    """Prepare this task's pieces of every source of ``cfg`` into ``out``; returns True when the
-    manifests were written (every piece of every task is done)."""
+                log=print) -> PrepareResult:
+    """Prepare this task's pieces of every source of ``cfg`` into ``out``."""
     from bigbatch.training.corpus import embedded_documents
 
     if not 0 <= task < tasks:
@@ -230,7 +242,7 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
 
     tok_json = os.path.join(tok_dir, "tokenizer.json")
     init = (tok_json, int(tok.eos_token_id), dtype.name)
-    done_tokens = 0
+    done_tokens, started = 0, time.perf_counter()
     if workers == 1:
         _init_worker(*init)
         results = map(_encode_piece, tasks_iter())
@@ -241,16 +253,16 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
         with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
             for _si, _idx, n in pool.imap_unordered(_encode_piece, tasks_iter()):
                 done_tokens += n
-    log(f"prepare-data: task {task} wrote {len(todo)} shard(s), {done_tokens:,} tokens")
-    if any(s.kind == "hub" for s in specs) and task != 0:
-        return False
-    finished = _finalize(out, specs, pieces, tok, dtype, inputs)
+    seconds = time.perf_counter() - started
+    log(f"prepare-data: task {task} wrote {len(todo)} shard(s), {done_tokens:,} tokens in {seconds:.1f} s")
+    finished = not (any(s.kind == "hub" for s in specs) and task != 0) and \
+        _finalize(out, specs, pieces, tok, dtype, inputs)
     if finished:
         log(f"prepare-data: manifests written in {out}; train with data.source: prepared and "
             f"data.prepared: {[{'path': os.path.join(out, s.name), 'weight': s.weight} for s in specs]}")
     else:
         log("prepare-data: other tasks still have shards to write; the last one writes the manifests")
-    return finished
+    return PrepareResult(finished, len(todo), done_tokens, seconds)
 
 
 def _array_task() -> tuple[int, int]:
