@@ -63,6 +63,12 @@ def test_prepared_blocks_equal_in_job_blocks(tmp_path, cache):
     corpus = load_corpus(cfg.data)
     tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
     packed = build_packed_data(corpus, tok, cfg.data)
+    # the in-job blocks are the HF tokenizer's ids of every document, each followed by eos, cut into blocks
+    ids = tok(corpus.dataset["text"], add_special_tokens=False)["input_ids"]
+    stream = np.concatenate([np.asarray(x + [tok.eos_token_id]) for x in ids])
+    n = len(stream) // cfg.data.seq_len
+    np.testing.assert_array_equal(np.concatenate([packed.train, packed.val]),
+                                  stream[: n * cfg.data.seq_len].reshape(n, cfg.data.seq_len))
     assert run_prepare(cfg, str(tmp_path / "prep"), log=lambda m: None).finished
     man = json.loads((tmp_path / "prep" / "embedded" / "manifest.json").read_text())
     assert len(man["shards"]) > 2 and man["dtype"] == "uint16" and man["tokenizer"] == tok.fingerprint
@@ -152,7 +158,7 @@ def test_mixture_shares_hold_in_every_window_at_any_world_size():
 
     class Rows:  # block i holds the value i
         def __init__(self, n):
-            self.n, self.seq_len = n, 1
+            self.n, self.shape = n, (n, 1)
 
         def __len__(self):
             return self.n

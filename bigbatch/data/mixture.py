@@ -84,7 +84,7 @@ class MixtureBlocks:
         self.names, self.parts, self.weights = names, parts, weights
         self.sizes = [len(p) for p in parts]
         self.offsets = np.cumsum([0] + self.sizes)
-        self.seq_len = parts[0].seq_len
+        self.seq_len = int(parts[0].shape[1])
         self.eval_cache: dict[int, list] = {}  # micro batch -> each source's validation batches
 
     def __len__(self) -> int:

@@ -50,24 +50,34 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
     _TOK, _EOS, _DTYPE = Tokenizer.from_file(tokenizer_json), eos, np.dtype(dtype)
 
 
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, document end offsets) of ``texts``, each document followed by eos."""
+def encode_documents(tok, eos: int, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, document end offsets) of ``texts``, each document followed by ``eos``; ``tok`` is a
+    ``tokenizers.Tokenizer`` (no special tokens added, as the in-job path has always encoded)."""
     parts, lens = [], []
     for i in range(0, len(texts), ENCODE_BATCH):
         flat: list[int] = []
-        for enc in _TOK.encode_batch(texts[i:i + ENCODE_BATCH], add_special_tokens=False):
+        for enc in tok.encode_batch(texts[i:i + ENCODE_BATCH], add_special_tokens=False):
             ids = enc.ids
             flat.extend(ids)
-            flat.append(_EOS)
+            flat.append(eos)
             lens.append(len(ids) + 1)
-        parts.append(np.array(flat, dtype=_DTYPE))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=_DTYPE)
+        parts.append(np.array(flat, dtype=dtype))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     return tokens, np.cumsum(np.asarray(lens, dtype=np.int64))
+
+
+def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok, dtype: np.dtype,
+                    records: list[dict], tokenizer_dir: str | None) -> dict:
+    """The manifest of one prepared source (bigbatch.data.shards) from its shards' records."""
+    return {"format": shards.FORMAT, "version": shards.VERSION, "source": name, "kind": kind, "inputs": inputs,
+            "weight": weight, "dtype": dtype.name, "vocab_size": len(tok), "eos_id": int(tok.eos_token_id),
+            "tokenizer": tok.fingerprint, "tokenizer_dir": tokenizer_dir,
+            "tokens": sum(r["tokens"] for r in records), "docs": sum(r["docs"] for r in records), "shards": records}
 
 
 def _encode_piece(task: tuple) -> tuple[int, int, int]:
     spec, piece, docs, out_dir = task
-    tokens, ends = encode_documents(read_piece(spec, piece, docs))
+    tokens, ends = encode_documents(_TOK, _EOS, _DTYPE, read_piece(spec, piece, docs))
     shards.write_shard(out_dir, piece.index, tokens, ends)
     return piece.source, piece.index, int(tokens.size)
 
@@ -140,12 +150,8 @@ def _finalize(out: str, specs: list[SourceSpec], pieces: dict[int, list[Piece]],
         records[si] = recs
     root = {"format": shards.FORMAT, "version": shards.VERSION, "tokenizer": tok.fingerprint, "sources": {}}
     for si, spec in enumerate(specs):
-        recs = records[si]
-        man = {"format": shards.FORMAT, "version": shards.VERSION, "source": spec.name, "kind": spec.kind,
-               "inputs": inputs[si], "weight": spec.weight, "dtype": dtype.name, "vocab_size": len(tok),
-               "eos_id": int(tok.eos_token_id), "tokenizer": tok.fingerprint,
-               "tokenizer_dir": os.path.join("..", shards.TOKENIZER_DIR),
-               "tokens": sum(r["tokens"] for r in recs), "docs": sum(r["docs"] for r in recs), "shards": recs}
+        man = source_manifest(spec.name, spec.kind, inputs[si], spec.weight, tok, dtype, records[si],
+                              os.path.join("..", shards.TOKENIZER_DIR))
         atomic.write_text(os.path.join(out, spec.name, shards.MANIFEST), json.dumps(man, indent=1, sort_keys=True))
         root["sources"][spec.name] = {"path": spec.name, "weight": spec.weight, "tokens": man["tokens"]}
     atomic.write_text(os.path.join(out, shards.MANIFEST), json.dumps(root, indent=1, sort_keys=True))

@@ -160,8 +160,9 @@ class PreparedSource:
     shards: list[np.ndarray]
 
     @property
-    def tokenizer_dir(self) -> str:
-        return os.path.join(self.path, self.manifest["tokenizer_dir"])
+    def tokenizer_dir(self) -> str | None:
+        sub = self.manifest.get("tokenizer_dir")
+        return os.path.join(self.path, sub) if sub else None
 
     def blocks(self, seq_len: int, val_fraction: float, where: str) -> tuple[TokenBlocks, TokenBlocks]:
         """(train, val) blocks: the stream cut into ``seq_len`` blocks (ragged tail dropped), the
@@ -172,6 +173,9 @@ class PreparedSource:
         if n_blocks - n_val < 1:
             raise ConfigError(f"{where}: {self.path!r} has {total} tokens, fewer than {2 * seq_len} needed for one "
                               f"training and one validation block of data.seq_len={seq_len}")
+        if len(self.shards) == 1:  # one shard: plain array views of its memory map
+            flat = self.shards[0][: n_blocks * seq_len].reshape(n_blocks, seq_len)
+            return flat[: n_blocks - n_val], flat[n_blocks - n_val:]
         return (TokenBlocks(self.shards, seq_len, 0, n_blocks - n_val),
                 TokenBlocks(self.shards, seq_len, n_blocks - n_val, n_val))
 
