@@ -64,7 +64,7 @@ def test_prepared_blocks_equal_in_job_blocks(tmp_path, cache):
     tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
     packed = build_packed_data(corpus, tok, cfg.data)
     # the in-job blocks are the HF tokenizer's ids of every document, each followed by eos, cut into blocks
-    ids = tok(corpus.dataset["text"], add_special_tokens=False)["input_ids"]
+    ids = tok(list(corpus.dataset["text"]), add_special_tokens=False)["input_ids"]
     stream = np.concatenate([np.asarray(x + [tok.eos_token_id]) for x in ids])
     n = len(stream) // cfg.data.seq_len
     np.testing.assert_array_equal(np.concatenate([packed.train, packed.val]),

@@ -56,7 +56,7 @@ def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str)
     (bigbatch.data.shards) with its manifest, in a directory that appears whole or not at all."""
     vocab = len(tokenizer)
     dtype = shards.dtype_for_vocab(vocab)
-    texts = corpus.dataset["text"]
+    texts = list(corpus.dataset["text"])
     tokens, ends = encode_documents(tokenizer.backend_tokenizer, tokenizer.eos_token_id, dtype, texts)
     total = int(tokens.size)
     n_blocks = total // cfg.seq_len
