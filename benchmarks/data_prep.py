@@ -45,8 +45,23 @@ cfg = load_config({cfg!r}, sections=PREPARE_SECTIONS)
 t = time.perf_counter()
 res = run_prepare(cfg, {out!r}, workers={workers}, log=lambda m: None)
 dt = time.perf_counter() - t
-print(json.dumps({{"seconds": dt, "phase_seconds": res.seconds, "rss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({{"seconds": dt, "phase_seconds": res.seconds,
+                  "rss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
+"""
+
+DATATROVE_CHILD = """
+import json, time
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
+ex = LocalPipelineExecutor(pipeline=[
+    JsonlReader({data!r}, glob_pattern="*.jsonl", add_file_path=False),
+    DocumentTokenizer({out!r}, tokenizer_name_or_path={tok!r}, eos_token={eos!r}, shuffle_documents=False,
+                      batch_size=1024)], tasks=1, workers=1, logging_dir={logs!r})
+t = time.perf_counter()
+ex.run()
+print(json.dumps({{"seconds": time.perf_counter() - t}}))
 """
 
 TRAIN_CHILD = """
@@ -113,6 +128,20 @@ def prepare(tmp: Path, name: str, files_glob: str, tok_dir: str, workers: int, s
                end_to_end_per_s=man["tokens"] / res["seconds"], rss_mb=rss)
     shutil.rmtree(out)
     return res
+
+
+def datatrove(tmp: Path, data: Path, tok_json: str, eos: str, tokens: int) -> dict | None:
+    """datatrove's JsonlReader + DocumentTokenizer on the same files, one task, one worker (None when
+    datatrove is not installed)."""
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        return None
+    out = tmp / "datatrove"
+    res, rss = run_child(DATATROVE_CHILD.format(data=str(data), out=str(out), tok=tok_json, eos=eos,
+                                                logs=str(tmp / "datatrove-logs")))
+    shutil.rmtree(out, ignore_errors=True)
+    return {**res, "tokens_per_s": tokens / res["seconds"], "rss_mb": rss}
 
 
 def synthetic_set(out: Path, tok_dir: str, tokens: int, vocab: int, eos: int, shard_tokens: int = 100_000_000) -> None:
@@ -212,6 +241,7 @@ def main() -> int:
         p2 = prepare(tmp, "p2", str(tmp / "large" / "*.jsonl"), tok_dir, 2, shard_bytes)
         del texts
         raw = n_raw / ((t_raw1 + t_raw2) / 2)
+        dt = datatrove(tmp, tmp / "large", os.path.join(tok_dir, "tokenizer.json"), tok.eos_token, n_raw)
         assert p1["tokens"] == n_raw == p2["tokens"], (p1["tokens"], n_raw, p2["tokens"])
         print(f"\n1. throughput on {10 * args.mb:g} MB JSONL ({n_raw:,} tokens)")
         print(f"   raw encode_batch, one thread     {raw / 1e6:8.3f} M tokens/s  (runs: {n_raw / t_raw1 / 1e6:.3f}, "
@@ -220,6 +250,10 @@ def main() -> int:
             print(f"   prepare-data, {label}          {r['tokens_per_s'] / 1e6:8.3f} M tokens/s "
                   f"= {r['tokens_per_s'] / raw:.2f}x raw  (read+tokenize+write+hash phase; whole call incl. "
                   f"tokenizer load and planning: {r['end_to_end_per_s'] / 1e6:.3f} M/s = {r['end_to_end_per_s'] / raw:.2f}x)")
+        if dt is not None:
+            print(f"   datatrove tokenizer, 1 worker    {dt['tokens_per_s'] / 1e6:8.3f} M tokens/s = "
+                  f"{dt['tokens_per_s'] / raw:.2f}x raw (JsonlReader + DocumentTokenizer, executor run; peak RSS "
+                  f"{dt['rss_mb']:.0f} MB)")
         print(f"   per worker: 1 worker {p1['tokens_per_s'] / raw:.2f}x raw; 2 workers {p2['tokens_per_s'] / 2 / raw:.2f}x "
               f"raw each, {p2['tokens_per_s'] / p1['tokens_per_s']:.2f}x one worker")
 

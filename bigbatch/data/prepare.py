@@ -238,7 +238,8 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
     def tasks_iter():
         for p in todo:
             d = docs.get(p.source)
-            yield specs[p.source], p, (d[p.start:p.end] if d is not None else None), os.path.join(out, specs[p.source].name)
+            part = d[p.start:p.end] if d is not None else None
+            yield specs[p.source], p, part, os.path.join(out, specs[p.source].name)
         for si, spec in enumerate(specs):
             if spec.kind == "hub" and task == 0:
                 for p, ds in _stream_hub(spec, si, cfg.data.shard_bytes):

@@ -4,7 +4,8 @@ Cache layout: ``<cache_dir>/blocks/<key>/`` holds the corpus as one shard of the
 format (``shard-00000.bin/.idx``, ``manifest.json``: bigbatch.data.shards), where ``key`` hashes the
 corpus fingerprint, the tokenizer fingerprint, ``seq_len`` and ``val_fraction``; any change makes a
 new key. Corpora too large to tokenize inside the job are prepared once with ``bigbatch
-prepare-data`` and trained with ``data.source: prepared`` (bigbatch.data). Documents are joined with the tokenizer's eos token and cut into ``seq_len`` blocks (the
+prepare-data`` and trained with ``data.source: prepared`` (bigbatch.data).
+Documents are joined with the tokenizer's eos token and cut into ``seq_len`` blocks (the
 ragged tail is dropped); the last ``val_fraction`` of blocks is the validation split.
 
 Data order is defined globally, independent of the world size: epoch ``e`` visits the training
