@@ -31,8 +31,8 @@ import time
 
 from bigbatch import distributed as bbdist
 from bigbatch import exit_codes
-from bigbatch.training.config import RunConfig, dump_yaml
 from bigbatch.data.mixture import source_fields
+from bigbatch.training.config import RunConfig, dump_yaml
 from bigbatch.training.data import GlobalBatchLoader, eval_batches
 from bigbatch.training.engine import RunSetup, lr_schedule, make_plan
 from bigbatch.training.metrics import MetricsLogger, Progress, plot_losses, truncate_metrics
