@@ -193,7 +193,7 @@ def train_run(tmp: Path, name: str, prepared: Path | None, steps: int) -> dict:
     imported = float(next(line.split()[1] for line in text.splitlines() if line.startswith("IMPORTED")))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in recs if r["kind"] == "train"]
-    step_s = float(np.median(np.diff(times[2:])))  # steady state, after the first steps
+    step_s = float(np.median(np.diff(times[2:]))) if len(times) > 3 else float("nan")  # steady state
     shutil.rmtree(out)
     return {"first_step_s": times[0] - imported, "step_s": step_s, "rss_mb": usage.ru_maxrss / 1024}
 
