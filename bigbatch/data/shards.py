@@ -108,15 +108,17 @@ def verify(path: str, man: dict, where: str) -> None:
 
 
 class TokenBlocks:
-    """Blocks ``first .. first+count-1`` of ``seq_len`` tokens of the concatenation of memory-mapped
-    shards. Indexing with an int array of block ids gives an array of shape (len(ids), seq_len);
-    a block may span two shards."""
+    """Blocks ``first .. first+count-1`` of ``seq_len`` tokens of the concatenation of the shards.
+    Indexing with an int array of block ids gives an array of shape (len(ids), seq_len); a block may
+    span two shards. Blocks are read with ``pread``, not through a memory map: random reads through a
+    map leave the kernel's read-ahead mapped into the process, so its resident memory would grow
+    with the size of the data set."""
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int, first: int, count: int):
-        self.shards = shards
-        self.starts = np.cumsum([0] + [len(s) for s in shards])  # token offset of every shard
+    def __init__(self, files: list[tuple[int, int]], dtype: np.dtype, seq_len: int, first: int, count: int):
+        self.files = files  # (open file descriptor, tokens) of every shard
+        self.starts = np.cumsum([0] + [n for _fd, n in files])  # token offset of every shard
         self.seq_len, self.first, self.count = seq_len, first, count
-        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
+        self.dtype = np.dtype(dtype)
 
     def __len__(self) -> int:
         return self.count
@@ -128,12 +130,14 @@ class TokenBlocks:
     def tokens(self, start: int, n: int) -> np.ndarray:
         """Tokens ``start .. start+n-1`` of the concatenated shards."""
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        size = self.dtype.itemsize
         out = np.empty(n, dtype=self.dtype)
         done = 0
         while done < n:
+            fd, length = self.files[k]
             lo = start + done - int(self.starts[k])
-            take = min(n - done, len(self.shards[k]) - lo)
-            out[done:done + take] = self.shards[k][lo:lo + take]
+            take = min(n - done, length - lo)
+            out[done:done + take] = np.frombuffer(os.pread(fd, take * size, lo * size), dtype=self.dtype)
             done += take
             k += 1
         return out
@@ -157,37 +161,45 @@ class PreparedSource:
     name: str
     path: str
     manifest: dict
-    shards: list[np.ndarray]
+    files: list[tuple[int, int]]  # (read-only file descriptor, tokens) of every shard
+
+    def close(self) -> None:
+        """Close the shards' file descriptors (blocks made by ``blocks(arrays=True)`` stay usable)."""
+        for fd, _n in self.files:
+            os.close(fd)
+        self.files = []
 
     @property
     def tokenizer_dir(self) -> str | None:
         sub = self.manifest.get("tokenizer_dir")
         return os.path.join(self.path, sub) if sub else None
 
-    def blocks(self, seq_len: int, val_fraction: float, where: str) -> tuple[TokenBlocks, TokenBlocks]:
+    def blocks(self, seq_len: int, val_fraction: float, where: str, *,
+               arrays: bool = False) -> tuple[TokenBlocks, TokenBlocks]:
         """(train, val) blocks: the stream cut into ``seq_len`` blocks (ragged tail dropped), the
-        last ``val_fraction`` of them held out, exactly as the in-job path packs a corpus."""
+        last ``val_fraction`` of them held out, exactly as the in-job path packs a corpus. ``arrays``:
+        numpy views of a memory map instead (a small one-shard corpus: the in-job cache)."""
         total = int(self.manifest["tokens"])
         n_blocks = total // seq_len
         n_val = max(1, int(round(n_blocks * val_fraction)))
         if n_blocks - n_val < 1:
             raise ConfigError(f"{where}: {self.path!r} has {total} tokens, fewer than {2 * seq_len} needed for one "
                               f"training and one validation block of data.seq_len={seq_len}")
-        if len(self.shards) == 1:  # one shard: plain array views of its memory map
-            flat = self.shards[0][: n_blocks * seq_len].reshape(n_blocks, seq_len)
+        dtype = np.dtype(self.manifest["dtype"])
+        if arrays and len(self.files) == 1:
+            file = os.path.join(self.path, self.manifest["shards"][0]["file"])
+            flat = np.memmap(file, dtype=dtype, mode="r", shape=(n_blocks * seq_len,)).reshape(n_blocks, seq_len)
             return flat[: n_blocks - n_val], flat[n_blocks - n_val:]
-        return (TokenBlocks(self.shards, seq_len, 0, n_blocks - n_val),
-                TokenBlocks(self.shards, seq_len, n_blocks - n_val, n_val))
+        return (TokenBlocks(self.files, dtype, seq_len, 0, n_blocks - n_val),
+                TokenBlocks(self.files, dtype, seq_len, n_blocks - n_val, n_val))
 
 
 def open_source(path: str, name: str, where: str, *, check_hashes: bool = True) -> PreparedSource:
-    """Open the prepared directory ``path`` (memory maps, no reading); with ``check_hashes`` every
-    shard is hashed first and a damaged one is refused naming the file."""
+    """Open the prepared directory ``path`` (file descriptors, no reading); with ``check_hashes``
+    every shard is hashed first and a damaged one is refused naming the file."""
     path = os.path.expanduser(path)
     man = read_manifest(path, where)
     if check_hashes:
         verify(path, man, where)
-    dtype = np.dtype(man["dtype"])
-    shards = [np.memmap(os.path.join(path, sh["file"]), dtype=dtype, mode="r", shape=(sh["tokens"],))
-              if sh["tokens"] else np.zeros(0, dtype=dtype) for sh in man["shards"]]
-    return PreparedSource(name, path, man, shards)
+    files = [(os.open(os.path.join(path, sh["file"]), os.O_RDONLY), int(sh["tokens"])) for sh in man["shards"]]
+    return PreparedSource(name, path, man, files)

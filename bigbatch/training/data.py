@@ -95,7 +95,8 @@ def build_packed_data(corpus: Corpus, tokenizer, cfg: DataConfig, *, build: bool
             raise FileNotFoundError(f"token cache {out_dir} is missing")
         _tokenize_and_pack(corpus, tokenizer, cfg, out_dir)
     source = shards.open_source(out_dir, "corpus", "data", check_hashes=False)
-    train, val = source.blocks(cfg.seq_len, cfg.val_fraction, "data")
+    train, val = source.blocks(cfg.seq_len, cfg.val_fraction, "data", arrays=True)
+    source.close()
     man = source.manifest
     meta = {"version": CACHE_VERSION, "corpus": corpus.fingerprint, "corpus_description": corpus.description,
             "tokenizer": man["tokenizer"], "vocab_size": man["vocab_size"], "seq_len": cfg.seq_len,
@@ -220,10 +221,10 @@ def _prepared_data(cfg: RunConfig, info):
     from bigbatch.data.mixture import open_prepared
     from bigbatch.distributed import long_wait_group
 
-    error = None
+    error, opened = None, None
     if info.local_rank == 0:
         try:
-            open_prepared(cfg, check_hashes=True)
+            opened = open_prepared(cfg, check_hashes=True)
         except ConfigError as exc:
             error = str(exc)
     errors = [error]
@@ -233,6 +234,6 @@ def _prepared_data(cfg: RunConfig, info):
     first = next((e for e in errors if e), None)
     if first:
         raise ConfigError(first)
-    tok, data = open_prepared(cfg, check_hashes=False)
+    tok, data = opened or open_prepared(cfg, check_hashes=False)
     names = ", ".join(f"{n} {s['weight']:g} ({s['tokens']:,} tokens)" for n, s in data.meta["sources"].items())
     return tok, data, Corpus(None, data.meta["tokenizer"], f"prepared: {names}")
