@@ -24,7 +24,7 @@ import sys
 from bigbatch import distributed as bbdist
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
-from bigbatch.training.data import prepare_data
+from bigbatch.training.run_data import prepare_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
                                       save_model_files)

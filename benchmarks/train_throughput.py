@@ -47,7 +47,8 @@ def worker(args) -> None:
 
     from bigbatch import distributed as bbdist
     from bigbatch.training.config import load_config, parse_overrides
-    from bigbatch.training.data import GlobalBatchLoader, prepare_data
+    from bigbatch.training.data import GlobalBatchLoader
+    from bigbatch.training.run_data import prepare_data
     from bigbatch.training.builders import setup
 
     extra = parse_overrides(args.overrides)

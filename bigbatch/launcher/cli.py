@@ -10,6 +10,7 @@
     bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
+    bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
 """
 
 from __future__ import annotations
@@ -258,6 +259,11 @@ def _cmd_check_rules(args) -> int:
     return check_rules_main(args.args)
 
 
+def _cmd_prepare_data(args) -> int:
+    from bigbatch.data.prepare import main as prepare_main
+
+    return prepare_main(args.args)
+
 def _cmd_export(args) -> int:
     from bigbatch.training.export import main as export_main
 
@@ -271,7 +277,8 @@ def _cmd_eval(args) -> int:
 
 
 # subcommands that parse their own options, all of them (argparse would claim the first ones)
-_OWN_PARSERS = {"check-rules": _cmd_check_rules, "export": _cmd_export, "eval": _cmd_eval}
+_OWN_PARSERS = {"check-rules": _cmd_check_rules, "export": _cmd_export, "eval": _cmd_eval,
+                "prepare-data": _cmd_prepare_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", add_help=False, help="lm-evaluation-harness on a Hugging Face model directory")
     ev.add_argument("args", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_cmd_eval)
+
+    pd = sub.add_parser("prepare-data", add_help=False,
+                        help="tokenize the config's data sources once into token shards (restartable, SLURM arrays)")
+    pd.add_argument("args", nargs=argparse.REMAINDER)
+    pd.set_defaults(func=_cmd_prepare_data)
 
     en = sub.add_parser("env", help="print the detected topology")
     en.add_argument("--json", action="store_true")

@@ -58,7 +58,7 @@ from bigbatch.sharding import tags
 from bigbatch.training.builders import make_plan, setup
 from bigbatch.training.callbacks import Callback, Evaluation, default_callbacks
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config, parse_overrides
-from bigbatch.training.data import prepare_data
+from bigbatch.training.run_data import prepare_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.metrics import pyplot, save_png
 from bigbatch.training.run_dir import command_main, out_problem, prepare, saved_config

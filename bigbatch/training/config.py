@@ -104,11 +104,16 @@ class DataConfig:
     """Where text comes from and how it is packed.
 
     ``source``: ``embedded`` (text shipped with Python itself, no download; see
-    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), or ``hub``
-    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once).
+    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), ``hub``
+    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once), or
+    ``prepared``: token shards written by ``bigbatch prepare-data``, listed in ``prepared`` as
+    ``{path, weight}`` (a mixture when several; bigbatch.data). ``sources``: what
+    ``prepare-data`` reads, a list of ``{name, kind, files, weight, ...}`` (bigbatch.data.sources);
+    empty = the single source above. ``workers`` / ``shard_bytes``: its processes and input bytes
+    per shard.
     """
 
-    source: str = "embedded"  # embedded | text | json | parquet | hub
+    source: str = "embedded"  # embedded | text | json | parquet | hub | prepared
     embedded: str = "stdlib"  # stdlib (docs + sources) | pydoc | kjv
     files: list[str] = field(default_factory=list)
     name: str | None = None
@@ -120,9 +125,21 @@ class DataConfig:
     max_chars: int | None = None  # truncate the corpus (characters), None = all
     cache_dir: str = "~/.cache/bigbatch"
     num_proc: int = 1  # datasets.map workers; the fast tokenizer already uses all cores
+    sources: list[dict] = field(default_factory=list)  # prepare-data inputs
+    prepared: list[dict] = field(default_factory=list)  # source: prepared
+    workers: int = 1  # prepare-data tokenizer processes
+    shard_bytes: int = 64_000_000  # prepare-data input bytes (characters) per shard
 
     def validate(self) -> None:
-        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub"))
+        from bigbatch.data.sources import prepared_entries, source_specs
+
+        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub", "prepared"))
+        if self.source == "prepared":
+            prepared_entries(self)
+        if self.sources:
+            source_specs(self)
+        _positive("data", "workers", self.workers)
+        _positive("data", "shard_bytes", self.shard_bytes)
         _choice("data", "embedded", self.embedded, ("stdlib", "pydoc", "kjv"))
         if self.source in ("text", "json", "parquet") and not self.files:
             raise ConfigError(f"data.files: required when data.source is {self.source!r}")
@@ -431,10 +448,12 @@ class RunConfig:
     fsdp2: FSDP2Config = field(default_factory=FSDP2Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self, sections: tuple[str, ...] | None = None) -> "RunConfig":
+        """Check every section, or only ``sections`` (a data-only config for prepare-data)."""
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
-        if self.model.init_from:
+            if sections is None or f.name in sections:
+                getattr(self, f.name).validate()
+        if self.model.init_from and (sections is None or "model" in sections):
             from bigbatch.training.init_from import apply_init_from
 
             apply_init_from(self)
@@ -619,9 +638,10 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: list[tuple[str, str]] | list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, then validated. ``overrides`` are (dotted key, value)
-    pairs or raw ``--section.key value`` strings."""
+                overrides: list[tuple[str, str]] | list[str] | None = None,
+                sections: tuple[str, ...] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, then validated (only ``sections`` when given).
+    ``overrides`` are (dotted key, value) pairs or raw ``--section.key value`` strings."""
     cfg = RunConfig()
     if path is not None:
         if not os.path.isfile(path):
@@ -640,7 +660,7 @@ def load_config(path: str | os.PathLike | None = None,
             overrides = parse_overrides(list(overrides))  # type: ignore[arg-type]
         for key, value in overrides:  # type: ignore[misc]
             _apply(cfg, key.split("."), value, f"--{key}")
-    return cfg.validate()
+    return cfg.validate(sections)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConfig:

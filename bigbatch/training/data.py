@@ -1,8 +1,11 @@
 """Tokenize once, pack into fixed-length blocks, cache on disk, and feed global batches.
 
-Cache layout: ``<cache_dir>/blocks/<key>/{tokens.npy, meta.json}`` where ``key`` hashes the corpus
-fingerprint, the tokenizer fingerprint, ``seq_len`` and ``val_fraction``; any change makes a new
-key. Documents are joined with the tokenizer's eos token and cut into ``seq_len`` blocks (the
+Cache layout: ``<cache_dir>/blocks/<key>/`` holds the corpus as one shard of the prepared-data
+format (``shard-00000.bin/.idx``, ``manifest.json``: bigbatch.data.shards), where ``key`` hashes the
+corpus fingerprint, the tokenizer fingerprint, ``seq_len`` and ``val_fraction``; any change makes a
+new key. Corpora too large to tokenize inside the job are prepared once with ``bigbatch
+prepare-data`` and trained with ``data.source: prepared`` (bigbatch.data).
+Documents are joined with the tokenizer's eos token and cut into ``seq_len`` blocks (the
 ragged tail is dropped); the last ``val_fraction`` of blocks is the validation split.
 
 Data order is defined globally, independent of the world size: epoch ``e`` visits the training
@@ -22,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bigbatch.distributed import long_wait_group
-from bigbatch.training.config import ConfigError, DataConfig, RunConfig
-from bigbatch.training.corpus import Corpus, load_corpus
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.data import shards
+from bigbatch.data.prepare import encode_documents, source_manifest
+from bigbatch.training.config import ConfigError, DataConfig
+from bigbatch.training.corpus import Corpus
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the prepared-data shard format (bigbatch.data.shards)
 
 
 @dataclass
@@ -50,17 +53,13 @@ def cache_key(corpus: Corpus, tokenizer, cfg: DataConfig) -> str:
 
 
 def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str) -> None:
-    eos = tokenizer.eos_token_id
-
-    def encode(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids], "n": [len(x) + 1 for x in ids]}
-
-    # datasets caches nothing for in-memory datasets; our cache below is the one that counts.
-    tokenized = corpus.dataset.map(encode, batched=True, batch_size=256, remove_columns=["text"],
-                                   num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                                   desc="tokenizing", load_from_cache_file=False)
-    total = int(np.sum(np.asarray(tokenized["n"], dtype=np.int64)))
+    """Tokenize every document (eos after each) into one shard of the prepared-data format
+    (bigbatch.data.shards) with its manifest, in a directory that appears whole or not at all."""
+    vocab = len(tokenizer)
+    dtype = shards.dtype_for_vocab(vocab)
+    texts = list(corpus.dataset["text"])
+    tokens, ends = encode_documents(tokenizer.backend_tokenizer, tokenizer.eos_token_id, dtype, texts)
+    total = int(tokens.size)
     n_blocks = total // cfg.seq_len
     n_val = max(1, int(round(n_blocks * cfg.val_fraction)))
     if n_blocks - n_val < 1:
@@ -68,36 +67,19 @@ def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str)
             f"data: the corpus ({corpus.description}) has {total} tokens, fewer than "
             f"{2 * cfg.seq_len} needed for one training and one validation block of "
             f"data.seq_len={cfg.seq_len}; use more text or a smaller seq_len")
-    vocab = len(tokenizer)
-    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".blocks-")
     try:
-        arr = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), mode="w+", dtype=dtype,
-                                        shape=(n_blocks, cfg.seq_len))
-        flat = arr.reshape(-1)
-        pos, limit = 0, n_blocks * cfg.seq_len
-        for batch in tokenized.iter(batch_size=1024):
-            for ids in batch["ids"]:
-                take = min(len(ids), limit - pos)
-                if take <= 0:
-                    break
-                flat[pos:pos + take] = ids[:take]
-                pos += take
-        arr.flush()
-        del arr, flat
-        meta = {"version": CACHE_VERSION, "corpus": corpus.fingerprint, "corpus_description": corpus.description,
-                "tokenizer": tokenizer.fingerprint, "vocab_size": vocab, "seq_len": cfg.seq_len,
-                "tokens": total, "blocks": n_blocks, "train_blocks": n_blocks - n_val, "val_blocks": n_val,
-                "dtype": np.dtype(dtype).name}
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
+        record = shards.write_shard(tmp, 0, tokens, ends)
+        man = source_manifest(corpus.fingerprint, "in-job", [corpus.description], 1.0, tokenizer, dtype, [record], None)
+        with open(os.path.join(tmp, shards.MANIFEST), "w") as fh:
+            json.dump(man, fh, indent=1, sort_keys=True)
         os.replace(tmp, out_dir)  # the directory appears complete or not at all
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(out_dir, "meta.json")):
+        if not os.path.isfile(os.path.join(out_dir, shards.MANIFEST)):
             raise
         # else another process finished the same cache first: use theirs
     except BaseException:
@@ -108,33 +90,39 @@ def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str)
 def build_packed_data(corpus: Corpus, tokenizer, cfg: DataConfig, *, build: bool = True) -> PackedData:
     """Load the packed blocks from the cache, building them first when ``build`` is true."""
     out_dir = os.path.join(os.path.expanduser(cfg.cache_dir), "blocks", cache_key(corpus, tokenizer, cfg))
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.isfile(meta_path):
+    if not os.path.isfile(os.path.join(out_dir, shards.MANIFEST)):
         if not build:
             raise FileNotFoundError(f"token cache {out_dir} is missing")
         _tokenize_and_pack(corpus, tokenizer, cfg, out_dir)
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    blocks = np.load(os.path.join(out_dir, "tokens.npy"), mmap_mode="r")
-    n_train = meta["train_blocks"]
-    return PackedData(train=blocks[:n_train], val=blocks[n_train:], path=out_dir, meta=meta)
+    source = shards.open_source(out_dir, "corpus", "data", check_hashes=False)
+    train, val = source.blocks(cfg.seq_len, cfg.val_fraction, "data", arrays=True)
+    source.close()
+    man = source.manifest
+    meta = {"version": CACHE_VERSION, "corpus": corpus.fingerprint, "corpus_description": corpus.description,
+            "tokenizer": man["tokenizer"], "vocab_size": man["vocab_size"], "seq_len": cfg.seq_len,
+            "tokens": man["tokens"], "blocks": len(train) + len(val), "train_blocks": len(train),
+            "val_blocks": len(val), "dtype": man["dtype"]}
+    return PackedData(train=train, val=val, path=out_dir, meta=meta)
 
 
 class BlockStream:
     """The global sample order over ``n_blocks`` training blocks: epoch ``e`` is
-    ``randperm(n_blocks)`` seeded by (seed, e). Pure function of the position, so it needs no
-    state beyond the number of samples consumed."""
+    ``randperm(n_blocks)`` seeded by (seed, e, *key). Pure function of the position, so it needs no
+    state beyond the number of samples consumed. ``key`` tells apart the streams of a mixture's sources."""
 
-    def __init__(self, n_blocks: int, seed: int):
+    def __init__(self, n_blocks: int, seed: int, key: tuple = ()):
         self.n_blocks = n_blocks
         self.seed = seed
+        self.key = tuple(key)
         self._epoch = -1
         self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.n_blocks)
+            rng = np.random.default_rng([self.seed, epoch, *self.key])
+            # int32 where it fits: the same order as permutation(n_blocks) in half the memory
+            ids = np.arange(self.n_blocks, dtype=np.int32 if self.n_blocks < 2**31 else np.int64)
+            self._perm = rng.permutation(ids)
             self._epoch = epoch
         return self._perm
 
@@ -156,12 +144,13 @@ class GlobalBatchLoader:
     A step consumes ``global_batch = micro_batch * grad_accum * world_size`` samples starting at
     ``samples_seen``; micro step ``m`` of rank ``r`` takes the slice
     ``[(m * world + r) * micro, ... + micro)`` of it. Yields LongTensors of shape
-    (micro_batch, seq_len)."""
+    (micro_batch, seq_len). Blocks with an order of their own (a mixture of prepared sources,
+    bigbatch.data.mixture) give it by ``blocks.stream(seed)``."""
 
     def __init__(self, blocks: np.ndarray, *, micro_batch: int, grad_accum: int, rank: int,
                  world_size: int, seed: int, samples_seen: int = 0):
         self.blocks = blocks
-        self.stream = BlockStream(len(blocks), seed)
+        self.stream = blocks.stream(seed) if hasattr(blocks, "stream") else BlockStream(len(blocks), seed)
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
         self.rank = rank
@@ -191,30 +180,3 @@ def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size:
     mine = np.arange(rank, min(max_blocks, len(blocks)), world_size)
     return [torch.from_numpy(blocks[mine[i:i + micro_batch]].astype(np.int64))
             for i in range(0, len(mine), micro_batch)]
-
-
-def prepare_data(cfg: RunConfig, info):
-    """``(tokenizer, packed data, corpus)`` for a run. Local rank 0 builds the caches, the others
-    then read them; an error on the builder is raised on every rank (no rank is left waiting).
-    The wait takes as long as the build, so it uses a group without the short collective timeout."""
-    import torch.distributed as dist
-
-
-    corpus = load_corpus(cfg.data)
-    error = None
-    if info.local_rank == 0:
-        try:
-            tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
-            build_packed_data(corpus, tok, cfg.data)
-        except (ConfigError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ConfigError) else str(exc)
-    errors = [error]
-    if info.world_size > 1:
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, error, group=long_wait_group())
-        errors = gathered
-    first = next((e for e in errors if e), None)
-    if first:
-        raise ConfigError(first)
-    tok = build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir, train=False)
-    return tok, build_packed_data(corpus, tok, cfg.data, build=False), corpus

@@ -144,6 +144,8 @@ class Trainer:
         loss = total / max(count, 1)
         rec = {"kind": "eval", "step": self.step, "samples": self.loader.samples_seen, "tokens": self.tokens,
                "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        for cb in self.callbacks:
+            rec.update(cb.eval_fields(self))
         self.logger.log(rec)
         self.progress.write(f"eval step {self.step}: loss {loss:.4f} | ppl {rec['eval_ppl']:.2f}")
         self.last_eval = rec

@@ -14,13 +14,14 @@ from bigbatch.training.callbacks.hf_export import HFExport
 from bigbatch.training.callbacks.metrics import TrainMetrics, hparam_fields
 from bigbatch.training.callbacks.preemption import Preemption
 from bigbatch.training.callbacks.skipped_steps import SkippedSteps
+from bigbatch.training.callbacks.source_eval import SourceEval
 from bigbatch.training.callbacks.summary import FinalSummary
 from bigbatch.training.callbacks.watchdog import WatchdogBeat
 from bigbatch.training.config import RunConfig
 
 __all__ = ["Callback", "StepResult", "BatchSchedule", "BoundCounts", "Checkpointing", "CriticalBatchWarning",
-           "Evaluation", "GradNormSpike", "HFExport", "TrainMetrics", "Preemption", "SkippedSteps", "FinalSummary",
-           "WatchdogBeat", "default_callbacks", "hparam_fields"]
+           "Evaluation", "GradNormSpike", "HFExport", "TrainMetrics", "Preemption", "SkippedSteps", "SourceEval",
+           "FinalSummary", "WatchdogBeat", "default_callbacks", "hparam_fields"]
 
 
 def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -> list[Callback]:
@@ -36,6 +37,7 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
     if t.grad_spike_factor:
         callbacks.append(GradNormSpike(t.grad_spike_factor))
     callbacks += [
+        *([SourceEval()] if cfg.data.source == "prepared" else []),
         evaluation or Evaluation(every_steps=t.eval_every, at_start=t.eval_at_start),
         Checkpointing(c.every_steps, c.at_end),
         Preemption(c.preempt_exit_code),

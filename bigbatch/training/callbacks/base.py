@@ -52,6 +52,10 @@ class Callback:
         """Fields of the train record from this callback's summed :meth:`record_sums`."""
         return {}
 
+    def eval_fields(self, trainer) -> dict:
+        """More fields for the eval record being made (collective: every rank calls it)."""
+        return {}
+
     def post_eval(self, trainer, record: dict) -> None:
         """After an evaluation, with its record."""
 

@@ -1,0 +1,311 @@
+"""``bigbatch prepare-data``: tokenize the sources of a config once, in parallel, into token shards.
+
+    bigbatch prepare-data --config data.yaml --out /data/prep --workers 8
+    bigbatch submit --nodes 1 --sbatch-arg=--array=0-15 -- -m bigbatch.launcher.cli prepare-data \
+        --config data.yaml --out /data/prep --workers 8        # a SLURM array: task k does pieces k, k+16, ...
+
+Writes ``OUT/tokenizer/`` (the tokenizer, saved once), ``OUT/<source>/`` per source (shards and
+manifest: bigbatch.data.shards), ``OUT/plan.json`` (inputs and settings; a restart or another array
+task with other ones is refused) and ``OUT/manifest.json`` (every source, its weight and tokens).
+
+Each piece of input (bigbatch.data.sources) becomes one shard, written whole by one worker process
+(``encode_batch`` of the ``tokenizers`` library on one thread per worker). A killed prepare started
+again skips finished shards; the last array task to finish writes the manifests. Shards depend only
+on the inputs, the tokenizer and ``data.shard_bytes``, never on the number of workers or tasks, so
+the result is byte-identical however it was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from bigbatch import atomic
+from bigbatch.data import shards
+from bigbatch.data.sources import Piece, SourceSpec, plan_pieces, read_piece, resolve_files, source_specs
+from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
+
+PLAN = "plan.json"
+PREPARE_SECTIONS = ("tokenizer", "data")  # all a prepare reads of a config
+ENCODE_BATCH = 1024  # documents per encode_batch call: bounds the memory of a worker
+
+_TOK = None  # this worker's tokenizers.Tokenizer
+_EOS = 0
+_DTYPE = np.dtype(np.uint16)
+
+
+def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+    global _TOK, _EOS, _DTYPE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: workers are the parallelism
+    from tokenizers import Tokenizer
+
+    _TOK, _EOS, _DTYPE = Tokenizer.from_file(tokenizer_json), eos, np.dtype(dtype)
+
+
+def encode_documents(tok, eos: int, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, document end offsets) of ``texts``, each document followed by ``eos``; ``tok`` is a
+    ``tokenizers.Tokenizer`` (no special tokens added, as the in-job path has always encoded)."""
+    parts, lens = [], []
+    for i in range(0, len(texts), ENCODE_BATCH):
+        flat: list[int] = []
+        for enc in tok.encode_batch(texts[i:i + ENCODE_BATCH], add_special_tokens=False):
+            ids = enc.ids
+            flat.extend(ids)
+            flat.append(eos)
+            lens.append(len(ids) + 1)
+        parts.append(np.array(flat, dtype=dtype))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return tokens, np.cumsum(np.asarray(lens, dtype=np.int64))
+
+
+def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok, dtype: np.dtype,
+                    records: list[dict], tokenizer_dir: str | None) -> dict:
+    """The manifest of one prepared source (bigbatch.data.shards) from its shards' records."""
+    return {"format": shards.FORMAT, "version": shards.VERSION, "source": name, "kind": kind, "inputs": inputs,
+            "weight": weight, "dtype": dtype.name, "vocab_size": len(tok), "eos_id": int(tok.eos_token_id),
+            "tokenizer": tok.fingerprint, "tokenizer_dir": tokenizer_dir,
+            "tokens": sum(r["tokens"] for r in records), "docs": sum(r["docs"] for r in records), "shards": records}
+
+
+def _encode_piece(task: tuple) -> tuple[int, int, int]:
+    spec, piece, docs, out_dir = task
+    tokens, ends = encode_documents(_TOK, _EOS, _DTYPE, read_piece(spec, piece, docs))
+    shards.write_shard(out_dir, piece.index, tokens, ends)
+    return piece.source, piece.index, int(tokens.size)
+
+
+def build_prepare_tokenizer(cfg: RunConfig, specs: list[SourceSpec]):
+    """The run's tokenizer as train.py would build it: ``pretrained`` loaded, ``bpe`` trained on the
+    first source (for a config with a single ``data.source``, the same cached BPE as the in-job path)."""
+    from bigbatch.training.corpus import load_corpus
+    from bigbatch.training.tokenizer import build_tokenizer
+
+    corpus = None
+    if cfg.tokenizer.kind == "bpe":
+        data = cfg.data if not cfg.data.sources else specs[0].data_config(cfg.data)
+        corpus = load_corpus(data)
+    return build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
+
+
+def save_tokenizer(tok, out: str) -> str:
+    """``OUT/tokenizer`` holding ``tok``; an existing one with another fingerprint is refused."""
+    from transformers import AutoTokenizer
+
+    from bigbatch.training.tokenizer import _finish
+
+    path = os.path.join(out, shards.TOKENIZER_DIR)
+    if os.path.isdir(path):
+        have = _finish(AutoTokenizer.from_pretrained(path)).fingerprint
+        if have != tok.fingerprint:
+            raise ConfigError(f"--out: {out!r} holds data prepared with tokenizer {have}, this config's is "
+                              f"{tok.fingerprint}; give another --out")
+        return path
+    tmp = path + atomic.TMP_MARK + str(os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another array task saved the same tokenizer first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check_plan(out: str, plan: dict) -> None:
+    path = os.path.join(out, PLAN)
+    text = json.dumps(plan, indent=1, sort_keys=True)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            if fh.read() != text:
+                raise ConfigError(f"--out: {out!r} holds a prepare of other inputs or settings ({path} differs); "
+                                  "give another --out or delete it")
+        return
+    atomic.write_text(path, text)
+
+
+def _remove_stale_temporaries(out: str, names: list[str]) -> None:
+    for name in names:
+        d = os.path.join(out, name)
+        for f in os.listdir(d):
+            if atomic.TMP_MARK in f:
+                os.remove(os.path.join(d, f))
+
+
+def _finalize(out: str, specs: list[SourceSpec], pieces: dict[int, list[Piece]], tok, dtype: np.dtype,
+              inputs: dict[int, list[str]]) -> bool:
+    """Write every source's manifest and OUT/manifest.json once all shards exist; False if some are missing."""
+    records = {}
+    for si, spec in enumerate(specs):
+        d = os.path.join(out, spec.name)
+        recs = [shards.shard_record(d, p.index) for p in pieces[si]]
+        if any(r is None for r in recs):
+            return False
+        records[si] = recs
+    root = {"format": shards.FORMAT, "version": shards.VERSION, "tokenizer": tok.fingerprint, "sources": {}}
+    for si, spec in enumerate(specs):
+        man = source_manifest(spec.name, spec.kind, inputs[si], spec.weight, tok, dtype, records[si],
+                              os.path.join("..", shards.TOKENIZER_DIR))
+        atomic.write_text(os.path.join(out, spec.name, shards.MANIFEST), json.dumps(man, indent=1, sort_keys=True))
+        root["sources"][spec.name] = {"path": spec.name, "weight": spec.weight, "tokens": man["tokens"]}
+    atomic.write_text(os.path.join(out, shards.MANIFEST), json.dumps(root, indent=1, sort_keys=True))
+    return True
+
+
+def _stream_hub(spec: SourceSpec, si: int, shard_bytes: int):
+    """(piece, docs) of a hub dataset read as a stream (needs a network), cut by characters."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(spec.dataset, spec.subset, split=spec.split, streaming=True)
+    except Exception as exc:  # offline, unknown name, ...
+        raise ConfigError(f"data.sources: cannot stream hub dataset {spec.dataset!r}: {exc}") from None
+    docs, size, index, total = [], 0, 0, 0
+    for row in stream:
+        text = row.get(spec.text_field) or ""
+        if spec.max_chars is not None:
+            text = text[: max(0, spec.max_chars - total)]
+        docs.append(text)
+        size += len(text)
+        total += len(text)
+        if size >= shard_bytes:
+            yield Piece(si, index, None, 0, len(docs)), docs
+            docs, size, index = [], 0, index + 1
+        if spec.max_chars is not None and total >= spec.max_chars:
+            break
+    if docs or index == 0:
+        yield Piece(si, index, None, 0, len(docs)), docs
+
+
+@dataclass
+class PrepareResult:
+    """``finished``: the manifests were written (every piece of every task is done); ``shards`` and
+    ``tokens`` this task wrote; ``seconds``: wall time of its tokenize-and-write phase (no imports,
+    tokenizer loading or planning)."""
+
+    finished: bool
+    shards: int
+    tokens: int
+    seconds: float
+
+
+def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
+                log=print) -> PrepareResult:
+    """Prepare this task's pieces of every source of ``cfg`` into ``out``."""
+    from bigbatch.training.corpus import embedded_documents
+
+    if not 0 <= task < tasks:
+        raise ConfigError(f"--task: {task} must be in [0, --tasks={tasks})")
+    workers = workers or cfg.data.workers
+    specs = source_specs(cfg.data)
+    inputs: dict[int, list[str]] = {}
+    docs: dict[int, list[str]] = {}
+    for si, spec in enumerate(specs):  # every input checked before any work
+        where = f"data.sources[{si}]" if cfg.data.sources else "data"
+        if spec.kind == "embedded":
+            docs[si] = embedded_documents(spec.embedded, spec.max_chars)
+            inputs[si] = [f"embedded:{spec.embedded}"]
+        elif spec.kind == "hub":
+            inputs[si] = [f"hub:{spec.dataset}/{spec.subset or ''}:{spec.split}"]
+        else:
+            inputs[si] = [os.path.abspath(f) for f in resolve_files(spec, where)]
+    tok = build_prepare_tokenizer(cfg, specs)
+    dtype = shards.dtype_for_vocab(len(tok))
+    pieces = {si: plan_pieces(si, spec, inputs[si], docs.get(si), cfg.data.shard_bytes)
+              for si, spec in enumerate(specs) if spec.kind != "hub"}
+    os.makedirs(out, exist_ok=True)
+    tok_dir = save_tokenizer(tok, out)
+    _check_plan(out, {"sources": [asdict(s) for s in specs], "inputs": inputs, "tokenizer": tok.fingerprint,
+                      "shard_bytes": cfg.data.shard_bytes, "dtype": dtype.name,
+                      "pieces": {specs[si].name: [asdict(p) for p in ps] for si, ps in pieces.items()}})
+    for spec in specs:
+        os.makedirs(os.path.join(out, spec.name), exist_ok=True)
+    if tasks == 1:  # an array task's neighbours may be writing theirs
+        _remove_stale_temporaries(out, [s.name for s in specs])
+
+    ordered = [p for si in sorted(pieces) for p in pieces[si]]
+    mine = [p for k, p in enumerate(ordered) if k % tasks == task]
+    todo = [p for p in mine if shards.shard_record(os.path.join(out, specs[p.source].name), p.index) is None]
+    log(f"prepare-data: {len(ordered)} shards in {len(specs)} source(s); task {task}/{tasks} has {len(mine)}, "
+        f"{len(mine) - len(todo)} already done; {workers} worker(s)")
+
+    def tasks_iter():
+        for p in todo:
+            d = docs.get(p.source)
+            part = d[p.start:p.end] if d is not None else None
+            yield specs[p.source], p, part, os.path.join(out, specs[p.source].name)
+        for si, spec in enumerate(specs):
+            if spec.kind == "hub" and task == 0:
+                for p, ds in _stream_hub(spec, si, cfg.data.shard_bytes):
+                    if shards.shard_record(os.path.join(out, spec.name), p.index) is None:
+                        yield spec, p, ds, os.path.join(out, spec.name)
+                    pieces.setdefault(si, []).append(p)
+
+    tok_json = os.path.join(tok_dir, "tokenizer.json")
+    init = (tok_json, int(tok.eos_token_id), dtype.name)
+    done_tokens, started = 0, time.perf_counter()
+    if workers == 1:
+        _init_worker(*init)
+        results = map(_encode_piece, tasks_iter())
+        for _si, _idx, n in results:
+            done_tokens += n
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
+        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            for _si, _idx, n in pool.imap_unordered(_encode_piece, tasks_iter()):
+                done_tokens += n
+    seconds = time.perf_counter() - started
+    log(f"prepare-data: task {task} wrote {len(todo)} shard(s), {done_tokens:,} tokens in {seconds:.1f} s")
+    finished = not (any(s.kind == "hub" for s in specs) and task != 0) and \
+        _finalize(out, specs, pieces, tok, dtype, inputs)
+    if finished:
+        log(f"prepare-data: manifests written in {out}; train with data.source: prepared and "
+            f"data.prepared: {[{'path': os.path.join(out, s.name), 'weight': s.weight} for s in specs]}")
+    else:
+        log("prepare-data: other tasks still have shards to write; the last one writes the manifests")
+    return PrepareResult(finished, len(todo), done_tokens, seconds)
+
+
+def _array_task() -> tuple[int, int]:
+    """(task, tasks) of a SLURM array task, (0, 1) outside one."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return 0, 1
+    lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - lo, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bigbatch.training.run_dir import command_main
+
+    def body() -> int:
+        p = argparse.ArgumentParser(prog="bigbatch prepare-data", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", required=True, help="config whose tokenizer and data sections to prepare")
+        p.add_argument("--out", required=True, help="output directory (a restart continues it)")
+        p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: data.workers)")
+        p.add_argument("--task", type=int, default=None, help="this task's number (default: the SLURM array's)")
+        p.add_argument("--tasks", type=int, default=None, help="number of tasks (default: the SLURM array's)")
+        args, rest = p.parse_known_args(argv)
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers: {args.workers} must be >= 1")
+        cfg = load_config(args.config, parse_overrides(rest), sections=PREPARE_SECTIONS)
+        task, tasks = _array_task()
+        task = task if args.task is None else args.task
+        tasks = tasks if args.tasks is None else args.tasks
+        if tasks < 1:
+            raise ConfigError(f"--tasks: {tasks} must be >= 1")
+        run_prepare(cfg, args.out, workers=args.workers, task=task, tasks=tasks,
+                    log=lambda m: print(m, flush=True))
+        return 0
+
+    return command_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

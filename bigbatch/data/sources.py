@@ -1,0 +1,236 @@
+"""The inputs of ``bigbatch prepare-data``: sources from the config's ``data`` section, cut into
+pieces (one shard each) and read back as documents.
+
+A source is local files (``text``: one document per line; ``json``: JSON Lines, the document in
+``text_field``; ``parquet``: the column ``text_field``), the embedded corpus, or a hub dataset read
+as a stream. Text and JSON files are cut into byte ranges of about ``data.shard_mb`` at line
+boundaries (a line belongs to the range its first byte is in), Parquet files into row groups, so a
+big file is tokenized by several workers and a restarted prepare redoes at most one piece per worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+from bigbatch.training.config import ConfigError, DataConfig
+
+KINDS = ("text", "json", "parquet", "embedded", "hub")
+FILE_KINDS = ("text", "json", "parquet")
+SOURCE_KEYS = ("name", "kind", "files", "text_field", "embedded", "max_chars", "dataset", "subset", "split", "weight")
+PREPARED_KEYS = ("path", "weight", "name")
+
+
+@dataclass
+class SourceSpec:
+    """One source of a prepare: where its documents come from and its mixture ``weight``."""
+
+    name: str
+    kind: str
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    embedded: str = "stdlib"
+    max_chars: int | None = None
+    dataset: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+
+    def data_config(self, base: DataConfig) -> DataConfig:
+        """This source as a single-source ``DataConfig`` (to train a BPE on it with the in-job code)."""
+        kind = self.kind if self.kind in FILE_KINDS + ("embedded",) else "hub"
+        return DataConfig(source=kind, embedded=self.embedded, files=list(self.files), name=self.dataset,
+                          subset=self.subset, split=self.split, text_field=self.text_field,
+                          max_chars=self.max_chars, cache_dir=base.cache_dir)
+
+
+def _weight(where: str, value) -> float:
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a number; give a weight > 0") from None
+    if not w > 0 or w != w or w == float("inf"):
+        raise ConfigError(f"{where}: {value!r} must be a finite number > 0 (the source's share of the mixture)")
+    return w
+
+
+def source_specs(data: DataConfig) -> list[SourceSpec]:
+    """The sources to prepare: ``data.sources`` entries, or the single source of ``data.source``."""
+    if not data.sources:
+        if data.source == "prepared":
+            raise ConfigError("data.source: 'prepared' data cannot be prepared again; give data.sources or "
+                              "another data.source")
+        return [SourceSpec(name=data.source, kind=data.source, files=list(data.files), text_field=data.text_field,
+                           embedded=data.embedded, max_chars=data.max_chars, dataset=data.name,
+                           subset=data.subset, split=data.split)]
+    specs, names = [], set()
+    for i, entry in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys are {list(SOURCE_KEYS)}")
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}.kind: {kind!r} is not allowed; choose one of {list(KINDS)}")
+        name = str(entry.get("name") or f"source{i}")
+        if name in names or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}.name: {name!r} must be unique and made of letters, digits, '-' and '_'")
+        names.add(name)
+        files = entry.get("files") or []
+        files = [files] if isinstance(files, str) else [str(f) for f in files]
+        if kind in FILE_KINDS and not files:
+            raise ConfigError(f"{where}.files: required when kind is {kind!r} (paths or globs)")
+        if kind == "hub" and not entry.get("dataset"):
+            raise ConfigError(f"{where}.dataset: required when kind is 'hub' (a hub dataset name)")
+        max_chars = entry.get("max_chars")
+        if max_chars is not None and (not isinstance(max_chars, int) or max_chars <= 0):
+            raise ConfigError(f"{where}.max_chars: {max_chars!r} must be an integer > 0")
+        specs.append(SourceSpec(name=name, kind=kind, files=files, text_field=str(entry.get("text_field", "text")),
+                                embedded=str(entry.get("embedded", "stdlib")), max_chars=max_chars,
+                                dataset=entry.get("dataset"), subset=entry.get("subset"),
+                                split=str(entry.get("split", "train")),
+                                weight=_weight(f"{where}.weight", entry.get("weight", 1.0))))
+    return specs
+
+
+def prepared_entries(data: DataConfig) -> list[tuple[str, str, float]]:
+    """``data.prepared`` as (name, path, weight) after checking every entry."""
+    if not data.prepared:
+        raise ConfigError("data.prepared: required when data.source is 'prepared' "
+                          "(a list of {path: DIR, weight: W}, DIR written by bigbatch prepare-data)")
+    out, names = [], set()
+    for i, entry in enumerate(data.prepared):
+        where = f"data.prepared[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        unknown = sorted(set(entry) - set(PREPARED_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys are {list(PREPARED_KEYS)}")
+        if not entry.get("path"):
+            raise ConfigError(f"{where}.path: required (a directory written by bigbatch prepare-data)")
+        path = str(entry["path"])
+        name = str(entry.get("name") or os.path.basename(os.path.normpath(path)))
+        if name in names:
+            raise ConfigError(f"{where}.name: {name!r} is used twice; give each source its own name")
+        names.add(name)
+        out.append((name, path, _weight(f"{where}.weight", entry.get("weight", 1.0))))
+    return out
+
+
+def resolve_files(spec: SourceSpec, where: str) -> list[str]:
+    """The files of a file source, in a fixed order; ConfigError for a glob that matches nothing or a
+    file that cannot be read (checked before any work)."""
+    files: list[str] = []
+    for pattern in spec.files:
+        path = os.path.expanduser(pattern)
+        if os.path.isdir(path):
+            matched = sorted(os.path.join(path, n) for n in os.listdir(path))
+        elif os.path.exists(path) or os.path.islink(path):
+            matched = [path]
+        else:
+            matched = sorted(glob.glob(path))
+        if not matched:
+            raise ConfigError(f"{where}.files: {pattern!r} matches no file")
+        files += matched
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{where}.files: {f!r} cannot be read ({exc.strerror or exc}); "
+                              "give readable text/JSONL/parquet files") from None
+    return files
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One shard's worth of input: bytes ``[start, end)`` of a text/JSONL ``file`` (lines starting
+    there), row groups ``[start, end)`` of a Parquet file, or documents ``[start, end)`` of an
+    in-memory list (embedded)."""
+
+    source: int
+    index: int
+    file: str | None
+    start: int
+    end: int
+
+
+def plan_pieces(si: int, spec: SourceSpec, files: list[str], docs: list[str] | None, shard_bytes: int) -> list[Piece]:
+    """The pieces of source ``si``, numbered from 0 in input order."""
+    pieces: list[Piece] = []
+    if spec.kind == "embedded":
+        start, size = 0, 0
+        for i, d in enumerate(docs):
+            size += len(d)
+            if size >= shard_bytes:
+                pieces.append(Piece(si, len(pieces), None, start, i + 1))
+                start, size = i + 1, 0
+        if start < len(docs) or not pieces:
+            pieces.append(Piece(si, len(pieces), None, start, len(docs)))
+        return pieces
+    for f in files:
+        if spec.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            groups = pq.ParquetFile(f).num_row_groups
+            per = max(1, int(shard_bytes // max(1, os.path.getsize(f) // max(groups, 1))))
+            for g in range(0, groups, per):
+                pieces.append(Piece(si, len(pieces), f, g, min(groups, g + per)))
+            continue
+        size = os.path.getsize(f)
+        for lo in range(0, max(size, 1), shard_bytes):
+            pieces.append(Piece(si, len(pieces), f, lo, min(size, lo + shard_bytes)))
+    return pieces
+
+
+def _lines(path: str, start: int, end: int):
+    """Lines (bytes, without the newline) whose first byte lies in ``[start, end)``, with their offsets."""
+    with open(path, "rb") as fh:
+        pos = start
+        if start > 0:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
+                pos = start + len(fh.readline())
+        fh.seek(pos)
+        while pos < end:
+            line = fh.readline()
+            if not line:
+                return
+            yield pos, line.rstrip(b"\n")
+            pos += len(line)
+
+
+def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) -> list[str]:
+    """The documents of ``piece`` in order. Bad content raises ConfigError naming file and byte offset."""
+    if spec.kind in ("embedded", "hub"):
+        return docs
+    if spec.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(piece.file)
+        if spec.text_field not in pf.schema_arrow.names:
+            raise ConfigError(f"data.sources: {piece.file}: no column {spec.text_field!r} "
+                              f"(columns: {pf.schema_arrow.names}); set text_field")
+        table = pf.read_row_groups(list(range(piece.start, piece.end)), columns=[spec.text_field])
+        return [t or "" for t in table.column(0).to_pylist()]
+    out = []
+    for pos, line in _lines(piece.file, piece.start, piece.end):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not UTF-8 text") from None
+        if spec.kind == "text":
+            out.append(text.rstrip("\r"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+            value = rec[spec.text_field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not a JSON object with a string "
+                              f"{spec.text_field!r} field; set text_field or fix the line") from None
+        out.append(value if isinstance(value, str) else "" if value is None else str(value))
+    return out
