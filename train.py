@@ -27,6 +27,7 @@ from bigbatch.training.config import parse_overrides
 from bigbatch.training.data import prepare_data
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
+from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import command_main, prepare, resolve_run
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
         check_batch(cfg, info.world_size)  # before any work
+        check_scale_out(cfg, info.local_world_size)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
         run = setup(cfg, info.world_size, tok, data.seq_len)

@@ -12,13 +12,14 @@ from bigbatch.training.callbacks.evaluation import Evaluation
 from bigbatch.training.callbacks.grad_spike import GradNormSpike
 from bigbatch.training.callbacks.metrics import TrainMetrics, hparam_fields
 from bigbatch.training.callbacks.preemption import Preemption
+from bigbatch.training.callbacks.scale_out import ScaleOut
 from bigbatch.training.callbacks.skipped_steps import SkippedSteps
 from bigbatch.training.callbacks.summary import FinalSummary
 from bigbatch.training.callbacks.watchdog import WatchdogBeat
 from bigbatch.training.config import RunConfig
 
 __all__ = ["Callback", "StepResult", "BatchSchedule", "BoundCounts", "Checkpointing", "CriticalBatchWarning",
-           "Evaluation", "GradNormSpike", "TrainMetrics", "Preemption", "SkippedSteps", "FinalSummary",
+           "Evaluation", "GradNormSpike", "TrainMetrics", "Preemption", "ScaleOut", "SkippedSteps", "FinalSummary",
            "WatchdogBeat", "default_callbacks", "hparam_fields"]
 
 
@@ -42,6 +43,8 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
     schedule = cfg.batch.batch_schedule()
     if schedule is not None:
         callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto"))
+    if cfg.scale_out.max_nodes:
+        callbacks.append(ScaleOut(cfg))
     callbacks.append(FinalSummary(cfg.logging.plot, f"{cfg.model.arch} {cfg.optim.name}",
                                   None if schedule is None else str(cfg.batch.schedule)))
     return callbacks

@@ -29,6 +29,8 @@ class BatchSchedule(Callback):
             new = self.schedule.next_batch(trainer.tokens, trainer.plan.global_batch, trainer.noise.b_noise)
         else:
             new = self.schedule.batch_at(trainer.tokens)
+        if trainer.batch_limit is not None:  # the nodes in hand take no more (scale_out after a lost node)
+            new = min(new, trainer.batch_limit)
         if new != trainer.plan.global_batch:
             trainer.change_batch(new)
 
