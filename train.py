@@ -13,7 +13,9 @@ Exit codes: 0 finished; 2 bad input (config, files, corpus, batch); 75 (checkpoi
 stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job with --resume OUT (--resume on a
 directory with no checkpoint yet starts from step 0, so a requeue script can always pass it). Under
 torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is complete either way
-(torchrun gives workers 30 s after forwarding SIGTERM before it kills them).
+(torchrun gives workers 30 s after forwarding SIGTERM before it kills them). 76 (scale_out policy):
+the batch schedule outgrew these nodes; a checkpoint is saved: resume on more nodes (``bigbatch submit
+--max-nodes`` does).
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ def main(argv=None) -> int:
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
         check_batch(cfg, info.world_size)  # before any work
-        check_scale_out(cfg, info.local_world_size)
+        start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
-        run = setup(cfg, info.world_size, tok, data.seq_len)
+        run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start)
         return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
                        resume_from=os.path.join(out, "checkpoints") if resuming else None).run()
 

@@ -43,9 +43,13 @@ def test_target_and_limit_follow_the_accumulation_limit():
     assert largest_fitting(cfg, [8, 16], 1, 2, 16) is None
     assert allowed_max_nodes(cfg, {"BIGBATCH_MAX_NODES": "2"}) == 2
     assert allowed_max_nodes(cfg, {}) == 4
-    check_scale_out(cfg, 2, {})  # 16 fits on 4 nodes
+    assert check_scale_out(cfg, 2, 2, fresh=True, environ={}) == 4  # 16 fits on 4 nodes
     with pytest.raises(ConfigError, match=r"scale_out.max_grad_accum: 1 .* global batch 16 on any of 1..2 nodes"):
-        check_scale_out(cfg, 2, {"BIGBATCH_MAX_NODES": "2"})
+        check_scale_out(cfg, 2, 2, fresh=True, environ={"BIGBATCH_MAX_NODES": "2"})
+    # 2 nodes x 2: batch 4 is not formable; a resume builds the engine at 8, a fresh run is refused
+    assert check_scale_out(cfg, 4, 2, fresh=False, environ={}) == 8
+    with pytest.raises(ConfigError, match=r"batch.schedule: the first batch 4 on 4 devices: global_batch: 4 cannot"):
+        check_scale_out(cfg, 4, 2, fresh=True, environ={})
     assert ScaleOut(cfg, environ={}).exit_code == exit_codes.SCALE_OUT == 76
 
 

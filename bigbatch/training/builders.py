@@ -68,6 +68,8 @@ def check_batch(cfg: RunConfig, world_size: int) -> None:
     if schedule is None:
         make_plan(cfg, world_size)
         return
+    if cfg.scale_out.max_nodes:  # each batch on the node counts that take it: callbacks.scale_out
+        return
     if cfg.batch.schedule == "auto":
         for batch in schedule.batches():
             make_plan(cfg, world_size, batch, where=f"batch.schedule: auto grows to {batch} (min_global_batch "

@@ -39,14 +39,19 @@ def allowed_max_nodes(cfg: RunConfig, environ=os.environ) -> int:
     return limit
 
 
+def _plan(cfg: RunConfig, world_size: int, global_batch: int):
+    """The plan of ``global_batch`` on ``world_size`` devices, None where it cannot be formed."""
+    try:
+        return make_plan(cfg, world_size, global_batch)
+    except ConfigError:
+        return None
+
+
 def fitting_plan(cfg: RunConfig, global_batch: int, nodes: int, per_node: int):
     """The plan of ``global_batch`` on ``nodes`` x ``per_node`` devices if it needs at most
     ``scale_out.max_grad_accum`` micro batches per device, else None."""
-    try:
-        plan = make_plan(cfg, nodes * per_node, global_batch)
-    except ConfigError:
-        return None
-    return plan if plan.grad_accum <= cfg.scale_out.max_grad_accum else None
+    plan = _plan(cfg, nodes * per_node, global_batch)
+    return plan if plan is not None and plan.grad_accum <= cfg.scale_out.max_grad_accum else None
 
 
 def target_nodes(cfg: RunConfig, global_batch: int, nodes: int, per_node: int, max_nodes: int) -> int | None:
@@ -60,12 +65,15 @@ def largest_fitting(cfg: RunConfig, batches: list[int], nodes: int, per_node: in
     return max(fits) if fits else None
 
 
-def check_scale_out(cfg: RunConfig, per_node: int, environ=os.environ) -> None:
+def check_scale_out(cfg: RunConfig, world_size: int, per_node: int, *, fresh: bool, environ=os.environ) -> int | None:
     """Every batch the schedule can put in force must fit within ``max_grad_accum`` on some allowed
-    node count (1 .. max_nodes x ``per_node`` devices): refused before any work otherwise."""
+    node count (1 .. max_nodes x ``per_node`` devices), and a ``fresh`` run (not a resume) must start
+    at the schedule's first batch here: refused before any work otherwise. Returns the global batch
+    to build the engine at on ``world_size`` devices (the first of the schedule formable here; a
+    resume moves it to the checkpoint's), or None without the policy."""
     max_nodes = allowed_max_nodes(cfg, environ)
     if not max_nodes:
-        return
+        return None
     schedule = cfg.batch.batch_schedule()
     for batch in schedule.batches():
         if not any(fitting_plan(cfg, batch, n, per_node) for n in range(1, max_nodes + 1)):
@@ -75,6 +83,15 @@ def check_scale_out(cfg: RunConfig, per_node: int, environ=os.environ) -> None:
                 f"{list(b.micro_batch_sizes)} per device cannot form the schedule's global batch {batch} on any "
                 f"of 1..{max_nodes} nodes x {per_node} devices; raise scale_out.max_grad_accum or "
                 f"scale_out.max_nodes, or change batch.micro_batch_sizes or batch.schedule")
+    if fresh:
+        make_plan(cfg, world_size, schedule.start, where=f"batch.schedule: the first batch {schedule.start} on "
+                                                         f"{world_size} devices")
+        return schedule.start
+    here = next((b for b in schedule.batches() if _plan(cfg, world_size, b) is not None), None)
+    if here is None:
+        raise ConfigError(f"batch.schedule: none of its global batches {schedule.batches()} can be formed on "
+                          f"{world_size} devices with batch.micro_batch_sizes {list(cfg.batch.micro_batch_sizes)}")
+    return here
 
 
 class ScaleOut(Callback):
@@ -109,6 +126,10 @@ class ScaleOut(Callback):
         return min(planned, limit)
 
     def on_restore(self, trainer) -> None:
+        start = self.cfg.batch.batch_schedule().start
+        if trainer.step == 0 and trainer.plan.global_batch != start:  # --resume found no checkpoint
+            raise ConfigError(f"batch.schedule: the first batch {start} cannot be formed on {trainer.info.world_size} "
+                              f"devices; start the run on a node count that takes it")
         self.nodes, per_node = self._layout(trainer)
         before = self.saved_nodes
         if before is None or before == self.nodes:
