@@ -10,8 +10,8 @@ more devices would run the same steps in less time, and below the critical batch
 
 Resumed on fewer nodes than its checkpoint's (a node lost, the job requeued smaller), the run stays
 on what it got: the batch in force is cut to the largest schedule batch within ``max_grad_accum``
-there (the scaling rules applied downwards by the resume) and the schedule grows no further in this
-job; a ``nodes_change`` record says what moved.
+there (the scaling rules applied downwards by the resume), the schedule grows only as far as those
+nodes take, without a scale-out in this job; a ``nodes_change`` record says what moved.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ class ScaleOut(Callback):
         self.max_nodes = allowed_max_nodes(cfg, environ)
         self.target_file = environ.get(TARGET_FILE_ENV)
         self.saved_nodes: int | None = None
+        self.saved_move: int | None = None  # the node count a scale-out checkpoint was saved for
         self.nodes: int | None = None
+        self.moving_to: int | None = None
         self.waiting = False  # told the user once that the noise scale holds the move back
 
     @staticmethod
@@ -119,7 +121,8 @@ class ScaleOut(Callback):
         nodes, per_node = self._layout(trainer)
         if self.saved_nodes is None or nodes >= self.saved_nodes:
             return planned
-        limit = largest_fitting(self.cfg, self.cfg.batch.batch_schedule().batches(), nodes, per_node, planned)
+        batches = self.cfg.batch.batch_schedule().batches()
+        limit = largest_fitting(self.cfg, batches, nodes, per_node, max(batches))
         if limit is None:  # nothing fits the limit here: keep the batch, with more accumulation
             return planned
         trainer.batch_limit = limit
@@ -134,7 +137,7 @@ class ScaleOut(Callback):
         before = self.saved_nodes
         if before is None or before == self.nodes:
             return
-        reason = "scale_out" if self.nodes > before else "nodes_lost"
+        reason = "nodes_lost" if self.nodes < before else "scale_out" if self.saved_move else "nodes_added"
         plan = trainer.plan
         trainer.logger.log({"kind": "nodes_change", "reason": reason, "step": trainer.step,
                             "samples": trainer.loader.samples_seen, "tokens": trainer.tokens, "nodes_from": before,
@@ -165,6 +168,7 @@ class ScaleOut(Callback):
                             f"{margin:g} x {plan.global_batch}")
             return
         trainer.watchdog.reached_save_point()
+        self.moving_to = target
         trainer.checkpointer.save(trainer)
         trainer.logger.log({"kind": "scale_out", "step": trainer.step, "samples": trainer.loader.samples_seen,
                             "tokens": trainer.tokens, "nodes_from": nodes, "nodes_to": target,
@@ -181,7 +185,7 @@ class ScaleOut(Callback):
         trainer.stop(self.exit_code)
 
     def state_dict(self) -> dict:
-        return {"nodes": self.nodes}
+        return {"nodes": self.nodes, "moving_to": self.moving_to}
 
     def load_state_dict(self, state: dict) -> None:
-        self.saved_nodes = state.get("nodes")
+        self.saved_nodes, self.saved_move = state.get("nodes"), state.get("moving_to")
