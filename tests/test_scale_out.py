@@ -151,7 +151,9 @@ def _requeue_smaller(cluster, job: str, nodes: int, tasks: int, timeout: float =
             while cluster.run("sinfo", "-h", "-t", "completing", "-o", "%N").stdout.strip():
                 assert time.monotonic() < end, "nodes still completing"
                 time.sleep(0.2)
-            cluster.run("scontrol", "update", f"JobId={job}", f"NumNodes={nodes}", f"NumTasks={tasks}")
+            # the task and CPU counts first: NumNodes alone lowers only the minimum (SLURM 22.05)
+            cluster.run("scontrol", "update", f"JobId={job}", f"NumTasks={tasks}", f"NumCPUs={tasks}",
+                        f"NumNodes={nodes}-{nodes}")
             cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             return
         time.sleep(0.2)
