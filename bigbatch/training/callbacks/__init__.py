@@ -43,8 +43,7 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
     schedule = cfg.batch.batch_schedule()
     if schedule is not None:
         callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto"))
-    if cfg.scale_out.max_nodes:
-        callbacks.append(ScaleOut(cfg))
+    callbacks += [ScaleOut(cfg)] if cfg.scale_out.max_nodes else []  # after the schedule: sees its batch
     callbacks.append(FinalSummary(cfg.logging.plot, f"{cfg.model.arch} {cfg.optim.name}",
                                   None if schedule is None else str(cfg.batch.schedule)))
     return callbacks
