@@ -18,7 +18,7 @@ from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, 
                                                    target_nodes)
 from bigbatch.training.config import ConfigError, load_config
 from test_slurm import TRAIN_TINY, _job_log, _metrics, _submit, _train_steps
-from train_common import REPO, main
+from train_common import PY, REPO, main, run
 
 SEQ = 32  # TRAIN_TINY's data.seq_len
 
@@ -195,3 +195,26 @@ def test_requeue_on_fewer_nodes_cuts_the_batch_by_the_rules(slurm_cluster, tmp_p
     assert {m["global_batch"] for m in train if m["step"] > lost["step"]} == {4}, log
     assert train[-1]["tokens"] == 512 + 200 * 8 * SEQ
     assert "--resume: nodes 2 -> 1 (nodes lost)" in log and "the batch stays at most 4 on these nodes" in log, log
+
+
+@pytest.mark.slow
+def test_the_noise_scale_holds_the_move_back(tmp_path, capsys, monkeypatch):
+    """One process (1 node x 1 device), batch 2 then 4 (4 accumulation steps here, over the limit 2):
+    with B_noise far below noise_margin x 4 the run stays and says why once; with noise_margin 0 it
+    saves, logs a scale_out record to 2 nodes and exits 76."""
+    monkeypatch.chdir(REPO)
+    base = [*TRAIN_TINY, "--batch.micro_batch_sizes", "[1]", "--batch.schedule", f"[[0,2],[{4 * SEQ * 2}, 4]]",
+            "--train.noise_scale_every", "1", "--train.tokens", str(8 * SEQ * 2), "--scale_out.max_nodes", "2",
+            "--scale_out.max_grad_accum", "2"]
+    held, moved = tmp_path / "held", tmp_path / "moved"
+    assert main([*base, "--scale_out.noise_margin", "1000", "--out", str(held)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("scale-out waits at step 4: global batch 4 needs 4 accum here, 2 nodes would take it") == 1, out
+    assert not _kinds(held, "scale_out") and _train_steps(held) == list(range(1, 7))
+    # a second engine in this process is not possible (DeepSpeed keeps its groups): a process of its own
+    proc = run([PY, "train.py", *base, "--scale_out.noise_margin", "0", "--out", str(moved)])
+    assert proc.returncode == exit_codes.SCALE_OUT, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "exiting with code 76 to continue on 2 nodes" in proc.stdout
+    [rec] = _kinds(moved, "scale_out")
+    assert (rec["step"], rec["nodes_from"], rec["nodes_to"], rec["global_batch"], rec["grad_accum"]) == (4, 1, 2, 4, 4)
+    assert _train_steps(moved) == [1, 2, 3, 4] and (moved / "checkpoints").is_dir()
