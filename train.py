@@ -13,7 +13,9 @@ Exit codes: 0 finished; 2 bad input (config, files, corpus, batch); 75 (checkpoi
 stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job with --resume OUT (--resume on a
 directory with no checkpoint yet starts from step 0, so a requeue script can always pass it). Under
 torchrun the workers exit 75 but torchrun itself reports 1; the checkpoint is complete either way
-(torchrun gives workers 30 s after forwarding SIGTERM before it kills them).
+(torchrun gives workers 30 s after forwarding SIGTERM before it kills them). 76 (scale_out policy):
+the batch schedule outgrew these nodes; a checkpoint is saved: resume on more nodes (``bigbatch submit
+--max-nodes`` does).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bigbatch import distributed as bbdist
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
 from bigbatch.training.run_data import prepare_data
+from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
                                       save_model_files)
@@ -38,11 +41,13 @@ def main(argv=None) -> int:
         check_batch(cfg, info.world_size)  # before any work
         for note in cfg.notes() if info.is_main else []:
             print(f"warning: {note}", file=sys.stderr, flush=True)
+        start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
-        run = setup(cfg, info.world_size, tok, data.seq_len, init_weights=not (resuming and has_checkpoint(ckpt_dir)))
+        run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,
+                    init_weights=not (resuming and has_checkpoint(ckpt_dir)))
         if info.is_main:
             save_model_files(out, tok, run.model.config)
         return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),

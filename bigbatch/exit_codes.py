@@ -11,3 +11,6 @@ NOT_FINITE = 3
 SAVE_FAILED = 74
 #: a rank made no progress within train.step_timeout_s, or a signal arrived while it was stuck
 HUNG = 124
+#: the batch schedule outgrew the nodes in hand and a larger allocation pays (scale_out policy): a
+#: checkpoint is saved; the sbatch script submits the same command on more nodes, which resumes it
+SCALE_OUT = 76

@@ -151,6 +151,7 @@ def submit_config(args) -> SubmitConfig:
         job_name=args.job_name, output=args.output, workdir=args.chdir or os.getcwd(),
         signal_seconds=args.signal_seconds, exit_grace=args.exit_grace, requeue=not args.no_requeue, python=args.python,
         env=env, sbatch_args=list(args.sbatch_arg), srun_args=list(args.srun_arg),
+        max_nodes=args.max_nodes,
     )
 
 
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     su = sub.add_parser("submit", help="render an sbatch script from slurm/ and submit it")
     su.add_argument("--nodes", type=int, default=1)
+    su.add_argument("--max-nodes", type=int, default=None,
+                    help="scale-out: on exit code 76 (the run's scale_out policy) submit the same command again "
+                         "on more nodes, up to this many")
     su.add_argument("--gpus-per-node", type=int, default=0)
     su.add_argument("--ntasks-per-node", type=int, default=None, help="workers per node (default: GPUs, or 1)")
     su.add_argument("--cpus-per-task", type=int, default=1)

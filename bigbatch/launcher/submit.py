@@ -70,6 +70,7 @@ class SubmitConfig:
     env: dict[str, str] = field(default_factory=dict)
     sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH" options, verbatim
     srun_args: list[str] = field(default_factory=list)  # extra srun options, e.g. --mpi=pmix
+    max_nodes: int | None = None  # scale-out: on exit code SCALE_OUT, resubmit on up to this many nodes
 
     def validate(self) -> "SubmitConfig":
         if self.template not in TEMPLATES:
@@ -89,6 +90,13 @@ class SubmitConfig:
             raise SubmitError(f"--exit-grace: {self.exit_grace} must be in [1, 65535] seconds")
         if not 1 <= self.preempt_exit_code <= 255:
             raise SubmitError(f"--preempt-exit-code: {self.preempt_exit_code} must be in 1..255")
+        if self.max_nodes is not None:  # scale-out
+            if self.max_nodes < self.nodes:
+                raise SubmitError(f"--max-nodes: {self.max_nodes} is below --nodes {self.nodes}; give a node "
+                                  "count >= --nodes (the largest allocation the run may move to)")
+            if self.max_nodes > self.nodes and self.template != "srun":
+                raise SubmitError(f"--max-nodes: {self.max_nodes} needs --template srun, not {self.template!r} "
+                                  "(torchrun reports its workers' exit code as 1, hiding the scale-out code)")
         if not self.command:
             raise SubmitError("command: nothing to run; give it after `--`, e.g. -- train.py --config x.yaml")
         for key in self.env:
@@ -158,12 +166,33 @@ while :; do
   break
 done
 echo "[bigbatch] workers exited with status $rc"
-if [ "$got_term" = 0 ] && {requeue_test}; then
+{scale_out_block}if [ "$got_term" = 0 ] && {requeue_test}; then
   echo "[bigbatch] requeueing job ${{SLURM_JOB_ID}} to resume from its checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
 exit "$rc"
+"""
+
+
+# scale-out: the run saved a checkpoint and asks for more nodes (the count in the file, capped at
+# --max-nodes); the same script goes to a new job on that many nodes once this one has ended.
+# SLURM_* of this job must not leak into the new one (SLURM_CONF names the cluster: kept).
+_SCALE_OUT_BLOCK = """\
+if [ "$got_term" = 0 ] && [ "$rc" = {code} ]; then
+  next=$(cat "$BIGBATCH_SCALE_OUT_FILE" 2>/dev/null); rm -f "$BIGBATCH_SCALE_OUT_FILE"
+  case "$next" in ''|*[!0-9]*) next={max_nodes};; esac
+  [ "$next" -gt {max_nodes} ] && next={max_nodes}
+  if [ "$next" -gt "$SLURM_JOB_NUM_NODES" ]; then
+    unset_slurm=$(compgen -e | grep '^SLURM_' | grep -vx SLURM_CONF | sed 's/^/-u /')
+    new_job=$(env $unset_slurm sbatch --parsable --nodes="$next" --dependency=afterany:"$SLURM_JOB_ID" "$0")
+    if [ -n "$new_job" ]; then
+      echo "[bigbatch] scale-out: job ${{new_job%%;*}} continues on $next nodes after job ${{SLURM_JOB_ID}}"
+      exit 0
+    fi
+    echo "[bigbatch] scale-out: sbatch of the $next-node job failed; resume by hand with --resume"
+  fi
+fi
 """
 
 
@@ -185,6 +214,9 @@ def render_sbatch(cfg: SubmitConfig) -> str:
             lines.append(f"#SBATCH --{opt}={getattr(cfg, opt)}")
     lines += [f"#SBATCH {arg}" for arg in cfg.sbatch_args]
     env = {"PYTHONUNBUFFERED": "1", **cfg.env}
+    scale_out = cfg.max_nodes is not None and cfg.max_nodes > cfg.nodes
+    if scale_out:
+        env["BIGBATCH_MAX_NODES"] = str(cfg.max_nodes)
     worker, run_dir_lines = _requeue_safe(cfg, _worker_argv(cfg))
     if not cfg.requeue:
         requeue_test = "false"
@@ -206,7 +238,8 @@ def render_sbatch(cfg: SubmitConfig) -> str:
         "preempt_exit_code": str(cfg.preempt_exit_code),
         "exit_grace": str(cfg.exit_grace),
         "sbatch_lines": "\n".join(lines),
-        "env_lines": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        "env_lines": "\n".join([f"export {k}={shlex.quote(v)}" for k, v in env.items()] + (
+            ['export BIGBATCH_SCALE_OUT_FILE="${TMPDIR:-/tmp}/bigbatch-scale-out-${SLURM_JOB_ID}"'] if scale_out else [])),
         "srun_args": "".join(shlex.quote(a) + " " for a in cfg.srun_args),
         "python": shlex.quote(cfg.python),
         "command": _shell_join(worker),
@@ -214,7 +247,8 @@ def render_sbatch(cfg: SubmitConfig) -> str:
         "run_dir_lines": run_dir_lines,
         "port_base": str(SLURM_PORT_BASE),
         "port_span": str(SLURM_PORT_SPAN),
-        "wait_block": _WAIT_BLOCK.format(requeue_test=requeue_test),
+        "wait_block": _WAIT_BLOCK.format(requeue_test=requeue_test, scale_out_block=_SCALE_OUT_BLOCK.format(
+            code=exit_codes.SCALE_OUT, max_nodes=cfg.max_nodes) if scale_out else ""),
     }
     unknown = sorted(set(_FIELD.findall(text)) - set(values))
     if unknown:

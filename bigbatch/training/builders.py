@@ -72,6 +72,8 @@ def check_batch(cfg: RunConfig, world_size: int) -> None:
     if schedule is None:
         make_plan(cfg, world_size)
         return
+    if cfg.scale_out.max_nodes:  # each batch on the node counts that take it: callbacks.scale_out
+        return
     if cfg.batch.schedule == "auto":
         if cfg.train.noise_scale_every == 0:
             raise ConfigError("batch.schedule: auto grows the batch on the gradient noise scale, which "

@@ -380,6 +380,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class ScaleOutConfig:
+    """Move the run to more nodes when its batch schedule outgrows the nodes in hand
+    (bigbatch.training.callbacks.scale_out). ``max_nodes``: the largest allocation (0: off; the
+    launcher's ``--max-nodes`` caps it). When the global batch in force needs more than
+    ``max_grad_accum`` micro batches per device here and fits within it on more nodes (up to
+    ``max_nodes``), and the smoothed noise scale is at least ``noise_margin`` x that batch (0: do not
+    ask it), the run saves a checkpoint and exits with exit code 76 for the launcher to resubmit it on
+    the smallest node count that fits. Resumed on fewer nodes than it was saved on, the run keeps its
+    batch within ``max_grad_accum`` there (rules applied downwards) and stays on those nodes."""
+
+    max_nodes: int = 0
+    max_grad_accum: int = 1
+    noise_margin: float = 1.0
+
+    def validate(self) -> None:
+        _positive("scale_out", "max_nodes", self.max_nodes, allow_zero=True)
+        _positive("scale_out", "max_grad_accum", self.max_grad_accum)
+        _positive("scale_out", "noise_margin", self.noise_margin, allow_zero=True)
+
+    def check_against(self, batch: BatchConfig) -> None:
+        """The policy moves along a batch schedule: without one the batch never outgrows a node."""
+        if self.max_nodes and batch.schedule is None:
+            raise ConfigError(f"scale_out.max_nodes: {self.max_nodes} needs batch.schedule (a list of [tokens, "
+                              "global_batch] pairs or 'auto'): without one the batch never grows; set "
+                              "scale_out.max_nodes 0 or give a schedule")
+
+
+@dataclass
 class DeepSpeedConfig:
     """The engine: a DeepSpeed JSON (``config``, e.g. configs/deepspeed/zero2.json) with
     ``zero_stage``/``precision`` and ``extra`` (a nested dict) applied on top."""
@@ -447,6 +475,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     fsdp2: FSDP2Config = field(default_factory=FSDP2Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    scale_out: ScaleOutConfig = field(default_factory=ScaleOutConfig)
 
     def validate(self, sections: tuple[str, ...] | None = None) -> "RunConfig":
         """Check every section, or only ``sections`` (a data-only config for prepare-data)."""
@@ -454,9 +483,12 @@ class RunConfig:
             if sections is None or f.name in sections:
                 getattr(self, f.name).validate()
         if self.model.init_from and (sections is None or "model" in sections):
+            # local: init_from builds on this module's classes (and loads transformers)
             from bigbatch.training.init_from import apply_init_from
 
             apply_init_from(self)
+        if sections is None:
+            self.scale_out.check_against(self.batch)
         return self
 
     def to_dict(self) -> dict:

@@ -43,7 +43,8 @@ class Trainer:
     by the scaling rules when the batch changes (False keeps them). Callbacks may set ``stop_tokens`` (the token
     budget), ``max_steps`` (a cap on the step count; None: none), ``lr_clock`` (tokens -> the tokens
     at which the lr schedule is read) and ``loss_weights`` (multipliers of this rank's micro-batch
-    losses) in :meth:`Callback.on_restore`.
+    losses) in :meth:`Callback.on_restore`, and ``batch_limit`` (the largest global batch a schedule
+    may put in force; None: any) from :meth:`Callback.resume_batch` on.
     """
 
     def __init__(self, cfg: RunConfig, out: str, info, data, corpus, run: RunSetup, *, callbacks: list[Callback],
@@ -57,6 +58,7 @@ class Trainer:
         self.schedule = lr_schedule(cfg)  # in tokens: a batch change changes the step count only
         self.stop_tokens, self.max_steps = cfg.train.tokens, cfg.train.max_steps
         self.lr_clock, self.loss_weights = None, None
+        self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0

@@ -49,6 +49,8 @@ class BatchSchedule(Callback):
             self.log_decision(trainer, new)
         else:
             new = self.schedule.batch_at(trainer.tokens)
+        if trainer.batch_limit is not None:  # the nodes in hand take no more (scale_out after a lost node)
+            new = min(new, trainer.batch_limit)
         if new != trainer.plan.global_batch:
             trainer.change_batch(new)
 
