@@ -5,7 +5,6 @@ two-node cluster (tests/conftest.py: slurm_cluster)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path

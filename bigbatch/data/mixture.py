@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from bigbatch.data import shards
-from bigbatch.data.sources import prepared_entries
+from bigbatch.data.entries import prepared_entries
 from bigbatch.training.config import ConfigError, RunConfig
 from bigbatch.training.data import BlockStream, PackedData, eval_batches
 

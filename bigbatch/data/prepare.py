@@ -30,7 +30,8 @@ import numpy as np
 
 from bigbatch import atomic
 from bigbatch.data import shards
-from bigbatch.data.sources import Piece, SourceSpec, plan_pieces, read_piece, resolve_files, source_specs
+from bigbatch.data.entries import SourceSpec, source_specs
+from bigbatch.data.sources import Piece, plan_pieces, read_piece, resolve_files
 from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
 
 PLAN = "plan.json"

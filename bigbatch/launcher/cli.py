@@ -26,8 +26,8 @@ import time
 
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.launcher.env import LauncherEnvError, Topology, detect_topology, free_port
-from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, TEMPLATES, SubmitConfig, SubmitError, render_sbatch,
-                                      submit, train_out_dir)
+from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, SubmitConfig, SubmitError, add_submit_arguments,
+                                      render_sbatch, strip_separator, submit, submit_config, train_out_dir)
 
 __all__ = ["main", "launch_local", "worker_command"]
 
@@ -134,37 +134,6 @@ def launch_exec(argv: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return 128 - rc if rc < 0 else rc
-
-
-def submit_config(args) -> SubmitConfig:
-    """The :class:`SubmitConfig` of parsed ``bigbatch submit`` options."""
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SubmitError(f"--env: {item!r} must be KEY=VALUE")
-        env[key] = value
-    return SubmitConfig(
-        command=list(args.command), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, template=args.template,
-        partition=args.partition, account=args.account, qos=args.qos, time=args.time,
-        job_name=args.job_name, output=args.output, workdir=args.chdir or os.getcwd(),
-        signal_seconds=args.signal_seconds, exit_grace=args.exit_grace, requeue=not args.no_requeue, python=args.python,
-        env=env, sbatch_args=list(args.sbatch_arg), srun_args=list(args.srun_arg),
-        max_nodes=args.max_nodes,
-    )
-
-
-def _strip_separator(args) -> None:
-    if getattr(args, "command", None) and args.command[0] == "--":
-        args.command = args.command[1:]
-
-
-def parse_submit(options: list[str], command: list[str]):
-    """``bigbatch submit OPTIONS -- COMMAND`` parsed (argparse exits 2 on a bad option)."""
-    args = build_parser().parse_args(["submit", *options, "--", *command])
-    _strip_separator(args)
-    return args
 
 
 #: ``bigbatch submit`` options whose defaults decide what the job gets; said once when not given
@@ -301,31 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(func=_cmd_launch)
 
     su = sub.add_parser("submit", help="render an sbatch script from slurm/ and submit it")
-    su.add_argument("--nodes", type=int, default=1)
-    su.add_argument("--max-nodes", type=int, default=None,
-                    help="scale-out: on exit code 76 (the run's scale_out policy) submit the same command again "
-                         "on more nodes, up to this many")
-    su.add_argument("--gpus-per-node", type=int, default=0)
-    su.add_argument("--ntasks-per-node", type=int, default=None, help="workers per node (default: GPUs, or 1)")
-    su.add_argument("--cpus-per-task", type=int, default=1)
-    su.add_argument("--template", choices=TEMPLATES, default="srun")
-    su.add_argument("--partition")
-    su.add_argument("--account")
-    su.add_argument("--qos")
-    su.add_argument("--time", default="01:00:00")
-    su.add_argument("--job-name", default="bigbatch")
-    su.add_argument("--output", default="slurm-%j.out")
-    su.add_argument("--chdir", default=None)
-    su.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the time limit")
-    su.add_argument("--exit-grace", type=int, default=DEFAULT_EXIT_GRACE_S,
-                    help="seconds the other workers get after the first exits (srun --wait)")
-    su.add_argument("--no-requeue", action="store_true")
-    su.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    su.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, verbatim")
-    su.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --mpi=pmix")
-    su.add_argument("--python", default=sys.executable)
-    su.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    su.add_argument("--wait", action="store_true", help="return when the job ends")
+    add_submit_arguments(su)
     su.add_argument("command", nargs=argparse.REMAINDER)
     su.set_defaults(func=_cmd_submit)
 
@@ -359,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in _OWN_PARSERS:
         return _OWN_PARSERS[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    _strip_separator(args)
+    strip_separator(args)
     args.options = argv[1:argv.index("--")] if "--" in argv else argv[1:]  # what the user gave
     try:
         return args.func(args)

@@ -6,6 +6,7 @@ no unknown field may remain, so a typo fails at render time, not on the cluster.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigbatch import exit_codes
+from bigbatch.cli_parser import ArgumentParser
 from bigbatch.launcher.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 __all__ = ["SubmitConfig", "SubmitError", "render_sbatch", "submit", "TEMPLATES", "template_dir"]
@@ -273,3 +275,67 @@ def submit(cfg: SubmitConfig, *, wait: bool = False, sbatch: str = "sbatch") -> 
     if wait and proc.returncode != 0:
         raise SubmitError(f"job {job_id} failed (sbatch --wait exit {proc.returncode}): {proc.stderr.strip()}")
     return job_id
+
+
+def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``bigbatch submit`` (the command after ``--`` is the caller's to add)."""
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--max-nodes", type=int, default=None,
+                        help="scale-out: on exit code 76 (the run's scale_out policy) submit the same command again "
+                         "on more nodes, up to this many")
+    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("--ntasks-per-node", type=int, default=None, help="workers per node (default: GPUs, or 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=1)
+    parser.add_argument("--template", choices=TEMPLATES, default="srun")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--time", default="01:00:00")
+    parser.add_argument("--job-name", default="bigbatch")
+    parser.add_argument("--output", default="slurm-%j.out")
+    parser.add_argument("--chdir", default=None)
+    parser.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the time limit")
+    parser.add_argument("--exit-grace", type=int, default=DEFAULT_EXIT_GRACE_S,
+                        help="seconds the other workers get after the first exits (srun --wait)")
+    parser.add_argument("--no-requeue", action="store_true")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, verbatim")
+    parser.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --mpi=pmix")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    parser.add_argument("--wait", action="store_true", help="return when the job ends")
+
+
+def submit_config(args) -> SubmitConfig:
+    """The :class:`SubmitConfig` of parsed ``bigbatch submit`` options."""
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SubmitError(f"--env: {item!r} must be KEY=VALUE")
+        env[key] = value
+    return SubmitConfig(
+        command=list(args.command), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, template=args.template,
+        partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+        job_name=args.job_name, output=args.output, workdir=args.chdir or os.getcwd(),
+        signal_seconds=args.signal_seconds, exit_grace=args.exit_grace, requeue=not args.no_requeue, python=args.python,
+        env=env, sbatch_args=list(args.sbatch_arg), srun_args=list(args.srun_arg),
+        max_nodes=args.max_nodes,
+    )
+
+
+def strip_separator(args) -> None:
+    """Drop the ``--`` that separates a launcher's options from its command."""
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+
+
+def parse_submit(options: list[str], command: list[str]):
+    """``bigbatch submit OPTIONS -- COMMAND`` parsed (a bad option exits 2 with one line)."""
+    parser = ArgumentParser(prog="bigbatch submit")
+    add_submit_arguments(parser)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args([*options, "--", *command])
+    strip_separator(args)
+    return args

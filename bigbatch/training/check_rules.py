@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from bigbatch import distributed as bbdist
 from bigbatch.atomic import write_text
 from bigbatch.cli_parser import ArgumentParser
+from bigbatch.launcher.submit import SubmitError, parse_submit, render_sbatch, submit, submit_config
 from bigbatch.scaling.noise_scale import GradientNoiseScale
 from bigbatch.scaling.svag import check_l, micro_weights
 from bigbatch.sharding import tags
@@ -481,8 +482,6 @@ def submit_branches(args, cfg: RunConfig) -> None:
     """One SLURM job per branch (``bigbatch submit`` with ``--submit``'s options, running this
     command with ``--branches NAME``), then a one-task report job that runs ``--report-only`` once
     every branch job has ended (``afterany``: a failed branch is named in the report job's error)."""
-    from bigbatch.launcher.cli import parse_submit, submit_config
-    from bigbatch.launcher.submit import SubmitError, render_sbatch, submit
 
     options = shlex.split(args.submit)
     base = ["-m", "bigbatch.training.check_rules", *_without(_without(args.argv, "--submit"), "--branches")]

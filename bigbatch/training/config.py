@@ -18,13 +18,12 @@ from typing import Any
 import yaml
 
 from bigbatch import atomic, exit_codes
+from bigbatch.data.entries import prepared_entries, source_specs
+from bigbatch.errors import ConfigError
+from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
 from bigbatch.scaling.rules import BETA_FORMS
-
-
-class ConfigError(ValueError):
-    """A bad run configuration; the message names the key, the value and what is allowed."""
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -131,8 +130,6 @@ class DataConfig:
     shard_bytes: int = 64_000_000  # prepare-data input bytes (characters) per shard
 
     def validate(self) -> None:
-        from bigbatch.data.sources import prepared_entries, source_specs
-
         _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub", "prepared"))
         if self.source == "prepared":
             prepared_entries(self)
@@ -483,9 +480,6 @@ class RunConfig:
             if sections is None or f.name in sections:
                 getattr(self, f.name).validate()
         if self.model.init_from and (sections is None or "model" in sections):
-            # local: init_from builds on this module's classes (and loads transformers)
-            from bigbatch.training.init_from import apply_init_from
-
             apply_init_from(self)
         if sections is None:
             self.scale_out.check_against(self.batch)

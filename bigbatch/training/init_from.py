@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from bigbatch.training.config import ConfigError, ModelConfig, RunConfig
+from bigbatch.errors import ConfigError
+
+if TYPE_CHECKING:  # the config module calls this one while it validates
+    from bigbatch.training.config import ModelConfig, RunConfig
 
 # ModelConfig key -> the transformers config attribute (the generic names every causal LM maps)
 _KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -72,7 +76,7 @@ def apply_init_from(cfg: RunConfig) -> None:
     m = cfg.model
     path = source(m.init_from)
     config = load_config(m.init_from)
-    defaults = ModelConfig()
+    defaults = type(cfg.model)()
     found = {k: getattr(config, attr, None) for k, attr in _KEYS.items()}
     if found["num_kv_heads"] is None:
         found["num_kv_heads"] = found["num_heads"]
