@@ -80,6 +80,21 @@ def _release_if_requeued(cluster, job_id: str, timeout: float = 60) -> None:
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} was not requeued: {cluster.job_info(job_id)}")
 
+def _preempt_after_first_step(slurm_cluster, tmp_path, job: str, run) -> str:
+    """USR1 to the batch script once the run has logged a step, then wait for the requeued job to end;
+    its log."""
+    end = time.monotonic() + 180
+    while not _train_steps(run) or _train_steps(run)[-1] < 1:
+        assert time.monotonic() < end, _job_log(tmp_path, job)
+        info = slurm_cluster.job_info(job)
+        assert info == {} or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
+        time.sleep(0.3)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    _release_if_requeued(slurm_cluster, job, timeout=120)
+    slurm_cluster.wait_done(job, timeout=240)
+    return _job_log(tmp_path, job)
+
+
 
 def _ranks(out: Path, n: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
@@ -187,16 +202,7 @@ def test_train_two_nodes_preempt_requeue_then_resume_on_one_node(slurm_cluster, 
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--ntasks-per-node", "2",
                   command=["train.py", *TRAIN_TINY, "--batch.policy", "scale", "--batch.per_device_batch", "2",
                            "--train.max_steps", "24", "--resume", str(run)])
-    end = time.monotonic() + 180
-    while not _train_steps(run) or _train_steps(run)[-1] < 1:
-        assert time.monotonic() < end, _job_log(tmp_path, job)
-        info = slurm_cluster.job_info(job)
-        assert info == {} or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
-        time.sleep(0.3)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
-    _release_if_requeued(slurm_cluster, job, timeout=120)
-    slurm_cluster.wait_done(job, timeout=240)
-    log = _job_log(tmp_path, job)
+    log = _preempt_after_first_step(slurm_cluster, tmp_path, job, run)
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
     assert "| 4 proc(s) |" in log and "global batch 8 = 2 x 1 accum x 4" in log, log
     steps = _train_steps(run)
@@ -223,16 +229,7 @@ def test_train_out_survives_its_own_requeue(slurm_cluster, tmp_path):
     run = tmp_path / "run"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--ntasks-per-node", "2",
                   command=["train.py", *TRAIN_TINY, "--train.max_steps", "16", "--out", str(run)])
-    end = time.monotonic() + 180
-    while not _train_steps(run) or _train_steps(run)[-1] < 1:
-        assert time.monotonic() < end, _job_log(tmp_path, job)
-        info = slurm_cluster.job_info(job)
-        assert info == {} or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
-        time.sleep(0.3)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
-    _release_if_requeued(slurm_cluster, job, timeout=120)
-    slurm_cluster.wait_done(job, timeout=240)
-    log = _job_log(tmp_path, job)
+    log = _preempt_after_first_step(slurm_cluster, tmp_path, job, run)
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
     assert "already holds a run" not in log and "workers exited with status 0" in log, log
     assert re.search(r"steps [1-9][0-9]*->16 ", log), log  # the requeue started from the checkpoint

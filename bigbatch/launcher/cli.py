@@ -247,8 +247,13 @@ def _cmd_eval(args) -> int:
 
 
 # subcommands that parse their own options, all of them (argparse would claim the first ones)
-_OWN_PARSERS = {"check-rules": _cmd_check_rules, "export": _cmd_export, "eval": _cmd_eval,
-                "prepare-data": _cmd_prepare_data}
+_OWN_PARSERS = {
+    "check-rules": (_cmd_check_rules, "branch a run at larger batches (and SVAG) and report where the scaling rules hold"),
+    "export": (_cmd_export, "write a run's checkpoint as a Hugging Face model directory"),
+    "eval": (_cmd_eval, "lm-evaluation-harness on a Hugging Face model directory"),
+    "prepare-data": (_cmd_prepare_data,
+                     "tokenize the config's data sources once into token shards (restartable, SLURM arrays)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,23 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("command", nargs=argparse.REMAINDER)
     su.set_defaults(func=_cmd_submit)
 
-    cr = sub.add_parser("check-rules", add_help=False,
-                        help="branch a run at larger batches (and SVAG) and report where the scaling rules hold")
-    cr.add_argument("args", nargs=argparse.REMAINDER)
-    cr.set_defaults(func=_cmd_check_rules)
-
-    ex = sub.add_parser("export", add_help=False, help="write a run's checkpoint as a Hugging Face model directory")
-    ex.add_argument("args", nargs=argparse.REMAINDER)
-    ex.set_defaults(func=_cmd_export)
-
-    ev = sub.add_parser("eval", add_help=False, help="lm-evaluation-harness on a Hugging Face model directory")
-    ev.add_argument("args", nargs=argparse.REMAINDER)
-    ev.set_defaults(func=_cmd_eval)
-
-    pd = sub.add_parser("prepare-data", add_help=False,
-                        help="tokenize the config's data sources once into token shards (restartable, SLURM arrays)")
-    pd.add_argument("args", nargs=argparse.REMAINDER)
-    pd.set_defaults(func=_cmd_prepare_data)
+    for name, (func, text) in _OWN_PARSERS.items():
+        own = sub.add_parser(name, add_help=False, help=text)
+        own.add_argument("args", nargs=argparse.REMAINDER)
+        own.set_defaults(func=func)
 
     en = sub.add_parser("env", help="print the detected topology")
     en.add_argument("--json", action="store_true")
@@ -302,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in _OWN_PARSERS:
-        return _OWN_PARSERS[argv[0]](argparse.Namespace(args=argv[1:]))
+        return _OWN_PARSERS[argv[0]][0](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     strip_separator(args)
     args.options = argv[1:argv.index("--")] if "--" in argv else argv[1:]  # what the user gave
