@@ -40,11 +40,11 @@ class Trainer:
     :func:`bigbatch.training.builders.setup`; ``resume_from``: the checkpoint directory to continue
     from (its newest good tag, or ``resume_tag``; none there starts from step 0); ``data_seed``: the
     order of the training blocks (default ``train.seed``); ``apply_rules``: move the hyperparameters
-    by the scaling rules when the batch changes (False keeps them). Callbacks may set ``stop_tokens`` (the token
-    budget), ``max_steps`` (a cap on the step count; None: none), ``lr_clock`` (tokens -> the tokens
-    at which the lr schedule is read) and ``loss_weights`` (multipliers of this rank's micro-batch
-    losses) in :meth:`Callback.on_restore`, and ``batch_limit`` (the largest global batch a schedule
-    may put in force; None: any) from :meth:`Callback.resume_batch` on.
+    by the scaling rules when the batch changes (False keeps them). Callbacks may set ``stop_tokens``
+    (the token budget), ``max_steps`` (a cap on the step count; None: none), ``lr_clock`` (tokens ->
+    the tokens at which the lr schedule is read) and ``loss_weights`` (multipliers of this rank's
+    micro-batch losses) in :meth:`Callback.on_restore`, and ``batch_limit`` (the largest global batch
+    a schedule may put in force; None: any) from :meth:`Callback.resume_batch` on.
     """
 
     def __init__(self, cfg: RunConfig, out: str, info, data, corpus, run: RunSetup, *, callbacks: list[Callback],
