@@ -187,6 +187,10 @@ def test_submit_turns_out_into_resume_on_requeue(tmp_path, capfd):
         got = subprocess.run(["bash", "-c", f'set -u; {pick}\necho "$run_dir_opt"'], capture_output=True, text=True,
                              env={**os.environ, "SLURM_RESTART_COUNT": count}).stdout.strip()
         assert got == opt, (count, got)
+    # the job a scale-out submits (a new job: restart count 0) continues the run too
+    got = subprocess.run(["bash", "-c", f'set -u; {pick}\necho "$run_dir_opt"'], capture_output=True, text=True,
+                         env={**os.environ, "SLURM_RESTART_COUNT": "0", "BIGBATCH_CONTINUES": "1"}).stdout.strip()
+    assert got == "--resume"
     # --resume already, no requeue, or not train.py: left as given
     for cfg in (SubmitConfig(command=["train.py", "--resume", "r"]),
                 SubmitConfig(command=["train.py", "--config", "c", "--out", "r"], requeue=False),

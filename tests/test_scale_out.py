@@ -30,6 +30,9 @@ def _cfg(*overrides: str):
 # ---------------------------------------------------------------- the policy's arithmetic
 
 
+PROBE = "tests/dist_probe.py"
+
+
 def test_target_and_limit_follow_the_accumulation_limit():
     """micro batch 2, at most 1 accumulation step: batch 8 needs 4 devices; 2 per node -> 2 nodes."""
     cfg = _cfg("--batch.micro_batch_sizes", "[2]", "--batch.reference_global_batch", "8",
@@ -70,17 +73,18 @@ def test_bad_scale_out_input_exits_2_naming_it(tmp_path, capsys, monkeypatch):
 
 
 def test_submit_max_nodes_checks_and_script(capsys):
-    assert cli.main(["submit", "--dry-run", "--nodes", "2", "--max-nodes", "1", "--", "train.py"]) == 2
+    # a command that is not train.py: submit checks a train.py command line as train.py would
+    assert cli.main(["submit", "--dry-run", "--nodes", "2", "--max-nodes", "1", "--", PROBE]) == 2
     assert capsys.readouterr().err.strip() == ("bigbatch submit: --max-nodes: 1 is below --nodes 2; give a node "
                                                "count >= --nodes (the largest allocation the run may move to)")
     assert cli.main(["submit", "--dry-run", "--template", "torchrun", "--nodes", "1", "--max-nodes", "2", "--",
-                     "train.py"]) == 2
+                     PROBE]) == 2
     assert "--max-nodes: 2 needs --template srun" in capsys.readouterr().err
-    assert cli.main(["submit", "--dry-run", "--nodes", "1", "--max-nodes", "2", "--", "train.py"]) == 0
+    assert cli.main(["submit", "--dry-run", "--nodes", "1", "--max-nodes", "2", "--", PROBE]) == 0
     script = capsys.readouterr().out
     assert "export BIGBATCH_MAX_NODES=2" in script and f'[ "$rc" = {exit_codes.SCALE_OUT} ]' in script
-    assert 'sbatch --parsable --nodes="$next" --dependency=afterany:"$SLURM_JOB_ID" "$0"' in script
-    assert cli.main(["submit", "--dry-run", "--nodes", "1", "--", "train.py"]) == 0
+    assert 'BIGBATCH_CONTINUES=1 sbatch --parsable --nodes="$next" --dependency=afterany:"$SLURM_JOB_ID" "$0"' in script
+    assert cli.main(["submit", "--dry-run", "--nodes", "1", "--", PROBE]) == 0
     assert "BIGBATCH_MAX_NODES" not in capsys.readouterr().out
 
 

@@ -74,6 +74,11 @@ class SubmitConfig:
     srun_args: list[str] = field(default_factory=list)  # extra srun options, e.g. --mpi=pmix
     max_nodes: int | None = None  # scale-out: on exit code SCALE_OUT, resubmit on up to this many nodes
 
+    @property
+    def scales_out(self) -> bool:
+        """Whether the job resubmits itself on more nodes when the run exits with SCALE_OUT."""
+        return self.max_nodes is not None and self.max_nodes > self.nodes
+
     def validate(self) -> "SubmitConfig":
         if self.template not in TEMPLATES:
             raise SubmitError(f"--template: {self.template!r} is not one of {list(TEMPLATES)}")
@@ -144,14 +149,17 @@ def train_out_dir(command: list[str]) -> tuple[int, str] | None:
 def _requeue_safe(cfg: SubmitConfig, argv: list[str]) -> tuple[list[str], str]:
     """``argv`` with train.py's ``--out`` made ``"$run_dir_opt"``, and the lines that set it: ``--out`` on
     the first start (it still refuses a directory that holds another run), ``--resume`` on every
-    requeue (SLURM_RESTART_COUNT > 0), which continues the run the first start created."""
-    found = train_out_dir(argv) if cfg.requeue else None
+    requeue (SLURM_RESTART_COUNT > 0) and in the job a scale-out submits (BIGBATCH_CONTINUES), which
+    continue the run the first start created."""
+    found = train_out_dir(argv) if cfg.requeue or cfg.scales_out else None
     if found is None:
         return argv, ""
     j, out = found
     argv = [*argv[:j], _RUN_DIR_OPT, out, *argv[j + (1 if argv[j] == "--out" else 0) + 1:]]
-    lines = ("# train.py --out refuses a directory that holds a run: every requeue continues it with --resume.\n"
-             'run_dir_opt=--out\nif [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then run_dir_opt=--resume; fi')
+    lines = ("# train.py --out refuses a directory that holds a run: every requeue, and the job a scale-out\n"
+             "# submits, continue it with --resume.\n"
+             'run_dir_opt=--out\nif [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || [ -n "${BIGBATCH_CONTINUES:-}" ]; then '
+             'run_dir_opt=--resume; fi')
     return argv, lines
 
 
@@ -187,7 +195,7 @@ if [ "$got_term" = 0 ] && [ "$rc" = {code} ]; then
   [ "$next" -gt {max_nodes} ] && next={max_nodes}
   if [ "$next" -gt "$SLURM_JOB_NUM_NODES" ]; then
     unset_slurm=$(compgen -e | grep '^SLURM_' | grep -vx SLURM_CONF | sed 's/^/-u /')
-    new_job=$(env $unset_slurm sbatch --parsable --nodes="$next" --dependency=afterany:"$SLURM_JOB_ID" "$0")
+    new_job=$(env $unset_slurm BIGBATCH_CONTINUES=1 sbatch --parsable --nodes="$next" --dependency=afterany:"$SLURM_JOB_ID" "$0")
     if [ -n "$new_job" ]; then
       echo "[bigbatch] scale-out: job ${{new_job%%;*}} continues on $next nodes after job ${{SLURM_JOB_ID}}"
       exit 0
@@ -216,7 +224,7 @@ def render_sbatch(cfg: SubmitConfig) -> str:
             lines.append(f"#SBATCH --{opt}={getattr(cfg, opt)}")
     lines += [f"#SBATCH {arg}" for arg in cfg.sbatch_args]
     env = {"PYTHONUNBUFFERED": "1", **cfg.env}
-    scale_out = cfg.max_nodes is not None and cfg.max_nodes > cfg.nodes
+    scale_out = cfg.scales_out
     if scale_out:
         env["BIGBATCH_MAX_NODES"] = str(cfg.max_nodes)
     worker, run_dir_lines = _requeue_safe(cfg, _worker_argv(cfg))
