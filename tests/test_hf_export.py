@@ -17,10 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args  # noqa: E402
+from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args
+
+from bigbatch.data import shards
 
 STEPS = 6
 
@@ -78,9 +81,8 @@ with torch.no_grad():
     a, b = (models[d](input_ids=ids).logits for d in (z3_dir, fsdp_dir))
 cfg = yaml.safe_load(open(run_dir + "/config.resolved.yaml"))
 cache = cfg["resolved"]["data_cache"]
-meta = json.load(open(cache + "/meta.json"))
-val = np.load(cache + "/tokens.npy", mmap_mode="r")[meta["train_blocks"]:][:cfg["train"]["eval_blocks"]]
-x = torch.from_numpy(val.astype(np.int64))
+val = np.asarray(json.loads(sys.argv[4]), dtype=np.int64)  # the run's held-out blocks (first eval_blocks)
+x = torch.from_numpy(val)
 with torch.no_grad():
     eval_loss = float(models[z3_dir](input_ids=x, labels=x).loss)
 gen = models[z3_dir].generate(ids, max_new_tokens=4, do_sample=False)
@@ -88,6 +90,15 @@ print(json.dumps({"rel": float((a - b).norm() / b.norm()), "max_rel": float((a -
                   "shape": list(a.shape), "eval_loss": eval_loss, "generated": gen.shape[1] - ids.shape[1],
                   "bigbatch": any(m.startswith("bigbatch") for m in sys.modules), "vocab": len(tok)}))
 """
+
+
+def held_out_blocks(run_dir: Path) -> list:
+    """The first ``train.eval_blocks`` held-out blocks of a run (what its evaluations read), as lists."""
+    cfg = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    src = shards.open_source(cfg["resolved"]["data_cache"], "corpus", "data", check_hashes=False)
+    _, val = src.blocks(cfg["data"]["seq_len"], cfg["data"]["val_fraction"], "data", arrays=True)
+    src.close()
+    return np.asarray(val[:cfg["train"]["eval_blocks"]]).tolist()
 
 
 @pytest.mark.slow
@@ -99,7 +110,8 @@ def test_zero3_and_fsdp2_exports_agree_and_load_without_bigbatch(runs, exports):
     assert "model.safetensors.index.json" in os.listdir(exports["fsdp"])  # sharded at 40KB
     shards = [n for n in os.listdir(exports["fsdp"]) if n.startswith("model-") and n.endswith(".safetensors")]
     assert len(shards) >= 2
-    proc = run([PY, "-c", _CHECK, str(exports["z3"]), str(exports["fsdp"]), str(runs["z3"])])
+    proc = run([PY, "-c", _CHECK, str(exports["z3"]), str(exports["fsdp"]), str(runs["z3"]),
+                json.dumps(held_out_blocks(runs["z3"]))])
     check_ok(proc)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["bigbatch"] and got["generated"] == 4 and got["shape"][-1] >= got["vocab"]

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,15 +15,14 @@ import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import PY, REPO, check_ok, env, main, records, run, small_args  # noqa: E402
+from train_common import PY, REPO, check_ok, env, main, records, run, small_args
 
-from bigbatch.data.mixture import MixtureStream, open_prepared  # noqa: E402
-from bigbatch.data.prepare import PREPARE_SECTIONS, run_prepare  # noqa: E402
-from bigbatch.training.config import load_config  # noqa: E402
-from bigbatch.training.corpus import load_corpus  # noqa: E402
-from bigbatch.training.data import GlobalBatchLoader, build_packed_data  # noqa: E402
-from bigbatch.training.tokenizer import build_tokenizer  # noqa: E402
+from bigbatch.data.mixture import MixtureStream, open_prepared
+from bigbatch.data.prepare import PREPARE_SECTIONS, run_prepare
+from bigbatch.training.config import load_config
+from bigbatch.training.corpus import load_corpus
+from bigbatch.training.data import GlobalBatchLoader, build_packed_data
+from bigbatch.training.tokenizer import build_tokenizer
 
 BIGBATCH = [PY, "-m", "bigbatch.launcher.cli"]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -151,7 +151,7 @@ def out_problem(path: str) -> str | None:
         os.close(fd)
         os.remove(probe)
     except OSError as exc:
-        return f"cannot be created in {ancestor} ({exc.strerror or exc})" if ancestor != p else \
+        return f"cannot be created ({exc.strerror or exc}) under {ancestor}" if ancestor != p else \
             f"is not writable ({exc.strerror or exc})"
     return None
 
