@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from bigbatch import distributed as bbdist
 from bigbatch.data import shards
 from bigbatch.data.entries import prepared_entries
 from bigbatch.training.config import ConfigError, RunConfig
 from bigbatch.training.data import BlockStream, PackedData, eval_batches
+from bigbatch.training.tokenizer import _finish, build_tokenizer
 
 CHUNK = 1000  # samples per quota period; rounding a weight to 1/CHUNK moves a share by <= 0.05%
 
@@ -118,7 +120,6 @@ def open_prepared(cfg: RunConfig, *, check_hashes: bool):
     when ``check_hashes``), tokenized with the same tokenizer as the run's, cut into blocks."""
     from transformers import AutoTokenizer
 
-    from bigbatch.training.tokenizer import _finish, build_tokenizer
 
     entries = prepared_entries(cfg.data)
     sources = [shards.open_source(path, name, f"data.prepared[{i}].path", check_hashes=check_hashes)
@@ -151,8 +152,6 @@ def source_eval_losses(engine, data: PackedData, *, micro_batch: int, rank: int,
                        max_blocks: int, device) -> dict[str, float]:
     """Mean cross-entropy (nats/token) on each source's first ``max_blocks`` validation blocks,
     over every rank (collective); {} unless the data is a mixture of two or more sources."""
-    from bigbatch import distributed as bbdist
-
     val = data.val
     if not isinstance(val, MixtureBlocks) or len(val.parts) < 2:
         return {}

@@ -33,6 +33,9 @@ from bigbatch.data import shards
 from bigbatch.data.entries import SourceSpec, source_specs
 from bigbatch.data.sources import Piece, plan_pieces, read_piece, resolve_files
 from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
+from bigbatch.training.corpus import embedded_documents, load_corpus
+from bigbatch.training.run_dir import command_main
+from bigbatch.training.tokenizer import _finish, build_tokenizer
 
 PLAN = "plan.json"
 PREPARE_SECTIONS = ("tokenizer", "data")  # all a prepare reads of a config
@@ -86,9 +89,6 @@ def _encode_piece(task: tuple) -> tuple[int, int, int]:
 def build_prepare_tokenizer(cfg: RunConfig, specs: list[SourceSpec]):
     """The run's tokenizer as train.py would build it: ``pretrained`` loaded, ``bpe`` trained on the
     first source (for a config with a single ``data.source``, the same cached BPE as the in-job path)."""
-    from bigbatch.training.corpus import load_corpus
-    from bigbatch.training.tokenizer import build_tokenizer
-
     corpus = None
     if cfg.tokenizer.kind == "bpe":
         data = cfg.data if not cfg.data.sources else specs[0].data_config(cfg.data)
@@ -100,7 +100,6 @@ def save_tokenizer(tok, out: str) -> str:
     """``OUT/tokenizer`` holding ``tok``; an existing one with another fingerprint is refused."""
     from transformers import AutoTokenizer
 
-    from bigbatch.training.tokenizer import _finish
 
     path = os.path.join(out, shards.TOKENIZER_DIR)
     if os.path.isdir(path):
@@ -199,8 +198,6 @@ class PrepareResult:
 def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
                 log=print) -> PrepareResult:
     """Prepare this task's pieces of every source of ``cfg`` into ``out``."""
-    from bigbatch.training.corpus import embedded_documents
-
     if not 0 <= task < tasks:
         raise ConfigError(f"--task: {task} must be in [0, --tasks={tasks})")
     workers = workers or cfg.data.workers
@@ -282,8 +279,6 @@ def _array_task() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bigbatch.training.run_dir import command_main
-
     def body() -> int:
         p = argparse.ArgumentParser(prog="bigbatch prepare-data", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -162,7 +162,7 @@ def check_submission(cfg: SubmitConfig) -> None:
     """What would make the job fail on the cluster, refused now (SubmitError, one line): --chdir not a
     directory, --output's directory missing or not writable, and for train.py a command line it would
     refuse at start (bad config, --out holding a run, ...): it is resolved here, in --chdir."""
-    from bigbatch.training.run_dir import dir_problem
+    from bigbatch.training.run_dir import dir_problem  # the training stack: see _cmd_check_rules
 
     if not os.path.isdir(cfg.workdir):
         raise SubmitError(f"--chdir: {cfg.workdir!r} is not a directory")
@@ -182,7 +182,7 @@ def train_command_problem(command: list[str], workdir: str) -> str | None:
     """Why train.py would refuse ``command`` (its arguments after ``train.py``) at start, resolved in
     ``workdir`` as it will be (bad config or value, --out holding a run or a file, ...), or None; for
     launchers to say it once, before starting anything."""
-    from bigbatch.training.config import ConfigError
+    from bigbatch.training.config import ConfigError  # the training stack: see _cmd_check_rules
     from bigbatch.training.run_dir import parse_args, resolve_run
 
     starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
@@ -223,6 +223,8 @@ def _cmd_env(args) -> int:
     return 0
 
 
+# The training commands import torch, DeepSpeed and transformers (seconds): imported when one runs, so
+# that `bigbatch launch`, `submit` and `env` start at once.
 def _cmd_check_rules(args) -> int:
     from bigbatch.training.check_rules import main as check_rules_main
 

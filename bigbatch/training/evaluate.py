@@ -11,6 +11,7 @@ import os
 from bigbatch import atomic
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.training.config import ConfigError
+from bigbatch.training.run_dir import command_main
 
 
 def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
@@ -39,8 +40,6 @@ def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bigbatch.training.run_dir import command_main
-
     p = ArgumentParser(prog="bigbatch eval", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", metavar="DIR", help="a Hugging Face model directory (bigbatch export's --out)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")

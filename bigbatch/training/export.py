@@ -29,7 +29,10 @@ from bigbatch.sharding import tags
 from bigbatch.sharding.full_state import read_full_state
 from bigbatch.sharding.tags import CheckpointError
 from bigbatch.training.config import ConfigError
-from bigbatch.training.run_dir import HF_CONFIG, TOKENIZER_DIR, saved_config
+from bigbatch.training.corpus import load_corpus
+from bigbatch.training.model import hf_config
+from bigbatch.training.run_dir import HF_CONFIG, RESOLVED, TOKENIZER_DIR, command_main, saved_config
+from bigbatch.training.tokenizer import build_tokenizer
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -66,7 +69,6 @@ def model_config(run_dir: str, cfg=None):
         with open(path) as fh:
             data = json.load(fh)
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    from bigbatch.training.model import hf_config
 
     cfg = cfg or saved_config(run_dir, [], "RUN_DIR")
     resolved = _resolved(run_dir)
@@ -77,7 +79,6 @@ def model_config(run_dir: str, cfg=None):
 def _resolved(run_dir: str) -> dict:
     import yaml
 
-    from bigbatch.training.run_dir import RESOLVED
 
     with open(os.path.join(run_dir, RESOLVED)) as fh:
         return (yaml.safe_load(fh) or {}).get("resolved", {})
@@ -91,8 +92,6 @@ def run_tokenizer(run_dir: str, cfg=None):
     path = os.path.join(run_dir, TOKENIZER_DIR)
     if os.path.isdir(path):
         return AutoTokenizer.from_pretrained(path)
-    from bigbatch.training.corpus import load_corpus
-    from bigbatch.training.tokenizer import build_tokenizer
 
     cfg = cfg or saved_config(run_dir, [], "RUN_DIR")
     try:
@@ -175,8 +174,6 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
 
 def main(argv: list[str] | None = None) -> int:
     """``bigbatch export RUN_DIR --out DIR [--tag TAG] [--overwrite] [--max-shard-size 5GB]``."""
-    from bigbatch.training.run_dir import command_main
-
     p = ArgumentParser(prog="bigbatch export",
                        description="Write a run's checkpoint as a Hugging Face model directory.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train.py run directory")

@@ -22,6 +22,7 @@ import sys
 import time
 
 from bigbatch import atomic
+from bigbatch.training.wandb_log import WandbRun  # imports wandb (an optional extra) only when a run starts
 
 TRAIN_KEYS = ("step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
 EVAL_KEYS = ("step", "samples", "tokens", "eval_loss", "eval_ppl")
@@ -162,7 +163,6 @@ class MetricsLogger:
         """The resolved run config (plan, sizes) once it is known: starts the W&B run with it."""
         if not self.active or self._wandb_pending is None:
             return
-        from bigbatch.training.wandb_log import WandbRun  # optional extra: imported only when asked for
 
         self.wandb = WandbRun(os.path.dirname(self.path), config)
         for record in self._wandb_pending:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from bigbatch.training.config import ConfigError, ModelConfig
+from bigbatch.training.init_from import load_model
 
 
 def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -56,8 +57,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 
     from transformers import AutoModelForCausalLM
 
     if cfg.init_from and device != "meta":
-        from bigbatch.training.init_from import load_model
-
         model = load_model(cfg, weights=init_weights)
         return model.to(device) if device is not None else model
 
