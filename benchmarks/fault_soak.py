@@ -163,7 +163,7 @@ def release_requeued(seg: Segment, before_release=None) -> Segment:
         info = job_info(seg.job)
         if not info:
             raise SoakError(f"job {seg.job} ended instead of requeueing\n{seg.tail()}")
-        return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") == "PENDING"
+        return info.get("JobState") == "PENDING"  # called once the script said it requeues
     wait_for(f"job {seg.job} requeued", held, log=seg)
     nxt = Segment(seg.job, seg.log_path, seg.log_path.stat().st_size)
     if before_release is not None:
