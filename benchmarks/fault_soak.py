@@ -19,7 +19,7 @@ checkpoint every ``--every`` steps, 2 nodes x 1 rank, ``bigbatch submit`` with r
 
 Each resume must start from the tag expected (the newest complete one; the one before it after a
 corruption). The uninterrupted reference runs under SLURM as well (same template, same 2 ranks,
-same config, started once the soak has built the data cache, alongside it). Checks: final eval loss
+same config, started first; the soak starts once it has built the data cache). Checks: final eval loss
 of both runs within 1e-6 relative, every train step logged exactly once in the soak's
 ``metrics.jsonl``, every fault handled as expected; the exit status is 1 when one fails.
 
@@ -308,6 +308,9 @@ class Soak:
         fault.resumed = self.seg.start_step()
         fault.expect(fault.resumed == fault.expected,
                      f"resumed at step {fault.resumed}, expected the tag of step {fault.expected}")
+        if fault.kind in ("usr1", "term"):
+            fault.expect(fault.resumed >= fault.hit, f"no checkpoint on the signal: resumed at step {fault.resumed}, "
+                         f"before step {fault.hit} when it came")
 
     def kill(self, fault: Fault) -> None:
         pids = wait_for(f"job {self.seg.job}'s 2 ranks", lambda: (lambda p: len(p) == 2 and p)(rank_pids(self.seg.job)))
@@ -345,7 +348,7 @@ class Soak:
         fault.expect("requeueing job" not in self.seg.text(), "the job requeued after TERM")
         wait_for(f"job {self.seg.job} gone", lambda: job_over(self.seg.job))
         fault.expected = tag_step(self.good_tags()[-1])
-        fault.what = "checkpoint, job ended, resubmitted with --resume"
+        fault.what = "job ended (no requeue after a TERM), resubmitted with --resume"
         self.seg = self.resubmit()
 
     def corrupt(self, fault: Fault) -> None:
@@ -422,11 +425,12 @@ def soak(args, work: Path) -> bool:
     jobs = []
     try:
         t0 = time.monotonic()
-        s = Soak(work, command, args.every, rng)
-        jobs.append(s.seg.job)
-        s.wait_step(1)  # the data cache is built: the reference shares it
         ref = submit(work, [*command, "--out", str(work / "reference")])
         jobs.append(ref.job)
+        ref.start_step()  # the data cache is built: the soak shares it
+        t1 = time.monotonic()
+        s = Soak(work, command, args.every, rng)
+        jobs.append(s.seg.job)
         for i, fault in enumerate(faults, 1):
             s.hit(fault)
             jobs.append(s.seg.job)
@@ -434,7 +438,7 @@ def soak(args, work: Path) -> bool:
                   f"resumed from step{fault.resumed:08d}" + (f"  PROBLEM: {'; '.join(fault.problems)}"
                                                              if fault.problems else ""), flush=True)
         soak_status = s.seg.exit_status()
-        soak_wall = time.monotonic() - t0
+        soak_wall = time.monotonic() - t1
         ref_status = ref.exit_status()
         all_wall = time.monotonic() - t0
         return report(args, work, faults, soak_status, ref_status, soak_wall, all_wall)
@@ -462,7 +466,7 @@ def report(args, work: Path, faults: list[Fault], soak_status: int, ref_status: 
           f"missing {missing or 'none'}; reference: {rn} records, duplicated {rdup or 'none'}, "
           f"missing {rmissing or 'none'}")
     print(f"exit status of the last job: soak {soak_status}, reference {ref_status}")
-    print(f"wall time: soak {soak_wall:.0f} s (the reference ran alongside it), all {all_wall:.0f} s")
+    print(f"wall time: soak {soak_wall:.0f} s (from its submission), reference and soak {all_wall:.0f} s")
     problems = [f"fault {i} ({f.kind}@{f.hit}): {p}" for i, f in enumerate(faults, 1) for p in f.problems]
     problems += [f"final eval loss differs by {rel:.3g} relative (> 1e-6)"] if not rel <= 1e-6 else []
     problems += ["soak: steps not logged exactly once"] if dup or missing or n != args.steps else []
