@@ -222,3 +222,13 @@ def test_grad_norm_spike_alarm_flags_exactly_the_spikes(tmp_path, cache):
     for r in spikes:
         assert r["grad_norm"] > factor * r["grad_norm_ema"]
     assert proc.stdout.count("x its moving average") == len(want)
+
+
+def test_resume_truncates_metrics_cut_short_by_a_kill(tmp_path):
+    """A kill can leave half a line at the end of metrics.jsonl: the resume's truncation skips it."""
+    from bigbatch.training.metrics import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "train", "st')
+    truncate_metrics(str(path), 1)
+    assert read_metrics(str(path)) == [{"kind": "train", "step": 1}]

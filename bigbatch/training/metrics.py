@@ -29,8 +29,17 @@ EVAL_KEYS = ("step", "samples", "tokens", "eval_loss", "eval_ppl")
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a last line cut short by a kill is skipped."""
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [line for line in fh if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return out
 
 
 def last_logged_step(path: str) -> int:
