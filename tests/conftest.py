@@ -80,6 +80,16 @@ class SlurmCluster:
         return "\n".join(out)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test leaves os.environ as it found it: an in-process run exports its launcher variables
+    (RANK, WORLD_SIZE, MASTER_PORT), and sbatch would hand them to every later job."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> str:
     """The data cache (tokenizer, packed blocks) of the tests that launch train.py: built once."""

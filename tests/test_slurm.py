@@ -37,10 +37,14 @@ TRAIN_TINY = [
 ]
 
 
+# A submitting shell's leftovers from some launcher: the batch script must not let them name the ranks.
+STALE_LAUNCHER_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "1"}
+
+
 def _submit(cluster, tmp_path: Path, *args: str, command: list[str], env: dict | None = None) -> str:
     proc = cluster.run(*BIGBATCH, "submit", "--time", "10", "--chdir", str(REPO),
                        "--output", str(tmp_path / "slurm-%j.out"), *args, "--", *command,
-                       env={**os.environ, **OFFLINE, **(env or {})})
+                       env={**os.environ, **OFFLINE, **STALE_LAUNCHER_ENV, **(env or {})})
     job_id = proc.stdout.strip()
     assert job_id.isdigit(), proc.stdout + proc.stderr
     return job_id

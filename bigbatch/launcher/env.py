@@ -46,6 +46,7 @@ __all__ = [
     "slurm_master_port",
     "expand_tasks_per_node",
     "SOURCES",
+    "LAUNCHER_VARS",
 ]
 
 SOURCES = ("torchrun", "deepspeed", "env", "slurm", "mpi", "mpi4py", "single")
@@ -134,6 +135,13 @@ class Topology:
             "CROSS_SIZE": str(self.num_nodes),
             "LOCAL_SIZE": str(self.local_world_size),
         }
+
+
+# What a launcher tells its workers (every name Topology.env writes, and torchrun's marker). A
+# batch script unsets these: inherited from the submitting shell they would override SLURM's ranks.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE",
+                 "TORCHELASTIC_RUN_ID", "BIGBATCH_LAUNCH_SOURCE")
 
 
 def export_env(topology: Topology, environ: dict | None = None) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bigbatch import exit_codes
 from bigbatch.cli_parser import ArgumentParser
-from bigbatch.launcher.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from bigbatch.launcher.env import LAUNCHER_VARS, SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 __all__ = ["SubmitConfig", "SubmitError", "render_sbatch", "submit", "TEMPLATES", "template_dir"]
 
@@ -248,7 +248,10 @@ def render_sbatch(cfg: SubmitConfig) -> str:
         "preempt_exit_code": str(cfg.preempt_exit_code),
         "exit_grace": str(cfg.exit_grace),
         "sbatch_lines": "\n".join(lines),
-        "env_lines": "\n".join([f"export {k}={shlex.quote(v)}" for k, v in env.items()] + (
+        # sbatch passes the submitting shell's environment on; its launcher variables (a shell
+        # inside torchrun, a notebook that ran a process group) must not name the workers' ranks.
+        "env_lines": "\n".join([f"unset {' '.join(LAUNCHER_VARS)}"] +
+                               [f"export {k}={shlex.quote(v)}" for k, v in env.items()] + (
             ['export BIGBATCH_SCALE_OUT_FILE="${TMPDIR:-/tmp}/bigbatch-scale-out-${SLURM_JOB_ID}"'] if scale_out else [])),
         "srun_args": "".join(shlex.quote(a) + " " for a in cfg.srun_args),
         "python": shlex.quote(cfg.python),
