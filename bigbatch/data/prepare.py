@@ -31,7 +31,8 @@ import numpy as np
 from bigbatch import atomic
 from bigbatch.data import shards
 from bigbatch.data.entries import SourceSpec, source_specs
-from bigbatch.data.sources import Piece, plan_pieces, read_piece, resolve_files
+from bigbatch.data.encode import encode_piece, init_worker
+from bigbatch.data.sources import Piece, plan_pieces, resolve_files
 from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
 from bigbatch.training.corpus import embedded_documents, load_corpus
 from bigbatch.training.run_dir import command_main
@@ -39,35 +40,6 @@ from bigbatch.training.tokenizer import _finish, build_tokenizer
 
 PLAN = "plan.json"
 PREPARE_SECTIONS = ("tokenizer", "data")  # all a prepare reads of a config
-ENCODE_BATCH = 1024  # documents per encode_batch call: bounds the memory of a worker
-
-_TOK = None  # this worker's tokenizers.Tokenizer
-_EOS = 0
-_DTYPE = np.dtype(np.uint16)
-
-
-def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
-    global _TOK, _EOS, _DTYPE
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: workers are the parallelism
-    from tokenizers import Tokenizer
-
-    _TOK, _EOS, _DTYPE = Tokenizer.from_file(tokenizer_json), eos, np.dtype(dtype)
-
-
-def encode_documents(tok, eos: int, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, document end offsets) of ``texts``, each document followed by ``eos``; ``tok`` is a
-    ``tokenizers.Tokenizer`` (no special tokens added, as the in-job path has always encoded)."""
-    parts, lens = [], []
-    for i in range(0, len(texts), ENCODE_BATCH):
-        flat: list[int] = []
-        for enc in tok.encode_batch(texts[i:i + ENCODE_BATCH], add_special_tokens=False):
-            ids = enc.ids
-            flat.extend(ids)
-            flat.append(eos)
-            lens.append(len(ids) + 1)
-        parts.append(np.array(flat, dtype=dtype))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return tokens, np.cumsum(np.asarray(lens, dtype=np.int64))
 
 
 def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok, dtype: np.dtype,
@@ -77,13 +49,6 @@ def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok,
             "weight": weight, "dtype": dtype.name, "vocab_size": len(tok), "eos_id": int(tok.eos_token_id),
             "tokenizer": tok.fingerprint, "tokenizer_dir": tokenizer_dir,
             "tokens": sum(r["tokens"] for r in records), "docs": sum(r["docs"] for r in records), "shards": records}
-
-
-def _encode_piece(task: tuple) -> tuple[int, int, int]:
-    spec, piece, docs, out_dir = task
-    tokens, ends = encode_documents(_TOK, _EOS, _DTYPE, read_piece(spec, piece, docs))
-    shards.write_shard(out_dir, piece.index, tokens, ends)
-    return piece.source, piece.index, int(tokens.size)
 
 
 def build_prepare_tokenizer(cfg: RunConfig, specs: list[SourceSpec]):
@@ -186,8 +151,8 @@ def _stream_hub(spec: SourceSpec, si: int, shard_bytes: int):
 @dataclass
 class PrepareResult:
     """``finished``: the manifests were written (every piece of every task is done); ``shards`` and
-    ``tokens`` this task wrote; ``seconds``: wall time of its tokenize-and-write phase (no imports,
-    tokenizer loading or planning)."""
+    ``tokens`` this task wrote; ``seconds``: wall time of its tokenize-and-write phase (starting the
+    workers included; building the tokenizer and planning not)."""
 
     finished: bool
     shards: int
@@ -249,14 +214,14 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
     init = (tok_json, int(tok.eos_token_id), dtype.name)
     done_tokens, started = 0, time.perf_counter()
     if workers == 1:
-        _init_worker(*init)
-        results = map(_encode_piece, tasks_iter())
+        init_worker(*init)
+        results = map(encode_piece, tasks_iter())
         for _si, _idx, n in results:
             done_tokens += n
     else:
         ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
-        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            for _si, _idx, n in pool.imap_unordered(_encode_piece, tasks_iter()):
+        with ctx.Pool(workers, initializer=init_worker, initargs=init) as pool:
+            for _si, _idx, n in pool.imap_unordered(encode_piece, tasks_iter()):
                 done_tokens += n
     seconds = time.perf_counter() - started
     log(f"prepare-data: task {task} wrote {len(todo)} shard(s), {done_tokens:,} tokens in {seconds:.1f} s")

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from bigbatch import atomic
-from bigbatch.training.config import ConfigError
+from bigbatch.errors import ConfigError
 
 FORMAT = "bigbatch-tokens"
 VERSION = 1

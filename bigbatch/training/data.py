@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from bigbatch.data import shards
-from bigbatch.data.prepare import encode_documents, source_manifest
+from bigbatch.data.encode import encode_documents
+from bigbatch.data.prepare import source_manifest
 from bigbatch.training.config import ConfigError, DataConfig
 from bigbatch.training.corpus import Corpus
 
