@@ -9,14 +9,18 @@ the ratio to CPUAdam's (goal for AdaBound and RAdam: <= 1.0). Every engine runs 
 (DeepSpeed keeps memory of destroyed engines); ``--rounds`` rounds in alternating order spread a
 drifting machine load over all of them (the median of the rounds is printed).
 
-    python benchmarks/offload_step.py [--params 100e6] [--world 2] [--steps 6] [--stages 2 3]
+    python benchmarks/offload_step.py [--params 100e6] [--world 2] [--steps 6] [--rounds 3] [--stages 2 3]
+    python benchmarks/offload_step.py --rounds 1 --stages 2 --optimizers "DeepSpeed CPUAdam" "bigbatch AdaBound" --profile 12
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -77,12 +81,17 @@ def _worker(rank: int, world: int, args, stage: int, name: str, port: int, out_p
     x = torch.randn(2, width)
     engine, spent = _engine(stage, OPTIMIZERS[name], width, layers)
     optim_times, step_times = [], []
+    profiler = cProfile.Profile() if args.profile and rank == 0 else None
     for i in range(args.steps + 2):
         engine.backward(engine(x).square().mean())
         spent.clear()
         dist.barrier()
         t0 = time.perf_counter()
+        if profiler is not None and i >= 2:
+            profiler.enable()
         engine.step()
+        if profiler is not None and i >= 2:
+            profiler.disable()
         dist.barrier()
         if i >= 2:  # warm-up: kernel builds, first allocations
             step_times.append(time.perf_counter() - t0)
@@ -90,6 +99,12 @@ def _worker(rank: int, world: int, args, stage: int, name: str, port: int, out_p
     # the slowest rank's optimizer time bounds the step
     t = torch.tensor([statistics.median(optim_times), statistics.median(step_times)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if profiler is not None:
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        print(f"--- ZeRO-{stage}, {name}: engine.step() of rank 0, {args.steps} steps, by own time\n"
+              + text.getvalue().split("\n", 6)[-1], flush=True)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"optimizer_ms": 1e3 * float(t[0]), "engine_step_ms": 1e3 * float(t[1]),
@@ -105,12 +120,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per engine and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N functions with the most own time inside rank 0's engine.step()")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPUAdam's OpenMP and our kernel: one thread per rank
     runs: dict[tuple[int, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        names = list(OPTIMIZERS)
+        names = [n for n in OPTIMIZERS if n in args.optimizers]
         for rnd in range(args.rounds):  # the order alternates per round
             for stage in args.stages:
                 for name in (names if rnd % 2 == 0 else names[::-1]):

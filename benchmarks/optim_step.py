@@ -19,7 +19,7 @@ Rounds interleave the optimizers (one step each per round, in a new random order
 that a noisy machine slows them alike and none always follows the same neighbour (whose dirty
 cache lines it would write back); the median per optimizer is reported, and every ratio is the
 median of the per-round ratios. Goals: every optimizer
-<= 1.15x its roofline; AdaBound and RAdam <= 1.0x torch.optim.Adam(fused=True) and <= 1.0x DeepSpeed
+<= 1.10x its roofline; AdaBound and RAdam <= 1.0x torch.optim.Adam(fused=True) and <= 1.0x DeepSpeed
 CPUAdam, AMSBound <= 1.25x torch's fused Adam (it moves 9/7 of Adam's bytes); each >= 3x faster
 than the official code (PyPI ``adabound`` 0.0.5; torch.optim.RAdam(foreach=True) for RAdam). The
 one-time compile cost is measured in fresh processes: first with empty kernel caches, then with

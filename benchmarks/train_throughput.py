@@ -13,7 +13,10 @@ whose load drifts over minutes: every optimizer sees the same conditions. Report
 optimizer (total tokens / total time) and its ratio to fused AdamW, plus the median of the
 per-round ratios (robust to load spikes). Goal: >= 0.97.
 
-    python benchmarks/train_throughput.py [--nproc 2] [--rounds 12] [--steps 10] [--warmup 20] [-- --section.key V ...]
+With ``--offload`` the rows are ZeRO-3 with the optimizer offloaded to the host (AdaBound, AMSBound,
+RAdam) against DeepSpeed's own AdamW, which DeepSpeed runs as its CPUAdam there.
+
+    python benchmarks/train_throughput.py [--nproc 2] [--rounds 12] [--steps 10] [--warmup 20] [--offload] [-- --section.key V ...]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+ADAM_HPARAMS = "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"
 OPTIMIZERS = {
     "adabound": ["--optim.name", "adabound"],
     "amsbound": ["--optim.name", "amsbound"],
@@ -41,6 +45,21 @@ OPTIMIZERS = {
 }
 REFERENCE = "adamw-torch-fused"
 
+# --offload: ZeRO-3 with the optimizer on the host (configs/deepspeed/zero3_offload.json), where the
+# optimizer step runs on the CPU while the accelerators wait; the reference is DeepSpeed's own AdamW
+# (its CPUAdam under offload) on the same engine and hyperparameters as RAdam and AdamW above.
+OFFLOAD_CONFIG = ["--deepspeed.config", "configs/deepspeed/zero3_offload.json", "--deepspeed.zero_stage", "3"]
+OFFLOAD = {
+    "adabound-offload": ["--optim.name", "adabound", *OFFLOAD_CONFIG],
+    "amsbound-offload": ["--optim.name", "amsbound", *OFFLOAD_CONFIG],
+    "radam-offload": OPTIMIZERS["radam"] + OFFLOAD_CONFIG,
+    # DeepSpeed's CPU Adam by its class path: the client optimizer is the very class DeepSpeed builds for
+    # an "AdamW" block under offload (adamw_mode), on the same engine and hyperparameters
+    "deepspeed-cpuadam": ["--optim.name", "deepspeed.ops.adam.DeepSpeedCPUAdam", "--optim.hparams", ADAM_HPARAMS,
+                          "--optim.kwargs", "{adamw_mode: true}", *OFFLOAD_CONFIG],
+}
+OFFLOAD_REFERENCE = "deepspeed-cpuadam"
+
 
 def worker(args) -> None:
     import torch.distributed as dist
@@ -52,7 +71,8 @@ def worker(args) -> None:
     from bigbatch.training.builders import setup
 
     extra = parse_overrides(args.overrides)
-    cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in OPTIMIZERS.items()}
+    cases, reference = (OFFLOAD, OFFLOAD_REFERENCE) if args.offload else (OPTIMIZERS, REFERENCE)
+    cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in cases.items()}
     first = next(iter(cfgs.values()))
     info = bbdist.init_training_process(first.train.threads)
     tok, data, _ = prepare_data(first, info)
@@ -88,7 +108,7 @@ def worker(args) -> None:
             seconds[name] += dt
             per_round[name].append(args.steps * tokens_per_step / dt)
     if info.is_main:
-        ref_total = args.rounds * args.steps * tokens_per_step / seconds[REFERENCE]
+        ref_total = args.rounds * args.steps * tokens_per_step / seconds[reference]
         r0 = runs[names[0]][0]
         print(f"{args.config} {' '.join(args.overrides)}: {info.world_size} processes, ZeRO-"
               f"{r0.engine.zero_stage}, global batch {r0.plan.global_batch} x {data.seq_len} "
@@ -96,10 +116,15 @@ def worker(args) -> None:
         print(f"{'optimizer':<20} {'tokens/s':>10} {'ratio':>7} {'median round ratio':>19}")
         for name in names:
             total = args.rounds * args.steps * tokens_per_step / seconds[name]
-            med = statistics.median(a / b for a, b in zip(per_round[name], per_round[REFERENCE]))
-            flag = "" if name == REFERENCE or name.endswith(("-zero3", "-fsdp2")) else \
+            med = statistics.median(a / b for a, b in zip(per_round[name], per_round[reference]))
+            flag = "" if name == reference or name.endswith(("-zero3", "-fsdp2")) else \
                 ("  ok" if total / ref_total >= 0.97 else "  < 0.97")
-            print(f"{name:<20} {total:10,.0f} {total / ref_total:7.3f} {med:19.3f}{flag}")
+            basic = getattr(getattr(runs[name][0].engine, "ds_engine", None), "basic_optimizer", None)
+            kind = f"  ({type(basic).__name__})" if args.offload else ""
+            print(f"{name:<20} {total:10,.0f} {total / ref_total:7.3f} {med:19.3f}{flag}{kind}")
+        if args.offload:
+            bbdist.destroy()
+            return
         z3, f2 = seconds["adabound-zero3"], seconds["adabound-fsdp2"]
         med = statistics.median(a / b for a, b in zip(per_round["adabound-fsdp2"], per_round["adabound-zero3"]))
         print(f"FSDP2 / DeepSpeed ZeRO-3 tokens/s (AdaBound, same model): {z3 / f2:.3f} (median round {med:.3f})")
@@ -113,6 +138,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per slice")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--offload", action="store_true", help="ZeRO-3 offload rows against DeepSpeed's CPUAdam")
     p.add_argument("overrides", nargs="*", help="train.py overrides for all runs, after --")
     args = p.parse_args()
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -121,7 +147,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            __file__, "--config", args.config, "--rounds", str(args.rounds), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--", *args.overrides]
+           "--warmup", str(args.warmup), *(["--offload"] if args.offload else []), "--", *args.overrides]
     sys.exit(subprocess.run(cmd, cwd=REPO, env=env).returncode)
 
 

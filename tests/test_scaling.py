@@ -158,6 +158,15 @@ def test_subclass_uses_base_rule():
     assert scale_hparams(MyAdamW, {"weight_decay": 0.1}, 4)["weight_decay"] == pytest.approx(0.2)
 
 
+def test_deepspeed_cpu_adam_takes_adamw_rule():
+    """DeepSpeed's CPU Adam (what ZeRO-Offload steps with) by its class path: AdamW's rule."""
+    pytest.importorskip("deepspeed")
+    got = scale_hparams("deepspeed.ops.adam.DeepSpeedCPUAdam", {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8,
+                                                                "weight_decay": 0.1}, 4)
+    want = scale_hparams("adamw", {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}, 4)
+    assert got == want and got["lr"] == pytest.approx(2e-3)
+
+
 def test_decoupled_decay_per_sample_is_kept():
     """Zero gradients: AdamW only decays. Same samples at B and 4B -> same weights to O((lr wd)^2)."""
     ref = {"lr": 1e-2, "weight_decay": 0.1}

@@ -4,7 +4,7 @@ An optimizer is named by a short name (``"adabound"``), a dotted class path
 (``"torch.optim.AdamW"``) or a class, as litgpt does; :func:`get_optimizer_class` resolves any of
 them, and whatever it accepts works everywhere (train.py, ``bigbatch.sharding.build_engine``, the HF
 integration). :func:`canonical_name` maps a class back to the short name whose scaling rule applies
-(subclasses take their base's); :func:`constructor_params` / :func:`constructor_defaults` read a
+(subclasses take their base's, DeepSpeed's Adam classes AdamW's); :func:`constructor_params` / :func:`constructor_defaults` read a
 class's keyword arguments.
 """
 
@@ -32,6 +32,14 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
+}
+
+
+#: other libraries' implementations of a known optimizer, by class path: their rule is its rule.
+#: DeepSpeed's CPU and fused Adam decouple weight decay by default (adamw_mode / adam_w_mode).
+EQUIVALENTS: dict[str, str] = {
+    "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam": "adamw",
+    "deepspeed.ops.adam.fused_adam.FusedAdam": "adamw",
 }
 
 
@@ -66,6 +74,9 @@ def canonical_name(optimizer: str | type) -> str | None:
         for short, known in OPTIMIZERS.items():
             if klass is known:
                 return short
+        equivalent = EQUIVALENTS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if equivalent is not None:
+            return equivalent
     return None
 
 
