@@ -99,7 +99,11 @@ def test_bit_rot_is_refused_and_the_previous_tag_used(base, tmp_path):
     proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
     check_ok(proc)
     assert "loaded checkpoint 'step00000005'" in proc.stderr and str(victim) in proc.stderr
-    assert "content hash" in proc.stderr
+    assert "content hash" in proc.stderr and "set aside as refused-step00000010" in proc.stderr
+    # the refused tag is kept under another name, out of checkpoint.keep's count; step 10 was saved anew
+    kept = out / "checkpoints" / "refused-step00000010" / victim.name
+    assert kept.read_bytes() != (base / "checkpoints" / "step00000010" / victim.name).read_bytes()
+    tags.verify_tag(str(out / "checkpoints"), "step00000010")
     ref = {r["step"]: r for r in records(base)}
     got = records(out)
     assert [r["step"] for r in got] == list(range(1, 13))  # steps 6..10 redone from step 5

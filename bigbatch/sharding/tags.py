@@ -36,6 +36,9 @@ LATEST = "latest"
 META = "bigbatch_meta.pt"  # rank 0's description of the tag: format, world size, batch, client state
 RNG = "bigbatch_rng_rank{}.pt"  # each rank's Python, NumPy and torch RNG states
 HASH = "xxh3_128"
+# A tag refused at a resume is renamed with this prefix: kept for inspection, but no longer a tag (it
+# would count toward checkpoint.keep and let the next save delete the good one the run resumed from).
+REFUSED_PREFIX = "refused-"
 _CHUNK = 16 << 20
 
 
@@ -218,7 +221,7 @@ def scan(ckpt_dir: str) -> list[TagInfo]:
     names = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
     for name in names:
         path = os.path.join(ckpt_dir, name)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or name.startswith(REFUSED_PREFIX):
             continue
         try:
             m = read_manifest(ckpt_dir, name)
@@ -379,6 +382,16 @@ class TagSave:
         return self.path
 
 
+def set_aside(ckpt_dir: str, tag: str) -> str:
+    """Rename the refused ``tag`` to ``refused-<tag>`` (``-2``, ``-3``, ... if taken); returns the name."""
+    name, n = REFUSED_PREFIX + tag, 1
+    while os.path.exists(os.path.join(ckpt_dir, name)):
+        n += 1
+        name = f"{REFUSED_PREFIX}{tag}-{n}"
+    os.replace(os.path.join(ckpt_dir, tag), os.path.join(ckpt_dir, name))
+    return name
+
+
 def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
     """``load(tag)`` of the first good tag: ``tag``, else the one ``latest`` names; with ``fallback``
     the other complete tags, newest first, when that one is refused (an unreadable ``latest`` is
@@ -402,7 +415,9 @@ def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
             refused.append((candidate, str(exc)))
             continue
         if refused and bbdist.rank() == 0:
-            logger.warning("bigbatch: loaded checkpoint %r; passed over: %s", candidate,
-                           "; ".join(f"{t}: {why}" for t, why in refused))
+            moved = [set_aside(ckpt_dir, t) for t, _ in refused if t in order]
+            logger.warning("bigbatch: loaded checkpoint %r; passed over: %s%s", candidate,
+                           "; ".join(f"{t}: {why}" for t, why in refused),
+                           f" (set aside as {', '.join(moved)})" if moved else "")
         return result
     raise NoUsableCheckpoint(ckpt_dir, refused)
