@@ -128,7 +128,8 @@ def main() -> None:
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for tokens in args.tokens:
-        label = f"{tokens}/{args.nproc}p/{args.lr_schedule}{'/' + args.tag if args.tag else ''}"
+        base = f"{tokens}/{args.nproc}p/{args.lr_schedule}"
+        label = f"{base}/{args.tag}" if args.tag else base
         key_of = lambda opt, case: f"{label}/{opt}/{case}"  # noqa: E731
         for opt in args.optimizers:
             for case in args.cases:
@@ -146,7 +147,8 @@ def main() -> None:
               f"{' '.join(args.overrides)}")
         print(f"{'optimizer':<9} {'case':<10} {'eval loss':>9} {'vs (a)':>8} {'steps':>6} {'fewer steps':>11}  batches")
         for opt in args.optimizers:
-            ref = results.get(key_of(opt, "a_ref16"))
+            # a tagged set (other overrides) compares with its own reference, else the untagged one's
+            ref = results.get(key_of(opt, "a_ref16")) or results.get(f"{base}/{opt}/a_ref16")
             for case in args.cases:
                 r = results[key_of(opt, case)]
                 gap = f"{100 * (r['final_eval_loss'] / ref['final_eval_loss'] - 1):+.2f}%" if ref else "-"

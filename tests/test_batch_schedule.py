@@ -97,6 +97,11 @@ def test_config_parses_and_refuses_schedules():
     assert cfg.batch.schedule == [[0, 16], [200000, 32]] and cfg.batch.batch_schedule().batches() == [16, 32]
     cfg = load_config("configs/tiny.yaml", ["--batch.schedule", "auto", "--batch.max_global_batch", "64"])
     assert cfg.batch.batch_schedule().batches() == [16, 32, 64]
+    # no growth inside the lr warmup by default; an explicit value (0 included) is kept
+    assert cfg.batch.growth_min_tokens == cfg.schedule.warmup_tokens == cfg.batch.batch_schedule().min_gap > 0
+    cfg = load_config("configs/tiny.yaml", ["--batch.schedule", "auto", "--batch.max_global_batch", "64",
+                                            "--batch.growth_min_tokens", "0"])
+    assert cfg.batch.batch_schedule().min_gap == 0
     for overrides, match in [
         (["--batch.schedule", "auto"], r"batch.max_global_batch: required when batch.schedule is 'auto'"),
         (["--batch.schedule", "[[0,16],[300,32],[200,64]]"], r"batch.schedule\[2\]: \[200, 64\]: tokens must increase"),

@@ -215,7 +215,8 @@ class BatchConfig:
     at 0), or ``auto``: from ``min_global_batch`` (default: ``global_batch`` or the reference) grow by
     ``growth_factor`` up to ``max_global_batch`` whenever the measured noise scale is at least
     ``growth_margin`` x the next batch for ``growth_patience`` consecutive measurements, at least
-    ``growth_min_tokens`` after the previous change (bigbatch.scaling.batch_schedule)."""
+    ``growth_min_tokens`` after the previous change or the start (default: the lr warmup)
+    (bigbatch.scaling.batch_schedule)."""
 
     reference_global_batch: int = 32
     policy: str = "fixed"  # fixed | scale
@@ -231,7 +232,9 @@ class BatchConfig:
     growth_factor: int = 2  # auto
     growth_margin: float = 1.0  # auto: grow when B_noise >= margin x the next batch
     growth_patience: int = 10  # auto: consecutive measurements that must agree
-    growth_min_tokens: int = 0  # auto: tokens between two changes
+    # auto: tokens before the first growth and between two; None: the lr warmup (schedule.warmup_tokens),
+    # whose first steps measure the noise scale of a model still at its initialisation (large, misleading)
+    growth_min_tokens: int | None = None
 
     def batch_schedule(self):
         """The :mod:`bigbatch.scaling.batch_schedule` object of ``schedule`` (None without one)."""
@@ -242,7 +245,7 @@ class BatchConfig:
             if self.schedule == "auto":
                 start = self.min_global_batch or self.global_batch or self.reference_global_batch
                 return AutoBatchSchedule(start, self.max_global_batch, self.growth_factor, self.growth_margin,
-                                         self.growth_patience, self.growth_min_tokens)
+                                         self.growth_patience, self.growth_min_tokens or 0)
             return FixedBatchSchedule([list(e) for e in self.schedule], unit="tokens")
         except BatchScheduleError as exc:
             raise ConfigError(f"batch.{exc}") from None
@@ -481,6 +484,8 @@ class RunConfig:
                 getattr(self, f.name).validate()
         if self.model.init_from and (sections is None or "model" in sections):
             apply_init_from(self)
+        if self.batch.growth_min_tokens is None and (sections is None or "schedule" in sections):
+            self.batch.growth_min_tokens = self.schedule.warmup_tokens
         if sections is None:
             self.scale_out.check_against(self.batch)
         return self
