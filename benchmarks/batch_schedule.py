@@ -139,6 +139,8 @@ def main() -> None:
                                                                           "--schedule.kind", args.lr_schedule,
                                                                           *args.overrides],
                                          args.nproc, args.threads))
+                # merged into the file as it is now: another set of runs may be writing it too
+                results = json.loads(results_path.read_text()) if results_path.exists() else {}
                 results[key_of(opt, case)] = r
                 write_text(results_path, json.dumps(results, indent=1))
                 print(f"{tokens:>9,} {opt:<9} {case:<10} eval {r['final_eval_loss']:.4f} steps {r['steps']:>5} "
