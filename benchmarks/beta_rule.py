@@ -45,12 +45,12 @@ OPTIMIZERS = {
 FORMS = ("paper", "power", "keep_beta1", "keep")
 
 
-def warm_run(out: Path, opt: str, points: list[int], tokens: int) -> None:
+def warm_run(out: Path, opt: str, points: list[int], tokens: int, threads: int | None) -> None:
     """One train.py run that checkpoints at every step of ``points`` (and keeps them all)."""
     every = math.gcd(*points)
     run_train(out, OPTIMIZERS[opt] + ["--batch.global_batch", "16", "--train.tokens", str(tokens),
                                       "--checkpoint.every_steps", str(every), "--checkpoint.keep", "100",
-                                      "--train.eval_every", "0", "--checkpoint.at_end", "false"], 1)
+                                      "--train.eval_every", "0", "--checkpoint.at_end", "false"], 1, threads)
 
 
 def start_at(run: Path, step: int, dest: Path) -> Path:
@@ -64,11 +64,13 @@ def start_at(run: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-def check_rules(start: Path, out: Path, branches: str, kappa: int, tokens: int, form: str) -> dict:
+def check_rules(start: Path, out: Path, branches: str, kappa: int, tokens: int, form: str,
+                threads: int | None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "bigbatch.training.check_rules", "--from", str(start), "--kappas", f"1,{kappa}",
            "--tokens", str(tokens), "--evals", "2", "--out", str(out), "--branches", branches,
-           "--batch.beta_form", form, "--logging.progress", "none"]
+           "--batch.beta_form", form, "--logging.progress", "none",
+           *(["--train.threads", str(threads)] if threads else [])]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"check-rules failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -83,21 +85,22 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="tokens each branch trains")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     p.add_argument("--out", type=Path, default=REPO / "runs" / "beta_rule")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     table = []
     for opt in args.optimizers:
         run = args.out / opt / "warm"
-        warm_run(run, opt, args.points, (max(args.points) + 1) * 16 * 128)
+        warm_run(run, opt, args.points, (max(args.points) + 1) * 16 * 128, args.threads)
         for step in args.points:
             start = start_at(run, step, args.out / opt / f"start{step}")
             base = args.out / opt / f"step{step}"
-            ref = check_rules(start, base / "k1", "k1,k1_seed2", args.kappa, args.tokens, "paper")
+            ref = check_rules(start, base / "k1", "k1,k1_seed2", args.kappa, args.tokens, "paper", args.threads)
             k1 = ref["k1"]["final_loss"]
             seed_gap = abs(ref["k1_seed2"]["final_loss"] - k1) / k1
             tol = max(0.01, 2 * seed_gap)
             for form in args.forms:
-                got = check_rules(start, base / form, f"k{args.kappa}", args.kappa, args.tokens, form)
+                got = check_rules(start, base / form, f"k{args.kappa}", args.kappa, args.tokens, form, args.threads)
                 loss = got[f"k{args.kappa}"]["final_loss"]
                 row = {"optimizer": opt, "step": step, "tokens_at_start": step * 16 * 128, "form": form,
                        "kappa": args.kappa, "k1_loss": k1, "loss": loss, "gap": (loss - k1) / k1,

@@ -381,6 +381,9 @@ def render(res: dict, out: Path, md: Path) -> str:
                      for v in variants]
             L.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         L += ["", f"![RAdam]({rel}/radam.png)", "", "**Verdict.** " + _radam_verdict(ra), ""]
+    growth = out / "batch_growth.md"  # section 4, measured by benchmarks/beta_rule.py and batch_schedule.py
+    if growth.exists():
+        L += [growth.read_text().rstrip(), ""]
     L += ["---", f"Machine: {res.get('machine', '?')}. Wall time of the sections: " +
           ", ".join(f"{k} {v / 60:.1f} min" for k, v in res.get("seconds", {}).items()) + "."]
     return "\n".join(L) + "\n"

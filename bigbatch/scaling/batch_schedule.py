@@ -10,7 +10,8 @@ grows it as the critical batch grows takes fewer optimizer steps for the same sa
 * :class:`AutoBatchSchedule`: starts at ``start`` and multiplies the batch by ``factor`` whenever
   the smoothed noise scale ``B_noise`` says the next batch is still below the critical batch:
   ``B_noise >= margin * next`` on ``patience`` consecutive measurements, at least ``min_gap``
-  after the previous change, and never past ``maximum``. It never shrinks the batch.
+  after the start or the previous change (train.py: the lr warmup by default, whose first steps
+  measure a model at its initialisation), and never past ``maximum``. It never shrinks the batch.
 
 Positions are counted in whatever unit the caller uses (train.py: tokens; the HF callback:
 samples). What to do at a change (re-plan, rescale the hyperparameters, convert step counters) is
@@ -135,7 +136,7 @@ class AutoBatchSchedule:
         elif self.streak < self.patience:
             self.reason = f"B_noise above growth_margin {self.margin:g} x {grown}, waiting for growth_patience"
         elif position - self.last_change < self.min_gap:
-            self.reason = f"waiting for growth_min_tokens {self.min_gap} since the last change"
+            self.reason = f"waiting for growth_min_tokens {self.min_gap} since the start or the last change"
         else:
             self.streak = 0
             self.last_change = position
