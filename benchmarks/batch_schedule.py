@@ -31,12 +31,12 @@ sys.path.insert(0, str(REPO))
 
 from bigbatch.atomic import write_text  # noqa: E402
 from bigbatch.training.metrics import pyplot, save_png  # noqa: E402
-from benchmarks.tiny_runs import run_train  # noqa: E402
+from benchmarks.tiny_runs import ADAM_HPARAMS, run_train  # noqa: E402
 
 OPTIMIZERS = {
     "adabound": [],  # configs/tiny.yaml's optimizer and hyperparameters
-    "adamw": ["--optim.name", "adamw", "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"],
-    "radam": ["--optim.name", "radam", "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"],
+    "adamw": ["--optim.name", "adamw", "--optim.hparams", ADAM_HPARAMS],
+    "radam": ["--optim.name", "radam", "--optim.hparams", ADAM_HPARAMS],
 }
 RAMP = [[0, 16], [400_000, 32], [650_000, 64]]
 CASES = {

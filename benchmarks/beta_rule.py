@@ -33,10 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.tiny_runs import OFFLINE, run_train  # noqa: E402
+from benchmarks.tiny_runs import ADAM_HPARAMS, OFFLINE, run_train  # noqa: E402
 from bigbatch.atomic import write_text  # noqa: E402
 
-ADAM_HPARAMS = "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"
 OPTIMIZERS = {
     "adamw": ["--optim.name", "adamw", "--optim.hparams", ADAM_HPARAMS],
     "adabound": [],  # configs/tiny.yaml's

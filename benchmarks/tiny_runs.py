@@ -12,6 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Adam-family hyperparameters the tiny-config benchmarks give AdamW and RAdam (AdaBound's lr and betas)
+ADAM_HPARAMS = "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"
 
 
 def launch(args: list[str], nproc: int, *, module: str | None = None) -> tuple[subprocess.CompletedProcess, float]:

@@ -37,7 +37,7 @@ OPTIMIZERS = {
     "amsbound": ["--optim.name", "amsbound"],
     "radam": ["--optim.name", "radam", "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8}"],
     "adamw-torch-fused": ["--optim.name", "adamw",
-                          "--optim.hparams", "{lr: 3.0e-3, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}",
+                          "--optim.hparams", ADAM_HPARAMS,
                           "--optim.kwargs", "{fused: true}"],
     # the two engines on the same model and optimizer: DeepSpeed ZeRO-3 and FSDP2
     "adabound-zero3": ["--optim.name", "adabound", "--deepspeed.zero_stage", "3"],

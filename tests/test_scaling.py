@@ -160,7 +160,6 @@ def test_subclass_uses_base_rule():
 
 def test_deepspeed_cpu_adam_takes_adamw_rule():
     """DeepSpeed's CPU Adam (what ZeRO-Offload steps with) by its class path: AdamW's rule."""
-    pytest.importorskip("deepspeed")
     got = scale_hparams("deepspeed.ops.adam.DeepSpeedCPUAdam", {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8,
                                                                 "weight_decay": 0.1}, 4)
     want = scale_hparams("adamw", {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}, 4)

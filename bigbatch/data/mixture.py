@@ -120,7 +120,6 @@ def open_prepared(cfg: RunConfig, *, check_hashes: bool):
     when ``check_hashes``), tokenized with the same tokenizer as the run's, cut into blocks."""
     from transformers import AutoTokenizer
 
-
     entries = prepared_entries(cfg.data)
     sources = [shards.open_source(path, name, f"data.prepared[{i}].path", check_hashes=check_hashes)
                for i, (name, path, _w) in enumerate(entries)]

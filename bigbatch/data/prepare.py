@@ -65,7 +65,6 @@ def save_tokenizer(tok, out: str) -> str:
     """``OUT/tokenizer`` holding ``tok``; an existing one with another fingerprint is refused."""
     from transformers import AutoTokenizer
 
-
     path = os.path.join(out, shards.TOKENIZER_DIR)
     if os.path.isdir(path):
         have = _finish(AutoTokenizer.from_pretrained(path)).fingerprint

@@ -137,11 +137,10 @@ class Topology:
         }
 
 
-# What a launcher tells its workers (every name Topology.env writes, and torchrun's marker). A
-# batch script unsets these: inherited from the submitting shell they would override SLURM's ranks.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                 "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE",
-                 "TORCHELASTIC_RUN_ID", "BIGBATCH_LAUNCH_SOURCE")
+# What a launcher tells its workers (every name Topology.env writes, torchrun's marker, the source
+# bigbatch recorded). A batch script unsets these: inherited from the submitting shell they would
+# override SLURM's ranks.
+LAUNCHER_VARS = (*Topology().env(), "TORCHELASTIC_RUN_ID", "BIGBATCH_LAUNCH_SOURCE")
 
 
 def export_env(topology: Topology, environ: dict | None = None) -> dict[str, str]:

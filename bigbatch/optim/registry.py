@@ -4,8 +4,8 @@ An optimizer is named by a short name (``"adabound"``), a dotted class path
 (``"torch.optim.AdamW"``) or a class, as litgpt does; :func:`get_optimizer_class` resolves any of
 them, and whatever it accepts works everywhere (train.py, ``bigbatch.sharding.build_engine``, the HF
 integration). :func:`canonical_name` maps a class back to the short name whose scaling rule applies
-(subclasses take their base's, DeepSpeed's Adam classes AdamW's); :func:`constructor_params` / :func:`constructor_defaults` read a
-class's keyword arguments.
+(subclasses take their base's, DeepSpeed's Adam classes AdamW's); :func:`constructor_params` /
+:func:`constructor_defaults` read a class's keyword arguments.
 """
 
 from __future__ import annotations

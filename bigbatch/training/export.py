@@ -79,7 +79,6 @@ def model_config(run_dir: str, cfg=None):
 def _resolved(run_dir: str) -> dict:
     import yaml
 
-
     with open(os.path.join(run_dir, RESOLVED)) as fh:
         return (yaml.safe_load(fh) or {}).get("resolved", {})
 
