@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.tiny_runs import launch, run_train  # noqa: E402
 from bigbatch.atomic import write_text  # noqa: E402
 from bigbatch.training.metrics import pyplot, save_png  # noqa: E402
+from bigbatch.training.config import BatchConfig  # noqa: E402
 
 SECTIONS = ("adabound", "generalisation", "radam", "sde")
 NPROC = 2
@@ -280,6 +281,8 @@ def section_sde(out: Path) -> dict:
             run_train(src, base + ["--train.max_steps", str(SRC_STEPS)], NPROC)
         extra = ["--kappas", "1,2,4,8", "--svag", "2,4"] + (["--without-rules"] if opt == "adam" else [])
         res[opt] = check_rules(src, out / f"check_{opt}", extra)
+        if opt == "adabound":  # the form of final_lr's rule these branches ran with (the config's default)
+            res[opt]["bound_form"] = BatchConfig().bound_form
         log(f"{opt}: critical batch {res[opt]['summary']['critical_batch']}, SDE holds {res[opt]['summary']['sde_holds']}")
     return res
 
@@ -324,7 +327,10 @@ def render(res: dict, out: Path, md: Path) -> str:
               f"Tolerance {s['tolerance']:.2%}; measured critical batch **{s['critical_batch']}**; SVAG: the SDE "
               f"approximation {'holds' if s['sde_holds'] else 'does not hold'}. B_noise at the checkpoint: {_noise(a)}.",
               "", f"![Adam branches]({rel}/check_adam/eval_loss.png)", ""]
-        for opt, title in (("radam", "RAdam (square-root rule)"), ("adabound", "AdaBound (derived rule)")):
+        # reports from before bound_form existed ran final_lr x kappa
+        bound = {"sqrt": "final_lr x sqrt(kappa)",
+                 "linear": "final_lr x kappa"}[sde["adabound"].get("bound_form", "linear")]
+        for opt, title in (("radam", "RAdam (square-root rule)"), ("adabound", f"AdaBound (derived rule, {bound})")):
             r = sde[opt]
             L += [f"### {title}", "", *_branch_table(r), "",
                   f"Tolerance {r['summary']['tolerance']:.2%}; measured critical batch **{r['summary']['critical_batch']}**;"

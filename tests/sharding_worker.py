@@ -176,13 +176,18 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         full = st.gather_full_state(engine)
         meta = torch.load(os.path.join(_tag_dir(case), META), weights_only=False)
         saved, _ = read_parts(_tag_dir(case), meta["full_state_parts"])
-        diffs = {}
+        diffs, ratios = {}, {}
         for name, entry in saved.items():
             diffs[f"{name}/fp32"] = float((full[name]["fp32"] - entry["fp32"]).abs().max())
             for k, v in entry["state"].items():
                 diffs[f"{name}/{k}"] = float((full[name]["state"][k] - v).abs().max()) if k in full[name]["state"] \
                     else float("inf")
+                if k in full[name]["state"] and v.dim() and bool((v != 0).any()):  # loaded / saved, where saved != 0
+                    r = full[name]["state"][k][v != 0] / v[v != 0]
+                    lo, hi = ratios.get(k, (float("inf"), float("-inf")))
+                    ratios[k] = (min(lo, float(r.min())), max(hi, float(r.max())))
         out["state_diffs"] = diffs
+        out["state_ratios"] = ratios
         out["state_keys"] = sorted({k for e in full.values() for k in e["state"]})
         if case.get("more_steps"):
             out["losses"] = _train(engine, case["start"], case["more_steps"], world, rank)

@@ -44,6 +44,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "optim.hparams.lr: -1 is refused by AdaBound"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--optim.hparams.betas", "[1.5, 0.9]"],
          "optim.hparams.betas: [1.5, 0.9] is refused by AdaBound: Invalid beta1"),
+        ("train", ["--config", CFG, "--out", str(tmp / "o"), "--batch.second_moment", "half"],
+         "batch.second_moment: 'half'"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--model.foo", "1"], "unknown key 'model.foo'"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--overwrite=yes"], "train.py: error:"),
         ("cli", [*check, "--out", nope, "--config", nope + ".yaml"], "--config: file"),

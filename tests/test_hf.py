@@ -176,7 +176,7 @@ def test_scaling_callback_values(tmp_path):
     assert math.isclose(args.adam_epsilon, 5e-9) and math.isclose(args.weight_decay, 0.2)  # decoupled: x sqrt(kappa)
     assert (args.max_steps, args.warmup_steps) == (250, 25)
     _, kw = optimizer_cls_and_kwargs("adabound", args)
-    assert math.isclose(kw["final_lr"], 0.4) and math.isclose(kw["gamma"], 0.004)
+    assert math.isclose(kw["final_lr"], 0.2) and math.isclose(kw["gamma"], 0.004)  # final_lr x sqrt(kappa)
     with pytest.raises(RuntimeError, match="already scaled once"):
         cb.apply(args)
 
@@ -287,7 +287,7 @@ def test_batch_schedule_callback_grows_accumulation_and_rescales(tmp_path):
         [(4, 16, 4, 8)]
     group = trainer.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(1e-3 * 2**0.5) and group["betas"] == pytest.approx((0.8, 0.98))
-    assert group["final_lr"] == pytest.approx(0.2) and group["gamma"] == pytest.approx(2e-3)
+    assert group["final_lr"] == pytest.approx(0.1 * 2**0.5) and group["gamma"] == pytest.approx(2e-3)
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {4 / 2 + 6}  # the counters moved to samples / new batch at the change
     assert schedule.state()["attributes"] == {"samples": 64, "global_batch": 8}

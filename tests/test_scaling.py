@@ -59,7 +59,7 @@ def test_sgd_linear_rule_keeps_momentum_and_l2():
 def test_adabound_derived_rule_and_effective_final_lr():
     k = 4.0
     ref = FAMILY_HPARAMS["adabound"]
-    out = scale_hparams("adabound", ref, k)
+    out = scale_hparams("adabound", ref, k, bound_form="linear")
     assert out["lr"] == pytest.approx(2e-3) and out["eps"] == pytest.approx(5e-9)
     assert out["final_lr"] == pytest.approx(0.4) and out["gamma"] == pytest.approx(4e-3)
     assert out["betas"] == pytest.approx((0.6, 0.996))
@@ -68,13 +68,19 @@ def test_adabound_derived_rule_and_effective_final_lr():
     g = opt.param_groups[0]
     assert g["base_lr"] == pytest.approx(out["lr"])
     assert g["final_lr"] * g["lr"] / g["base_lr"] == pytest.approx(ref["final_lr"] * k)
-    ams = scale_hparams(AMSBound, FAMILY_HPARAMS["amsbound"], k)
+    # the default: final_lr with Adam's lr (x sqrt(k)); every other value as above
+    default = scale_hparams("adabound", ref, k)
+    assert default == {**out, "final_lr": pytest.approx(0.2)}
+    ams = scale_hparams(AMSBound, FAMILY_HPARAMS["amsbound"], k, bound_form="linear")
     assert ams["weight_decay"] == pytest.approx(0.02) and ams["final_lr"] == pytest.approx(0.2)
+    assert scale_hparams(AMSBound, FAMILY_HPARAMS["amsbound"], k)["final_lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"bound_form: must be one of \['sqrt', 'linear'\], got 'cubic'"):
+        scale_hparams("adabound", ref, k, bound_form="cubic")
     # Users can replace any part of the derived rule.
     kept = scale_hparams("adabound", ref, k, overrides={"gamma": 1e-3, "final_lr": 0.1})
     assert kept["gamma"] == 1e-3 and kept["final_lr"] == 0.1 and kept["lr"] == pytest.approx(2e-3)
     doc = adabound_rule_derivation()
-    assert "DERIVED" in doc and "gamma * kappa" in doc and "final_lr * kappa" in doc
+    assert "DERIVED" in doc and "gamma * kappa" in doc and "final_lr * kappa" in doc and 'bound_form="sqrt"' in doc
 
 
 def test_defaults_are_filled_and_scaled():
@@ -216,3 +222,82 @@ def test_beta_forms_that_keep_betas_still_scale_lr_and_eps():
         assert hp["lr"] == pytest.approx(2e-3) and hp["eps"] == pytest.approx(5e-9)
         assert hp["weight_decay"] == pytest.approx(0.2)
     assert scale_hparams("adabound", {"betas": (0.9, 0.999)}, 2, beta_form="keep_beta1")["betas"][0] == 0.9
+
+
+@pytest.mark.parametrize("second_moment", ["rescale", "keep"])
+def test_second_moment_at_a_batch_change(second_moment):
+    """On pure gradient noise (variance 1/B per coordinate) Adam's second moment settles at 1/B; at a
+    change to 4B, ``rescale`` keeps the squared first moment and divides the rest by kappa, which
+    starts it near the new batch's 1/(4B) (where it then settles); ``keep`` leaves the old value.
+    First moments are kept, step counters become step / kappa, AMSBound's max moves with its moment."""
+    from bigbatch.scaling.rescale import rescale_optimizer
+
+    torch.manual_seed(0)
+    batch, kappa = 16, 4.0
+    p = torch.nn.Parameter(torch.zeros(20_000))
+    opt = AMSBound([p], lr=1e-3, betas=(0.9, 0.99), final_lr=0.1)
+    for _ in range(600):
+        p.grad = torch.randn_like(p) / math.sqrt(batch)
+        opt.step()
+    state = opt.state[p]
+    before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    assert float(before["exp_avg_sq"].mean()) == pytest.approx(1 / batch, rel=0.02)
+    report = rescale_optimizer(opt, kappa, second_moment=second_moment)
+    assert report["second_moments"] == (2 if second_moment == "rescale" else 0)
+    assert torch.equal(state["exp_avg"], before["exp_avg"])
+    v = before["exp_avg_sq"]
+    mean_sq = before["exp_avg"].square() * (1 - 0.99**600) / (1 - 0.9**600) ** 2  # m_hat^2 in v's scale
+    want = v - (1 - 1 / kappa) * (v - mean_sq).clamp(min=0) if second_moment == "rescale" else v
+    assert torch.allclose(state["exp_avg_sq"], want, rtol=1e-5, atol=0)
+    assert torch.allclose(state["max_exp_avg_sq"], before["max_exp_avg_sq"] * want / before["exp_avg_sq"], rtol=1e-5)
+    # 1 is the new batch's noise; rescale keeps the first moment's own noise, (1 - beta1) / (1 + beta1) of it, too
+    start = float(state["exp_avg_sq"].mean()) * kappa * batch
+    assert (1 < start < 1.2) if second_moment == "rescale" else (start == pytest.approx(kappa, rel=0.02))
+    assert float(state["step"]) == 600 / kappa
+    for _ in range(300):  # the new batch's noise: the moment settles near where rescale put it
+        p.grad = torch.randn_like(p) / math.sqrt(kappa * batch)
+        opt.step()
+    assert float(state["exp_avg_sq"].mean()) == pytest.approx(1 / (kappa * batch), rel=0.05)
+    with pytest.raises(ValueError, match=r"second_moment: must be one of \['rescale', 'divide', 'keep'\], got 'half'"):
+        rescale_optimizer(opt, 2.0, second_moment="half")
+    # a refused call moved nothing
+    assert float(state["step"]) == 300 + 600 / kappa and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2)
+
+
+@pytest.mark.parametrize("mean", [0.0, 3.0])
+def test_second_moment_keeps_the_squared_mean(mean):
+    """Where the gradient's mean dominates, the rescaled moment keeps it (a pure mean is not divided
+    at all); ``divide`` divides all of it."""
+    from types import SimpleNamespace
+
+    from bigbatch.scaling.rescale import rescale_second_moments
+
+    p, m = torch.nn.Parameter(torch.zeros(4)), torch.full((4,), mean)
+    state = {"step": torch.tensor(1e6), "exp_avg": m.clone(), "exp_avg_sq": m.square() + 0.5}
+    opt = SimpleNamespace(param_groups=[{"betas": (0.9, 0.99), "params": [p]}], state={p: state})
+    assert rescale_second_moments(opt, 2.0) == 1
+    assert torch.allclose(state["exp_avg_sq"], m.square() + 0.25)
+    assert rescale_second_moments(opt, 2.0, "divide") == 1  # all of it
+    assert torch.allclose(state["exp_avg_sq"], (m.square() + 0.25) / 2)
+
+
+def test_second_moment_early_in_training_uses_the_bias_corrected_moments():
+    """At step 10 with beta2 0.999 the raw second moment is about 1% of its corrected value while the
+    raw first moment is 65% of the mean: comparing them uncorrected would call the whole moment
+    'mean'. Corrected, a steady gradient (mean 1, no noise) keeps its moment and a pure-noise one is
+    divided by kappa; the moment never grows."""
+    from bigbatch.scaling.rescale import rescale_optimizer
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(2, 10_000))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+    for _ in range(10):
+        p.grad = torch.stack([torch.ones(10_000), torch.randn(10_000)])  # row 0: mean only, row 1: noise only
+        opt.step()
+    before = opt.state[p]["exp_avg_sq"].clone()
+    rescale_optimizer(opt, 4.0)
+    ratio = opt.state[p]["exp_avg_sq"] / before
+    assert float(ratio.max()) <= 1.0 + 1e-6 and float(ratio.min()) >= 0.25 - 1e-6
+    assert float(ratio[0].mean()) == pytest.approx(1.0, abs=1e-5)  # the mean is not divided
+    # noise: m_hat^2 is the first moment's own noise, (1 - beta1)/(1 + beta1)-ish of v_hat after 10 steps
+    assert 0.25 < float(ratio[1].mean()) < 0.45

@@ -279,6 +279,12 @@ def test_resume_with_larger_global_batch_rescales_and_logs(runs):
             assert group[key] == pytest.approx(want[key], rel=1e-9), key
         assert tuple(group["betas"]) == pytest.approx(tuple(want["betas"]), rel=1e-12)
         assert group["base_lr"] == pytest.approx(lr * want["lr"] / saved["lr"], rel=1e-9)
+    # the first moments kept; the second keep the squared mean and divide the noise by kappa: each
+    # coordinate's between 1 / kappa (all noise) and 1 (all mean), never larger
+    assert tuple(r["state_ratios"]["exp_avg"]) == (1.0, 1.0)
+    for key in ("exp_avg_sq", "max_exp_avg_sq"):
+        lo, hi = r["state_ratios"][key]
+        assert 1 / kappa - 1e-6 <= lo < hi <= 1, (key, lo, hi)
     assert any("kappa=2" in m and "rescaled" in m for m in r["log"]), r["log"]
     assert all(l == l and l < 10 for l in r["losses"])  # noqa: E741  (finite, sane)
 

@@ -25,7 +25,7 @@ from bigbatch.optim.registry import get_optimizer_class
 from bigbatch.scaling.batch_schedule import FixedBatchSchedule
 from bigbatch.scaling.planner import plan_batch
 from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.scaling.rules import scale_steps
+from bigbatch.scaling.rules import SECOND_MOMENTS, scale_steps
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,15 @@ class ScalingRulesCallback(TrainerCallback):
     Args:
         optimizer: name or class; default ``args.bigbatch_optim`` (set by ``BigBatchTrainingArguments``).
         reference_batch_size: global batch the arguments were tuned at; default ``args.reference_batch_size``.
-        beta_form, overrides: as for :func:`bigbatch.optim.scale_hparams`.
+        beta_form, bound_form, overrides: as for :func:`bigbatch.optim.scale_hparams`.
     """
 
     def __init__(self, optimizer=None, reference_batch_size: int | None = None, *, beta_form: str = "paper",
-                 overrides: dict | None = None):
+                 bound_form: str = "sqrt", overrides: dict | None = None):
         self.optimizer = optimizer
         self.reference_batch_size = reference_batch_size
         self.beta_form = beta_form
+        self.bound_form = bound_form
         self.overrides = overrides
         self.applied: AppliedScaling | None = None
 
@@ -82,7 +83,7 @@ class ScalingRulesCallback(TrainerCallback):
         plan = plan_batch(args.world_size, [per_device], reference_global_batch=ref, optimizer=cls,
                           hparams=reference, policy="scale",
                           per_device_batch=per_device * args.gradient_accumulation_steps,
-                          beta_form=self.beta_form, overrides=self.overrides)
+                          beta_form=self.beta_form, bound_form=self.bound_form, overrides=self.overrides)
         scaled = plan.hparams
         extra = parse_optim_args(args.optim_args, cls)
         args.learning_rate = scaled["lr"]
@@ -118,17 +119,18 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
             the first at 0), as :class:`bigbatch.scaling.batch_schedule.FixedBatchSchedule`.
         optimizer: the scaling rule's optimizer (default: ``args.bigbatch_optim``, else the
             optimizer's class).
-        beta_form: as for :func:`bigbatch.scaling.scale_hparams`.
+        beta_form, bound_form: as for :func:`bigbatch.scaling.scale_hparams`.
+        second_moment: as for :func:`bigbatch.scaling.rescale.rescale_second_moments`.
 
     Every batch must be ``world size x per_device_train_batch_size x accumulation``; the run must
     start at the schedule's first batch (set ``gradient_accumulation_steps`` to match). At a change
     the callback sets ``args.gradient_accumulation_steps`` (the Trainer reads it for every optimizer
     step), rescales every parameter group (lr through the scheduler's base lrs, betas, eps,
-    decoupled weight decay, AdaBound's final_lr and gamma) and divides the optimizer's step counters
-    by kappa. The Trainer counts micro batches per epoch and syncs gradients every
-    ``gradient_accumulation_steps`` of them, so a change waits for the first step boundary at which
-    the micro batches of the epoch so far are a multiple of the new accumulation (at most one
-    step at the new batch's samples late). What the Trainer does not allow: its lr scheduler and
+    decoupled weight decay, AdaBound's final_lr and gamma), divides the optimizer's step counters by
+    kappa and carries its second moments to the new batch. The Trainer counts micro batches per epoch
+    and syncs gradients every ``gradient_accumulation_steps`` of them, so a change waits for the first
+    step boundary at which the micro batches of the epoch so far are a multiple of the new
+    accumulation (at most one step at the new batch's samples late). What the Trainer does not allow: its lr scheduler and
     ``max_steps`` stay in optimizer steps (after a growth the same steps cover more samples: bound
     the run by ``num_train_epochs``, or use a constant schedule after warmup); DeepSpeed engines keep
     their own accumulation (refused here; train.py changes batches under DeepSpeed); the data order
@@ -137,11 +139,16 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
     checkpoints (``ExportableState``).
     """
 
-    def __init__(self, schedule, optimizer=None, *, beta_form: str = "paper"):
+    def __init__(self, schedule, optimizer=None, *, beta_form: str = "paper", bound_form: str = "sqrt",
+                 second_moment: str = "rescale"):
 
         self.schedule = schedule if isinstance(schedule, FixedBatchSchedule) else FixedBatchSchedule(schedule, "samples")
         self.optimizer = optimizer
         self.beta_form = beta_form
+        self.bound_form = bound_form
+        if second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
+        self.second_moment = second_moment
         self.samples = 0
         self.global_batch: int | None = None
         self.micro_in_epoch = 0
@@ -149,7 +156,8 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {"schedule": [list(e) for e in self.schedule.entries], "optimizer": self.optimizer,
-                         "beta_form": self.beta_form},
+                         "beta_form": self.beta_form, "bound_form": self.bound_form,
+                         "second_moment": self.second_moment},
                 "attributes": {"samples": self.samples, "global_batch": self.global_batch}}
 
     def _unit(self, args) -> int:
@@ -188,8 +196,9 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
             return
         kappa = target / self.global_batch
         family = self.optimizer or getattr(args, "bigbatch_optim", None) or type(optimizer)
-        report = rescale_optimizer(optimizer, kappa, family=family, beta_form=self.beta_form, scheduler=lr_scheduler,
-                                   scheduler_in_samples=True)
+        report = rescale_optimizer(optimizer, kappa, family=family, beta_form=self.beta_form,
+                                   bound_form=self.bound_form, second_moment=self.second_moment,
+                                   scheduler=lr_scheduler, scheduler_in_samples=True)
         self.changes.append({"step": state.global_step, "samples": self.samples, "old_global_batch": self.global_batch,
                              "global_batch": target, "kappa": kappa, "hparams": report["groups"][0]})
         args.gradient_accumulation_steps = new_accum

@@ -98,7 +98,7 @@ class AutoBatchSchedule:
     start: int
     maximum: int
     factor: int = 2
-    margin: float = 0.85
+    margin: float = 0.75
     patience: int = 10
     min_gap: int = 0
     last_change: float = field(default=0.0, init=False)

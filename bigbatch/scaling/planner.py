@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import BetaForm, resolve_family, scale_hparams
+from bigbatch.scaling.rules import SECOND_MOMENTS, BetaForm, BoundForm, SecondMoment, resolve_family, scale_hparams
 
 Policy = Literal["fixed", "scale"]
 
@@ -38,6 +38,8 @@ class BatchPlan:
     optimizer: str  # the scaling rule's family (a short name such as "adabound")
     hparams: dict  # scaled constructor kwargs
     beta_form: str = "paper"  # how betas were scaled; a resume on another batch scales the same way
+    bound_form: str = "sqrt"  # how AdaBound's final_lr was scaled; likewise
+    second_moment: str = "rescale"  # Adam's second moment at a change of batch (rules.SECOND_MOMENTS)
     reference_hparams: dict | None = None  # the constructor kwargs at the reference batch
     optimizer_class: type | None = field(default=None, compare=False)  # the class planned for
 
@@ -54,7 +56,8 @@ class BatchPlan:
         if self.reference_hparams is None:
             raise ValueError("reference_hparams: this plan has none, so parameter-group overrides "
                              f"{sorted(given)} cannot be scaled; make the plan with plan_batch")
-        scaled = scale_hparams(cls, {**self.reference_hparams, **given}, self.kappa, beta_form=self.beta_form)
+        scaled = scale_hparams(cls, {**self.reference_hparams, **given}, self.kappa, beta_form=self.beta_form,
+                               bound_form=self.bound_form)
         return {k: (scaled[k] if k in given else v) for k, v in overrides.items()}
 
 
@@ -104,6 +107,8 @@ def plan_batch(
     global_batch: int | None = None,
     per_device_batch: int | None = None,
     beta_form: BetaForm = "paper",
+    bound_form: BoundForm = "sqrt",
+    second_moment: SecondMoment = "rescale",
     overrides: Mapping[str, Any] | None = None,
     min_micro_batches: int = 1,
 ) -> BatchPlan:
@@ -118,7 +123,9 @@ def plan_batch(
         policy: ``"fixed"`` or ``"scale"``.
         global_batch: ``"fixed"`` only: target global batch (default ``reference_global_batch``).
         per_device_batch: ``"scale"`` only (required): samples per device per optimizer step.
-        beta_form, overrides: passed to ``scale_hparams``.
+        beta_form, bound_form, overrides: passed to ``scale_hparams``.
+        second_moment: what a later change of batch does to Adam's second moment
+            (:func:`bigbatch.scaling.rescale.rescale_second_moments`).
         min_micro_batches: at least this many micro batches per optimizer step over all devices
             (``world_size * grad_accum``): the gradient noise scale needs 2. A smaller micro batch is
             taken when the largest would give fewer; ValueError when none does.
@@ -129,6 +136,8 @@ def plan_batch(
         raise ValueError(
             f"world_size: expected an int >= 1, got {world_size!r}; no global batch is feasible without devices"
         )
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
     sizes = _micro_sizes(micro_batch_sizes)
     ref = _positive_int("reference_global_batch", reference_global_batch)
     cls, family = resolve_family(optimizer)
@@ -178,7 +187,7 @@ def plan_batch(
 
     micro, accum = split
     kappa = target / ref
-    scaled = scale_hparams(optimizer, hparams, kappa, beta_form=beta_form, overrides=overrides)
+    scaled = scale_hparams(optimizer, hparams, kappa, beta_form=beta_form, bound_form=bound_form, overrides=overrides)
     return BatchPlan(
         world_size=world_size,
         micro_batch=micro,
@@ -189,6 +198,8 @@ def plan_batch(
         optimizer=family,
         hparams=scaled,
         beta_form=beta_form,
+        bound_form=bound_form,
+        second_moment=second_moment,
         reference_hparams=dict(hparams),
         optimizer_class=cls,
     )

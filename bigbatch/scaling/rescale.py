@@ -7,30 +7,81 @@ by k1 then k2 equals scaling by k1*k2). AdaBound's ``base_lr``, the scheduler's 
 base lrs move with lr, so a schedule's factor and AdaBound's effective ``final_lr * lr / base_lr``
 follow the rules. Step counters become ``step / kappa``: the same number of samples seen, so bias
 corrections (beta^step with the rescaled beta) and AdaBound's bounds (gamma*step with gamma*kappa)
-continue smoothly. Where the step counters live depends on the engine (ZeRO partitions them), so
-:func:`rescale_param_groups` leaves them to the caller; :func:`rescale_optimizer` does all of it for
-a plain torch optimizer.
+continue smoothly. Second moments (``exp_avg_sq``, AMSGrad's ``max_exp_avg_sq``) keep the squared
+mean and divide the noise by ``kappa`` (:func:`rescale_second_moments`). Where the step counters
+live depends on the engine (ZeRO partitions them), so :func:`rescale_param_groups` leaves them to
+the caller; :func:`rescale_optimizer` does all of it for a plain torch optimizer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import scale_hparams
+from bigbatch.scaling.rules import SECOND_MOMENTS, scale_hparams
 
 _NOT_SCALED = ("foreach", "fused")
 
 
+def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescale") -> int:
+    """Carry the Adam-family second moments of ``optimizer``'s state (``exp_avg_sq``, AMSGrad's
+    ``max_exp_avg_sq``) to a batch ``kappa`` times larger, in place, unless ``second_moment`` is
+    ``"keep"``; returns how many tensors moved. Call it before the betas and step counters move.
+
+    ``exp_avg_sq`` estimates ``mean^2 + noise variance / B`` per coordinate. A batch ``kappa`` times
+    larger keeps the first and divides the second by ``kappa``. With the bias-corrected moments
+    ``m_hat`` (the estimate of the mean) and ``v_hat``: ``v_hat <- v_hat - (1 - 1 / kappa) *
+    max(v_hat - m_hat^2, 0)``, so the moment never grows and never falls below ``v_hat / kappa``.
+    Kept, it would relax to that value only over ``1 / (1 - beta2)`` steps (as many samples as before
+    the change), and where noise dominates every step until then would be up to ``sqrt(kappa)``
+    smaller than the rule intends. ``"divide"`` divides all of it by ``kappa``, which overshoots
+    where the mean dominates (steps up to ``sqrt(kappa)`` too large right after the change).
+    AMSGrad's running maximum moves by the same factor as ``exp_avg_sq`` of its coordinate.
+
+    ``optimizer``: anything with torch's ``param_groups`` (``betas``) and ``state`` (``step``,
+    ``exp_avg``, ``exp_avg_sq``), such as a torch optimizer or the one inside a ZeRO engine."""
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
+    if second_moment == "keep":
+        return 0
+    moved = 0
+    for group in optimizer.param_groups:
+        beta1, beta2 = group.get("betas", (0.0, 0.0))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            v, m = state.get("exp_avg_sq"), state.get("exp_avg")
+            if v is None or m is None:
+                continue
+            if second_moment == "divide":
+                new = v / kappa
+            else:
+                step = float(state.get("step", 0))
+                debias1 = 1 - beta1**step if step > 0 else 1.0
+                debias2 = 1 - beta2**step if step > 0 else 1.0
+                # the noise part of v (in v's own, uncorrected, scale): v - debias2 * m_hat^2
+                noise = (v - m.square().mul_(debias2 / debias1**2)).clamp_(min=0)
+                new = v - noise.mul_(1 - 1 / kappa)
+            peak = state.get("max_exp_avg_sq")
+            if peak is not None:
+                # the same factor per coordinate (1 where v is 0)
+                peak.mul_(torch.where(v > 0, new / v, torch.ones_like(v)))
+                moved += 1
+            v.copy_(new)
+            moved += 1
+    return moved
+
+
 def rescale_param_groups(param_groups: list[dict], kappa: float, *, optimizer: str | type,
-                         beta_form: str = "paper") -> dict[str, Any]:
+                         beta_form: str = "paper", bound_form: str = "sqrt") -> dict[str, Any]:
     """Rescale the hyperparameters of ``param_groups`` in place; returns ``{"groups": [the new
     constructor kwargs of each group], "lr_ratios": [new / old lr of each group]}``."""
     names = constructor_params(get_optimizer_class(optimizer))
     report: dict[str, Any] = {"kappa": kappa, "groups": [], "lr_ratios": []}
     for group in param_groups:
         hp = {k: group[k] for k in names if k in group and k not in _NOT_SCALED}
-        new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form)
+        new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form, bound_form=bound_form)
         ratio = new["lr"] / hp["lr"] if hp.get("lr") else 1.0
         report["lr_ratios"].append(ratio)
         for key in ("base_lr", "initial_lr"):
@@ -59,13 +110,16 @@ def rescale_scheduler(scheduler, lr_ratios: list[float], param_groups: list[dict
 
 
 def rescale_optimizer(optimizer, kappa: float, *, family: str | type | None = None, beta_form: str = "paper",
-                      scheduler=None, scheduler_in_samples: bool = False) -> dict[str, Any]:
+                      bound_form: str = "sqrt", second_moment: str = "rescale", scheduler=None,
+                      scheduler_in_samples: bool = False) -> dict[str, Any]:
     """:func:`rescale_param_groups` for a torch optimizer, its per-parameter ``step`` counters
-    divided by ``kappa``, and its scheduler's base lrs (its step count too unless the schedule is
-    ``scheduler_in_samples``: one that knows the batch itself). ``family``: the scaling rule's
-    optimizer (default: the optimizer's class)."""
+    divided by ``kappa``, its second moments by :func:`rescale_second_moments`, and its scheduler's
+    base lrs (its step count too unless the schedule is ``scheduler_in_samples``: one that knows the
+    batch itself). ``family``: the scaling rule's optimizer (default: the optimizer's class)."""
+    moved = rescale_second_moments(optimizer, kappa, second_moment)  # first: it validates, reads old betas
     report = rescale_param_groups(optimizer.param_groups, kappa, optimizer=family or type(optimizer),
-                                  beta_form=beta_form)
+                                  beta_form=beta_form, bound_form=bound_form)
+    report["second_moments"] = moved
     for state in optimizer.state.values():
         step = state.get("step")
         if step is None:

@@ -18,7 +18,9 @@ Rules (``k`` = kappa):
 * SGD -- linear rule: ``lr * k``; ``momentum``, ``dampening`` and ``nesterov`` are kept fixed (the
   rule of Goyal et al. 2017 used by Malladi et al.): valid while the momentum time scale
   ``1 / (1 - momentum)`` steps is short compared with the time scale of the dynamics.
-* AdaBound, AMSBound -- a derived rule (no published one), see :func:`adabound_rule_derivation`.
+* AdaBound, AMSBound -- a derived rule (no published one), see :func:`adabound_rule_derivation`:
+  the Adam part as above, ``gamma * k``, and ``final_lr * sqrt(k)`` (``bound_form="sqrt"``, the bounds
+  follow Adam's lr) or ``final_lr * k`` (``bound_form="linear"``, the SGD phase's linear rule).
 
 Weight decay. L2-coupled decay (``weight_decay`` added to the gradient: SGD, RMSprop, and Adam,
 RAdam, AdaBound with ``decoupled_weight_decay=False``) is part of the gradient, and the rules already
@@ -48,6 +50,13 @@ from bigbatch.optim.registry import canonical_name, check_kwargs, constructor_de
 
 BetaForm = Literal["paper", "power", "keep_beta1", "keep"]
 BETA_FORMS = ("paper", "power", "keep_beta1", "keep")
+# Adam's second moment at a batch change: rescale (the squared mean kept, the noise variance divided
+# by kappa: its value at the new batch), divide (all of it divided by kappa) or keep (as the old batch left it)
+SecondMoment = Literal["rescale", "divide", "keep"]
+SECOND_MOMENTS = ("rescale", "divide", "keep")
+# AdaBound's final_lr: sqrt (x sqrt(k), with Adam's lr) or linear (x k, SGD's rule)
+BoundForm = Literal["sqrt", "linear"]
+BOUND_FORMS = ("sqrt", "linear")
 
 SQRT_RULE = frozenset({"adam", "adamw", "radam", "rmsprop"})
 LINEAR_RULE = frozenset({"sgd"})
@@ -120,6 +129,7 @@ def scale_hparams(
     kappa: float,
     *,
     beta_form: BetaForm = "paper",
+    bound_form: BoundForm = "sqrt",
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Constructor kwargs for ``kappa`` times the global batch at which ``hparams`` were tuned.
@@ -132,6 +142,8 @@ def scale_hparams(
         beta_form: ``"paper"`` (``1 - kappa (1 - beta)``, errors when it leaves [0, 1)),
             ``"power"`` (``beta ** kappa``), ``"keep_beta1"`` (beta1 kept, the others as
             ``"paper"``) or ``"keep"`` (every beta kept).
+        bound_form: AdaBound/AMSBound's ``final_lr``: ``"sqrt"`` (``x sqrt(kappa)``) or ``"linear"``
+            (``x kappa``); see :func:`adabound_rule_derivation`.
         overrides: values that replace the scaled ones afterwards (e.g. ``{"gamma": 1e-3}`` to opt out
             of one part of the derived AdaBound rule).
 
@@ -143,6 +155,8 @@ def scale_hparams(
     ``degenerated_to_sgd=False`` it would never update the weights, so ``ValueError`` is raised.
     """
     k = check_kappa(kappa)
+    if bound_form not in BOUND_FORMS:
+        raise ValueError(f"bound_form: must be one of {list(BOUND_FORMS)}, got {bound_form!r}")
     cls, family = resolve_family(optimizer)
     if not isinstance(hparams, Mapping):
         raise ValueError(f"hparams: expected a mapping of constructor kwargs, got {type(hparams).__name__}")
@@ -177,7 +191,7 @@ def scale_hparams(
                 scale_beta("beta2", betas[1], k, beta_form),
             )
         if family in ADABOUND_RULE:
-            out["final_lr"] = _real("final_lr", get("final_lr")) * k
+            out["final_lr"] = _real("final_lr", get("final_lr")) * (k if bound_form == "linear" else lr_factor)
             out["gamma"] = _real("gamma", get("gamma")) * k
         if _decoupled(family, {**defaults, **hparams}):
             wd = _real("weight_decay", get("weight_decay"))
@@ -239,9 +253,20 @@ def adabound_rule_derivation() -> str:
        number of samples takes ``t / kappa`` steps, so ``gamma * kappa`` keeps the passage from Adam to
        SGD at the same number of samples.
 
+    Steps 2 and 3 give ``bound_form="linear"``: ``final_lr * kappa``, right once the bounds bind for
+    most coordinates (the SGD phase; benchmarks/sde_scaling.py checks it on a noisy quadratic).
+    Step 3 fails where the gradient's mean dominates ``v``: there ``lr / sqrt(v)`` grows by
+    ``sqrt(kappa)`` only, and the coordinates the lower bound lifts (the largest, steadiest
+    gradients) would step ``kappa`` times further. With a ``final_lr`` that leaves most coordinates
+    to Adam and lifts those (the tiny Transformer's 10 with lr 3e-3), a growth 32 -> 64 late in
+    training under ``linear`` sent the training loss from 3.68 to 4.90 within 13 steps and the run
+    ended 2.5% behind a constant batch; ``bound_form="sqrt"`` (the default: ``final_lr * sqrt(kappa)``,
+    the bounds follow Adam's lr and clip the same coordinates there) ended 0.7% behind with the same
+    second-moment treatment (docs/science.md, section 4).
+
     The optimizer computes the effective final step as ``final_lr * lr / base_lr`` with ``base_lr``
     set to the constructor ``lr``; the kwargs returned here are constructor kwargs, so the effective
-    final step is ``final_lr * kappa`` and later scheduler changes of ``lr`` still move it together.
+    final step is ``final_lr * kappa`` (``linear``) and later scheduler changes of ``lr`` still move it together.
     Decoupled weight decay is scaled as for Adam (``wd * sqrt(kappa)``), since the decay step is
     ``lr * wd`` whatever the clip does.
     """

@@ -90,4 +90,4 @@ def svag_hparams(optimizer: str | type, hparams: Mapping[str, Any], l: float, *,
                  beta_form: str = "paper") -> dict[str, Any]:
     """Constructor kwargs of the SVAG run with amplification ``l`` from ``hparams`` (the rule of the
     optimizer at ``kappa = 1 / l``; see the module docstring)."""
-    return scale_hparams(optimizer, hparams, 1.0 / check_l(l), beta_form=beta_form)
+    return scale_hparams(optimizer, hparams, 1.0 / check_l(l), beta_form=beta_form, bound_form="linear")

@@ -205,9 +205,9 @@ class DeepSpeedEngine(TrainingEngine):
         accumulation boundary."""
         set_engine_batch(self.ds_engine, plan.micro_batch, plan.grad_accum)
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper"):
+    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
         return st.rescale_engine(self.ds_engine, kappa, optimizer=optimizer, beta_form=beta_form,
-                                 log=False)  # the loop reports it
+                                 bound_form=bound_form, second_moment=second_moment, log=False)  # the loop reports it
 
     def export_full_state(self) -> dict:
         return st.gather_full_state(self.ds_engine)

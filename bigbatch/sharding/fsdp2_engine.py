@@ -183,8 +183,9 @@ class FSDP2Engine(TrainingEngine):
     def set_layout(self, plan) -> None:
         pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper"):
-        return rescale_optimizer(self.optimizer, kappa, family=optimizer, beta_form=beta_form)
+    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
+        return rescale_optimizer(self.optimizer, kappa, family=optimizer, beta_form=beta_form, bound_form=bound_form,
+                                 second_moment=second_moment)
 
     def export_full_state(self) -> dict:
         return full_state(self.module, self.optimizer)

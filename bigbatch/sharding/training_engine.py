@@ -62,10 +62,12 @@ class TrainingEngine(abc.ABC):
         """Micro batch and accumulation of ``plan`` from the next step on."""
 
     @abc.abstractmethod
-    def rescale(self, kappa: float, *, optimizer, beta_form: str = "paper") -> dict:
+    def rescale(self, kappa: float, *, optimizer, beta_form: str = "paper", bound_form: str = "sqrt",
+                second_moment: str = "rescale") -> dict:
         """Every group's hyperparameters by the scaling rule of ``optimizer`` for a batch ``kappa``
-        times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), and the step counters
-        by samples (``step / kappa``). Returns the report (``lr_ratios``: new / old lr per group,
+        times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), the second moments by
+        :func:`~bigbatch.scaling.rescale.rescale_second_moments` and the step counters by samples
+        (``step / kappa``). Returns the report (``lr_ratios``: new / old lr per group,
         ``groups``: the new hyperparameters)."""
 
     @abc.abstractmethod

@@ -52,7 +52,8 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, 
                           optimizer=cfg.optim.name, hparams=_tuples(cfg.optim.hparams),
                           policy=policy, global_batch=global_batch if global_batch is not None else b.global_batch,
                           per_device_batch=None if policy == "fixed" else b.per_device_batch,
-                          beta_form=b.beta_form, min_micro_batches=2 if needs_noise_scale(cfg) else 1)
+                          beta_form=b.beta_form, bound_form=b.bound_form, second_moment=b.second_moment,
+                          min_micro_batches=2 if needs_noise_scale(cfg) else 1)
     except (ValueError, TypeError) as exc:
         hint = ""
         if needs_noise_scale(cfg) and "micro batches per step" in str(exc):

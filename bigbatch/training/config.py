@@ -23,7 +23,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import BETA_FORMS
+from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -226,13 +226,19 @@ class BatchConfig:
     # how the betas move with the batch: paper (1 - k (1 - beta), the SDE rule), power (beta ** k),
     # keep_beta1 (beta1 kept, beta2 by the paper rule) or keep (every beta kept); lr x sqrt(k) in all
     beta_form: str = "paper"
+    # AdaBound's final_lr: sqrt (x sqrt(k), the bounds follow Adam's lr) or linear (x k, SGD's rule)
+    bound_form: str = "sqrt"
+    # Adam's second moment at a change of batch: rescale (squared mean kept, the rest divided by k: the
+    # noise variance at the new batch), divide (all of it / k) or keep (it relaxes over 1 / (1 - beta2)
+    # steps, and steps stay small until then)
+    second_moment: str = "rescale"
     schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
     min_global_batch: int | None = None  # auto: the first batch
     max_global_batch: int | None = None  # auto: required
     growth_factor: int = 2  # auto
-    # auto: grow when B_noise >= margin x the next batch; 0.85 measured on the tiny model (docs/science.md,
-    # section 4): 1.0 saved 21-27% of the steps at 800k tokens, 0.75 cost more than 1% of eval loss
-    growth_margin: float = 0.85
+    # auto: grow when B_noise >= margin x the next batch; 0.75 measured on the tiny model (docs/science.md,
+    # section 4): with the second moment rescaled at a change, 0.65 grew RAdam right after the warmup
+    growth_margin: float = 0.75
     growth_patience: int = 10  # auto: consecutive measurements that must agree
     # auto: tokens before the first growth and between two; None: the lr warmup (schedule.warmup_tokens),
     # whose first steps measure the noise scale of a model still at its initialisation (large, misleading)
@@ -255,6 +261,8 @@ class BatchConfig:
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))
         _choice("batch", "beta_form", self.beta_form, BETA_FORMS)
+        _choice("batch", "bound_form", self.bound_form, BOUND_FORMS)
+        _choice("batch", "second_moment", self.second_moment, SECOND_MOMENTS)
         _positive("batch", "reference_global_batch", self.reference_global_batch)
         _positive("batch", "global_batch", self.global_batch)
         _positive("batch", "per_device_batch", self.per_device_batch)

@@ -174,7 +174,8 @@ class Trainer:
         samples), the peak lrs by the same factors; with ``apply_rules`` False nothing moves."""
         if not self.apply_rules:
             return {"kept": True, "groups": [dict(self.hparams)]}
-        report = self.engine.rescale(kappa, optimizer=self.plan.optimizer, beta_form=self.plan.beta_form)
+        report = self.engine.rescale(kappa, optimizer=self.plan.optimizer, beta_form=self.plan.beta_form,
+                                     bound_form=self.plan.bound_form, second_moment=self.plan.second_moment)
         self.peak_lrs = [p * r for p, r in zip(self.peak_lrs, report["lr_ratios"])]
         self.hparams = {k: report["groups"][0].get(k, v) for k, v in self.hparams.items()}
         return report

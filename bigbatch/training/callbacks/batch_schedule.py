@@ -14,9 +14,11 @@ def report_batch_change(trainer, old: int, report: dict, reason: str) -> None:
                         "samples": trainer.loader.samples_seen, "tokens": trainer.tokens, "old_global_batch": old,
                         "global_batch": plan.global_batch, "kappa_change": plan.global_batch / old, "kappa": plan.kappa,
                         "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "noise_scale": noise,
-                        "lr_peak": trainer.peak_lrs[0], **hparam_fields(trainer.hparams)})
+                        "lr_peak": trainer.peak_lrs[0], "second_moments_rescaled": report.get("second_moments", 0),
+                        **hparam_fields(trainer.hparams)})
     moved = ("hyperparameters kept" if report.get("kept") else
-             f"rescaled hyperparameters: peak lr {trainer.peak_lrs[0]:.4g}, {hparam_fields(trainer.hparams)}")
+             f"rescaled hyperparameters: peak lr {trainer.peak_lrs[0]:.4g}, {hparam_fields(trainer.hparams)}"
+             + (f", second moments / {plan.global_batch / old:g}" if report.get("second_moments") else ""))
     trainer.say(f"{'--resume: ' if reason == 'resume' else ''}batch change at step {trainer.step} ({trainer.tokens:,} "
                 f"tokens): global batch {old} -> {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
                 f"{trainer.info.world_size} (kappa {plan.kappa:g}; B_noise "
