@@ -25,7 +25,7 @@ from bigbatch.optim.registry import get_optimizer_class
 from bigbatch.scaling.batch_schedule import FixedBatchSchedule
 from bigbatch.scaling.planner import plan_batch
 from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.scaling.rules import SECOND_MOMENTS, scale_steps
+from bigbatch.scaling.rules import SECOND_MOMENTS, check_form, scale_steps
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         self.optimizer = optimizer
         self.beta_form = beta_form
         self.bound_form = bound_form
-        if second_moment not in SECOND_MOMENTS:
-            raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
+        check_form("second_moment", second_moment, SECOND_MOMENTS)
         self.second_moment = second_moment
         self.samples = 0
         self.global_batch: int | None = None

@@ -28,7 +28,7 @@ from bigbatch.hf.accelerate import init_distributed_state, needs_backend_fix
 from bigbatch.hf.optim import format_optim_args, optimizer_cls_and_kwargs, parse_optim_args
 from bigbatch.hf.scaling import ScalingRulesCallback
 from bigbatch.optim.registry import BIGBATCH_OPTIMIZERS, get_optimizer_class, is_bigbatch_optimizer
-from bigbatch.scaling.rules import BETA_FORMS
+from bigbatch.scaling.rules import BETA_FORMS, check_form
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class BigBatchTrainingArguments(TrainingArguments):
                 isinstance(self.reference_batch_size, bool) or not isinstance(self.reference_batch_size, int)
                 or self.reference_batch_size < 1):
             raise ValueError(f"reference_batch_size: expected an int >= 1, got {self.reference_batch_size!r}")
-        if self.scaling_beta_form not in BETA_FORMS:
-            raise ValueError(f"scaling_beta_form: must be one of {list(BETA_FORMS)}, got {self.scaling_beta_form!r}")
+        check_form("scaling_beta_form", self.scaling_beta_form, BETA_FORMS)
         super().__post_init__()
 
     @cached_property

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import SECOND_MOMENTS, BetaForm, BoundForm, SecondMoment, resolve_family, scale_hparams
+from bigbatch.scaling.rules import (SECOND_MOMENTS, BetaForm, BoundForm, SecondMoment, check_form, resolve_family,
+                                    scale_hparams)
 
 Policy = Literal["fixed", "scale"]
 
@@ -136,8 +137,7 @@ def plan_batch(
         raise ValueError(
             f"world_size: expected an int >= 1, got {world_size!r}; no global batch is feasible without devices"
         )
-    if second_moment not in SECOND_MOMENTS:
-        raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
+    check_form("second_moment", second_moment, SECOND_MOMENTS)
     sizes = _micro_sizes(micro_batch_sizes)
     ref = _positive_int("reference_global_batch", reference_global_batch)
     cls, family = resolve_family(optimizer)

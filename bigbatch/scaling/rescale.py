@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import SECOND_MOMENTS, scale_hparams
+from bigbatch.scaling.rules import SECOND_MOMENTS, check_form, scale_hparams
 
 _NOT_SCALED = ("foreach", "fused")
 
@@ -42,8 +42,7 @@ def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescal
 
     ``optimizer``: anything with torch's ``param_groups`` (``betas``) and ``state`` (``step``,
     ``exp_avg``, ``exp_avg_sq``), such as a torch optimizer or the one inside a ZeRO engine."""
-    if second_moment not in SECOND_MOMENTS:
-        raise ValueError(f"second_moment: must be one of {list(SECOND_MOMENTS)}, got {second_moment!r}")
+    check_form("second_moment", second_moment, SECOND_MOMENTS)
     if second_moment == "keep":
         return 0
     moved = 0

@@ -90,6 +90,13 @@ def _real(field: str, value: Any) -> float:
     return float(value)
 
 
+def check_form(field: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed`` (a form such as ``beta_form``); ValueError naming ``field``."""
+    if value not in allowed:
+        raise ValueError(f"{field}: must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
 def check_kappa(kappa: Any) -> float:
     """``kappa`` as a float; raises unless it is a finite real > 0."""
     k = _real("kappa", kappa)
@@ -104,8 +111,7 @@ def scale_beta(field: str, beta: Any, kappa: float, beta_form: BetaForm = "paper
     b = _real(field, beta)
     if not 0.0 <= b < 1.0:
         raise ValueError(f"{field}: must be in [0, 1), got {beta!r}")
-    if beta_form not in BETA_FORMS:
-        raise ValueError(f"beta_form: must be one of {list(BETA_FORMS)}, got {beta_form!r}")
+    check_form("beta_form", beta_form, BETA_FORMS)
     if beta_form == "keep" or (beta_form == "keep_beta1" and field == "beta1"):
         return b
     if beta_form == "power":
@@ -155,8 +161,7 @@ def scale_hparams(
     ``degenerated_to_sgd=False`` it would never update the weights, so ``ValueError`` is raised.
     """
     k = check_kappa(kappa)
-    if bound_form not in BOUND_FORMS:
-        raise ValueError(f"bound_form: must be one of {list(BOUND_FORMS)}, got {bound_form!r}")
+    check_form("bound_form", bound_form, BOUND_FORMS)
     cls, family = resolve_family(optimizer)
     if not isinstance(hparams, Mapping):
         raise ValueError(f"hparams: expected a mapping of constructor kwargs, got {type(hparams).__name__}")
