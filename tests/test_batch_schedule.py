@@ -16,6 +16,7 @@ import pytest
 
 from bigbatch.scaling import plan_batch, scale_hparams
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
+from bigbatch.scaling.rules import noise_lr_factor
 from bigbatch.training.config import ConfigError, load_config
 
 from train_common import PY, REPO, TORCHRUN, check_ok, main, records, run, small_args
@@ -258,6 +259,13 @@ def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
     assert [c["global_batch"] for c in changes] == [16, 32]
     assert changes[0]["step"] >= 5 and changes[1]["tokens"] - changes[0]["tokens"] >= 5 * 8 * SEQ
     assert all(c["noise_scale"] > 0 for c in changes) and train[-1]["kappa"] == 4.0
+    # the lr follows the measured noise scale (batch.noise_lr, on with auto): 1 at the reference batch 8,
+    # above it the factor of the B_noise that the previous step left
+    assert all(r["lr_noise_factor"] == 1.0 for r in train if r["kappa"] == 1)
+    grown = [(prev, r) for prev, r in zip(train, train[1:]) if r["kappa"] > 1]
+    assert grown and all(r["lr_noise_factor"] == pytest.approx(
+        noise_lr_factor("adabound", r["global_batch"], 8, prev["noise_scale"]), rel=1e-9) for prev, r in grown)
+    assert all(r["lr_noise_factor"] > 1 for _, r in grown)
 
 
 def test_bad_schedules_exit_2(tmp_path, cache, capsys, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 
 from bigbatch.optim import AdaBound, AMSBound, RAdam, get_optimizer_class
 from bigbatch.scaling import ScalingRuleWarning, scale_hparams, scale_steps
-from bigbatch.scaling.rules import adabound_rule_derivation
+from bigbatch.scaling.rules import adabound_rule_derivation, noise_lr_factor
 
 FAMILY_HPARAMS = {
     "adam": {"lr": 3e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01},
@@ -301,3 +301,32 @@ def test_second_moment_early_in_training_uses_the_bias_corrected_moments():
     assert float(ratio[0].mean()) == pytest.approx(1.0, abs=1e-5)  # the mean is not divided
     # noise: m_hat^2 is the first moment's own noise, (1 - beta1)/(1 + beta1)-ish of v_hat after 10 steps
     assert 0.25 < float(ratio[1].mean()) < 0.45
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "radam", "adabound"])
+def test_noise_lr_factor_keeps_adams_sde_near_the_critical_batch(optimizer):
+    """Per coordinate v = mu^2 + sigma^2 / B: with lr x sqrt(kappa) x the factor, the drift and the diffusion
+    per sample at kappa x B equal those at B, which the square-root rule alone undershoots."""
+    mu, sigma, lr, batch, kappa = 0.3, 3.0, 1e-3, 16, 4
+    b_noise = sigma**2 / mu**2  # 100 samples
+
+    def per_sample(b, eta):
+        v = mu**2 + sigma**2 / b
+        return eta * mu / math.sqrt(v) / b, eta**2 * (sigma**2 / b) / v / b  # drift, diffusion
+
+    factor = noise_lr_factor(optimizer, kappa * batch, batch, b_noise)
+    assert factor == pytest.approx(math.sqrt((1 + 64 / 100) / (1 + 16 / 100)))
+    for got, want in zip(per_sample(kappa * batch, lr * math.sqrt(kappa) * factor), per_sample(batch, lr)):
+        assert got == pytest.approx(want, rel=1e-12)
+    plain = per_sample(kappa * batch, lr * math.sqrt(kappa))
+    assert plain[0] < 0.85 * per_sample(batch, lr)[0]  # the rule alone: steps 16% short here
+    # the paper's regime (batch far below the noise scale) and the other limit
+    assert noise_lr_factor(optimizer, 64, 16, 1e9) == pytest.approx(1.0, abs=1e-6)
+    assert noise_lr_factor(optimizer, 64, 16, 1e-6) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("b_noise", [None, float("nan"), 0.0, -3.0])
+def test_noise_lr_factor_is_one_without_a_measurement_at_the_reference_or_for_sgd(b_noise):
+    assert noise_lr_factor("adamw", 64, 16, b_noise) == 1.0
+    assert noise_lr_factor("adamw", 16, 16, 40.0) == 1.0
+    assert noise_lr_factor("sgd", 64, 16, 40.0) == 1.0

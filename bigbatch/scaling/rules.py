@@ -32,6 +32,10 @@ sample, ``lr' wd' / (k B) = lr wd / B``, gives ``wd' = wd * k / (lr' / lr)``, th
 samples per step). This is first order, exact in the SDE limit, and makes the round trip ``k`` then
 ``1 / k`` exact; the exact per-step match ``1 - (1 - lr wd)^k`` differs by ``O((lr wd)^2)``.
 
+Near the critical batch. The square-root rule assumes the gradient noise dominates Adam's second moment;
+:func:`noise_lr_factor` is the lr's correction, from the measured noise scale, where it does not (applied
+per step by train.py's loop with ``batch.noise_lr``).
+
 Keys the rule touches are filled from the constructor's defaults when absent from ``hparams`` (a
 default ``betas=(0.9, 0.999)`` must be scaled too), so the result names them explicitly.
 """
@@ -221,6 +225,29 @@ def _check_radam(hp: Mapping[str, Any], defaults: Mapping[str, Any], kappa: floa
         warnings.warn(msg + "; RAdam runs as SGD with momentum for the whole run", ScalingRuleWarning, stacklevel=3)
     else:
         raise ValueError(msg + " and degenerated_to_sgd=False means no update is ever made; lower kappa")
+
+
+def noise_lr_factor(optimizer: str | type, global_batch: float, reference_batch: float,
+                    b_noise: float | None) -> float:
+    """Multiplier of the square-root rule's lr at ``global_batch`` (samples) for a run whose hyperparameters
+    belong to ``reference_batch``, given the measured noise scale ``b_noise`` (samples); 1 without a
+    measurement, at the reference batch, and for the linear rule (SGD: not derived here).
+
+    The square-root rule assumes Adam's second moment is noise: ``v = sigma^2 / B`` per coordinate, so that
+    ``v`` falls by kappa when the batch grows by kappa. With the gradient's mean ``mu`` it is
+    ``v = mu^2 + sigma^2 / B = (sigma^2 / B) (1 + B / B_n)`` (``B_n = sigma^2 / mu^2``), which falls by
+    less, and every step at the larger batch is smaller than the SDE needs, by
+    ``sqrt((1 + B / B_n) / (1 + B_ref / B_n))``: both the drift (``lr mu / sqrt(v)``) and the diffusion
+    (``lr^2 sigma^2 / (B v)``) per sample. Multiplying lr by that factor restores both; ``b_noise``
+    (``tr(Sigma) / |G|^2``) stands for every coordinate's ``B_n``. The factor tends to 1 where the batch
+    is far below the noise scale (the paper's regime) and to ``sqrt(B / B_ref)`` far above it. AdaBound's
+    bounds follow its lr, so they move by the same factor; decoupled weight decay (``lr * wd`` per step)
+    moves with it too, which this correction does not undo.
+    """
+    _, family = resolve_family(optimizer)
+    if family in LINEAR_RULE or b_noise is None or not math.isfinite(b_noise) or b_noise <= 0:
+        return 1.0
+    return math.sqrt((1.0 + global_batch / b_noise) / (1.0 + reference_batch / b_noise))
 
 
 def scale_steps(steps: int, kappa: float) -> int:

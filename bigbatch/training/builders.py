@@ -69,6 +69,9 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, 
 def check_batch(cfg: RunConfig, world_size: int) -> None:
     """The run's batch, and every batch its schedule can put in force, must be reachable on this world
     size (with valid scaled betas): refused before any work, naming the schedule entry."""
+    if cfg.batch.noise_lr and cfg.train.noise_scale_every == 0:
+        raise ConfigError("batch.noise_lr: true moves the lr with the gradient noise scale, which "
+                          "train.noise_scale_every=0 turns off; remove one of the two")
     schedule = cfg.batch.batch_schedule()
     if schedule is None:
         make_plan(cfg, world_size)

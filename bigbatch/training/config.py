@@ -232,6 +232,10 @@ class BatchConfig:
     # noise variance at the new batch), divide (all of it / k) or keep (it relaxes over 1 / (1 - beta2)
     # steps, and steps stay small until then)
     second_moment: str = "rescale"
+    # the lr at a batch other than the reference x sqrt((1 + B / B_noise) / (1 + B_ref / B_noise)) on top of
+    # the square-root rule, from the measured noise scale (bigbatch.scaling.rules.noise_lr_factor): Adam's
+    # steps shrink by that much more than the rule assumes near the critical batch. None: on with schedule auto
+    noise_lr: bool | None = None
     schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
     min_global_batch: int | None = None  # auto: the first batch
     max_global_batch: int | None = None  # auto: required
@@ -239,7 +243,9 @@ class BatchConfig:
     # auto: grow when B_noise >= margin x the next batch; 0.75 measured on the tiny model (docs/science.md,
     # section 4): with the second moment rescaled at a change, 0.65 grew RAdam right after the warmup
     growth_margin: float = 0.75
-    growth_patience: int = 10  # auto: consecutive measurements that must agree
+    # auto: consecutive measurements that must agree; 20 and 30 moved the 3M-token gaps by less than the seed
+    # does and took 2-5 points off the steps saved at 800k (docs/science.md, section 4)
+    growth_patience: int = 10
     # auto: tokens before the first growth and between two; None: the lr warmup (schedule.warmup_tokens),
     # whose first steps measure the noise scale of a model still at its initialisation (large, misleading)
     growth_min_tokens: int | None = None
@@ -257,6 +263,10 @@ class BatchConfig:
             return FixedBatchSchedule([list(e) for e in self.schedule], unit="tokens")
         except BatchScheduleError as exc:
             raise ConfigError(f"batch.{exc}") from None
+
+    def noise_lr_on(self) -> bool:
+        """Whether the lr follows the measured noise scale (``noise_lr``, by default with ``schedule: auto``)."""
+        return self.schedule == "auto" if self.noise_lr is None else bool(self.noise_lr)
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))

@@ -21,6 +21,7 @@ import os
 import sys
 
 from bigbatch import distributed as bbdist
+from bigbatch.scaling.rules import noise_lr_factor
 from bigbatch.training.builders import RunSetup, lr_schedule, make_plan
 from bigbatch.training.callbacks import Callback, StepResult
 from bigbatch.training.callbacks.batch_schedule import report_batch_change
@@ -60,6 +61,8 @@ class Trainer:
         self.lr_clock, self.loss_weights = None, None
         self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
+        self.noise_lr = cfg.batch.noise_lr_on()
+        self.lr_noise = 1.0  # the noise scale's factor in the lr of the last step
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.saved_batch = self.plan.global_batch
@@ -122,9 +125,18 @@ class Trainer:
         """lr of every group: its peak x the schedule's factor at the tokens seen by the end of this
         step (so step 1 of a warmup is not lr 0), read at ``lr_clock(tokens)`` when set."""
         at = self.tokens + self.tokens_per_step
-        mult = self.schedule.factor(self.lr_clock(at) if self.lr_clock else at)
+        self.lr_noise = self.noise_lr_factor()
+        mult = self.schedule.factor(self.lr_clock(at) if self.lr_clock else at) * self.lr_noise
         for g, peak in zip(self.engine.param_groups, self.peak_lrs):
             g["lr"] = peak * mult
+
+    def noise_lr_factor(self) -> float:
+        """The lr's multiplier for the measured noise scale at the batch in force
+        (:func:`bigbatch.scaling.rules.noise_lr_factor`); 1 unless ``batch.noise_lr`` is on and the rules apply."""
+        if not (self.noise_lr and self.apply_rules) or self.plan.kappa == 1:
+            return 1.0
+        batch = self.plan.global_batch
+        return noise_lr_factor(self.plan.optimizer, batch, batch / self.plan.kappa, self.noise.b_noise)
 
     def train_step(self) -> StepResult:
         measure, after = self.noise.begin(self.step, self.plan)

@@ -52,6 +52,8 @@ class TrainMetrics(Callback):
                **hparam_fields(trainer.hparams), "global_batch": trainer.plan.global_batch,
                "kappa": trainer.plan.kappa, "grad_norm": result.grad_norm, "skipped_steps": trainer.skipped,
                "tokens_per_s": self.steps * trainer.tokens_per_step / self.seconds if self.seconds > 0 else float("nan")}
+        if trainer.noise_lr:
+            rec["lr_noise_factor"] = trainer.lr_noise
         if trainer.noise.b_noise is not None:
             rec["noise_scale"] = trainer.noise.b_noise  # samples (EMA, bias-corrected)
         at = 1
