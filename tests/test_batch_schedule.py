@@ -115,6 +115,15 @@ def test_config_parses_and_refuses_schedules():
             load_config("configs/tiny.yaml", overrides)
 
 
+def test_noise_lr_by_default_with_auto_for_the_square_root_family():
+    auto = ["--batch.schedule", "auto", "--batch.max_global_batch", "64"]
+    for optimizer, on in [("adamw", True), ("radam", True), ("adam", True), ("adabound", False), ("sgd", False)]:
+        assert load_config("configs/tiny.yaml", auto).batch.noise_lr_on(optimizer) is on
+        assert load_config("configs/tiny.yaml").batch.noise_lr_on(optimizer) is False  # no schedule
+    assert load_config("configs/tiny.yaml", ["--batch.noise_lr", "true"]).batch.noise_lr_on("adabound") is True
+    assert load_config("configs/tiny.yaml", [*auto, "--batch.noise_lr", "false"]).batch.noise_lr_on("adamw") is False
+
+
 def test_unreachable_batches_are_refused_naming_the_entry():
     from bigbatch.training.builders import check_batch
 
@@ -250,7 +259,7 @@ def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
     out = tmp_path / "d"
     proc = run([PY, "train.py", *sched_args(cache), "--out", str(out), "--batch.schedule", "auto",
                 "--batch.max_global_batch", "32", "--batch.growth_margin", "0.001", "--batch.growth_patience", "3",
-                "--batch.growth_min_tokens", str(5 * 8 * SEQ), "--train.max_steps", "20"])
+                "--batch.growth_min_tokens", str(5 * 8 * SEQ), "--train.max_steps", "20", "--batch.noise_lr", "true"])
     check_ok(proc)
     train = records(out)
     batches = [r["global_batch"] for r in train]
@@ -259,7 +268,7 @@ def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
     assert [c["global_batch"] for c in changes] == [16, 32]
     assert changes[0]["step"] >= 5 and changes[1]["tokens"] - changes[0]["tokens"] >= 5 * 8 * SEQ
     assert all(c["noise_scale"] > 0 for c in changes) and train[-1]["kappa"] == 4.0
-    # the lr follows the measured noise scale (batch.noise_lr, on with auto): 1 at the reference batch 8,
+    # the lr follows the measured noise scale (batch.noise_lr, here for AdaBound): 1 at the reference batch 8,
     # above it the factor of the B_noise that the previous step left
     assert all(r["lr_noise_factor"] == 1.0 for r in train if r["kappa"] == 1)
     grown = [(prev, r) for prev, r in zip(train, train[1:]) if r["kappa"] > 1]

@@ -241,8 +241,10 @@ def noise_lr_factor(optimizer: str | type, global_batch: float, reference_batch:
     (``lr^2 sigma^2 / (B v)``) per sample. Multiplying lr by that factor restores both; ``b_noise``
     (``tr(Sigma) / |G|^2``) stands for every coordinate's ``B_n``. The factor tends to 1 where the batch
     is far below the noise scale (the paper's regime) and to ``sqrt(B / B_ref)`` far above it. AdaBound's
-    bounds follow its lr, so they move by the same factor; decoupled weight decay (``lr * wd`` per step)
-    moves with it too, which this correction does not undo.
+    bounds follow its lr, so they move by the same factor, although a clipped step is SGD's, for which
+    the derivation does not hold (on the tiny model it cost AdaBound more than it gained: train.py applies
+    it by default to the square-root family only). Decoupled weight decay (``lr * wd`` per step) moves
+    with the lr too, which this correction does not undo.
     """
     _, family = resolve_family(optimizer)
     if family in LINEAR_RULE or b_noise is None or not math.isfinite(b_noise) or b_noise <= 0:

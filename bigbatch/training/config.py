@@ -23,7 +23,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS
+from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS, SQRT_RULE, resolve_family
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -234,7 +234,9 @@ class BatchConfig:
     second_moment: str = "rescale"
     # the lr at a batch other than the reference x sqrt((1 + B / B_noise) / (1 + B_ref / B_noise)) on top of
     # the square-root rule, from the measured noise scale (bigbatch.scaling.rules.noise_lr_factor): Adam's
-    # steps shrink by that much more than the rule assumes near the critical batch. None: on with schedule auto
+    # steps shrink by that much more than the rule assumes near the critical batch. None: on with schedule
+    # auto for the square-root rule's optimizers (Adam, AdamW, RAdam, RMSprop), off for AdaBound, whose
+    # clipped steps are SGD's (measured in docs/science.md, section 4)
     noise_lr: bool | None = None
     schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
     min_global_batch: int | None = None  # auto: the first batch
@@ -264,9 +266,16 @@ class BatchConfig:
         except BatchScheduleError as exc:
             raise ConfigError(f"batch.{exc}") from None
 
-    def noise_lr_on(self) -> bool:
-        """Whether the lr follows the measured noise scale (``noise_lr``, by default with ``schedule: auto``)."""
-        return self.schedule == "auto" if self.noise_lr is None else bool(self.noise_lr)
+    def noise_lr_on(self, optimizer: str | type) -> bool:
+        """Whether the lr of ``optimizer`` follows the measured noise scale: ``noise_lr``, or by default with
+        ``schedule: auto`` for the square-root rule's family."""
+        if self.noise_lr is not None:
+            return bool(self.noise_lr)
+        try:
+            family = resolve_family(optimizer)[1]
+        except ValueError:  # no scaling rule: nothing to correct
+            return False
+        return self.schedule == "auto" and family in SQRT_RULE
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))

@@ -61,7 +61,7 @@ class Trainer:
         self.lr_clock, self.loss_weights = None, None
         self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
-        self.noise_lr = cfg.batch.noise_lr_on()
+        self.noise_lr = cfg.batch.noise_lr_on(self.plan.optimizer)
         self.lr_noise = 1.0  # the noise scale's factor in the lr of the last step
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
