@@ -61,7 +61,7 @@ class Trainer:
         self.lr_clock, self.loss_weights = None, None
         self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
-        self.noise_lr = cfg.batch.noise_lr_on(self.plan.optimizer)
+        self.noise_lr = apply_rules and cfg.batch.noise_lr_on(self.plan.optimizer)
         self.lr_noise = 1.0  # the noise scale's factor in the lr of the last step
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
@@ -133,10 +133,10 @@ class Trainer:
     def noise_lr_factor(self) -> float:
         """The lr's multiplier for the measured noise scale at the batch in force
         (:func:`bigbatch.scaling.rules.noise_lr_factor`); 1 unless ``batch.noise_lr`` is on and the rules apply."""
-        if not (self.noise_lr and self.apply_rules) or self.plan.kappa == 1:
+        if not self.noise_lr:
             return 1.0
-        batch = self.plan.global_batch
-        return noise_lr_factor(self.plan.optimizer, batch, batch / self.plan.kappa, self.noise.b_noise)
+        plan = self.plan
+        return noise_lr_factor(plan.optimizer, plan.global_batch, plan.reference_global_batch, self.noise.b_noise)
 
     def train_step(self) -> StepResult:
         measure, after = self.noise.begin(self.step, self.plan)
