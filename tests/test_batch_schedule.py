@@ -11,12 +11,14 @@ paths share the rescaling); C's resume equals A up to fp32 reduction order.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from bigbatch.scaling import plan_batch, scale_hparams
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
 from bigbatch.scaling.rules import noise_lr_factor
+from bigbatch.sharding.full_state import read_full_state
 from bigbatch.training.config import ConfigError, load_config
 
 from train_common import PY, REPO, TORCHRUN, check_ok, main, records, run, small_args
@@ -115,12 +117,14 @@ def test_config_parses_and_refuses_schedules():
             load_config("configs/tiny.yaml", overrides)
 
 
-def test_noise_lr_by_default_with_auto_for_the_square_root_family():
+def test_noise_lr_by_default_with_auto_except_for_sgd():
     auto = ["--batch.schedule", "auto", "--batch.max_global_batch", "64"]
-    for optimizer, on in [("adamw", True), ("radam", True), ("adam", True), ("adabound", False), ("sgd", False)]:
+    for optimizer, on in [("adamw", True), ("radam", True), ("adam", True), ("adabound", True), ("amsbound", True),
+                          ("sgd", False)]:
         assert load_config("configs/tiny.yaml", auto).batch.noise_lr_on(optimizer) is on
         assert load_config("configs/tiny.yaml").batch.noise_lr_on(optimizer) is False  # no schedule
     assert load_config("configs/tiny.yaml", ["--batch.noise_lr", "true"]).batch.noise_lr_on("adabound") is True
+    assert load_config("configs/tiny.yaml", [*auto, "--batch.noise_lr", "false"]).batch.noise_lr_on("adabound") is False
     assert load_config("configs/tiny.yaml", [*auto, "--batch.noise_lr", "false"]).batch.noise_lr_on("adamw") is False
 
 
@@ -254,12 +258,15 @@ def test_resume_mid_schedule_on_fewer_processes(uninterrupted, tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
-    """(D): grows 8 -> 16 -> 32 (factor 2, max 32) as soon as the evidence allows, never further."""
+def test_auto_schedule_grows_within_its_bounds_and_resumes(tmp_path, cache):
+    """(D): grows 8 -> 16 -> 32 (factor 2, max 32) as soon as the evidence allows, never further; the lr
+    follows the noise scale, AdaBound's bounds and decoupled decay do not; a resume from step 10 repeats 11-20."""
     out = tmp_path / "d"
     proc = run([PY, "train.py", *sched_args(cache), "--out", str(out), "--batch.schedule", "auto",
                 "--batch.max_global_batch", "32", "--batch.growth_margin", "0.001", "--batch.growth_patience", "3",
-                "--batch.growth_min_tokens", str(5 * 8 * SEQ), "--train.max_steps", "20", "--batch.noise_lr", "true"])
+                "--batch.growth_min_tokens", str(5 * 8 * SEQ), "--train.max_steps", "20", "--batch.noise_lr", "true",
+                "--checkpoint.every_steps", "10", "--optim.hparams.weight_decay", "0.01",
+                "--optim.hparams.decoupled_weight_decay", "true"])
     check_ok(proc)
     train = records(out)
     batches = [r["global_batch"] for r in train]
@@ -275,6 +282,33 @@ def test_auto_schedule_grows_within_its_bounds(tmp_path, cache):
     assert grown and all(r["lr_noise_factor"] == pytest.approx(
         noise_lr_factor("adabound", r["global_batch"], 8, prev["noise_scale"]), rel=1e-9) for prev, r in grown)
     assert all(r["lr_noise_factor"] > 1 for _, r in grown)
+    # the bounds final_lr x lr / base_lr stay where the rule and the schedule put them: base_lr carries the factor
+    check_bounds_and_decay_without_the_factor(out, train[-1])
+    # a resume from step 10 (the schedule's and the noise meter's state, the values without the factor) repeats 11-20
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step00000020")
+    check_ok(run([PY, "train.py", "--resume", str(again), "--train.max_steps", "20"]))
+    resumed = records(again)
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    for a, b in zip(train, resumed):
+        assert (a["global_batch"], a["loss"], a["lr"], a["lr_noise_factor"]) == \
+            (b["global_batch"], b["loss"], b["lr"], b["lr_noise_factor"]), a["step"]
+    check_bounds_and_decay_without_the_factor(again, resumed[-1])
+
+
+def check_bounds_and_decay_without_the_factor(out, last_record: dict) -> None:
+    """At the end of an AdaBound run with the noise lr and decoupled weight decay: the bounds, final_lr x lr /
+    base_lr, follow the lr schedule's factor alone (lr / peak), and the decay per step, lr x wd, is the rule's
+    peak lr x wd x that factor; ``base_lr`` and ``weight_decay`` carry the noise factor that cancels."""
+    state = read_full_state(str(out / "checkpoints"), "step00000020")
+    group, client, factor = state.groups[0]["hparams"], state.meta["client_state"], last_record["lr_noise_factor"]
+    free, peak = client["factor_free"][0], client["peak_lrs"][0]
+    schedule = last_record["lr"] / (factor * peak)
+    assert factor > 1 and free["base_lr"] == peak and free["weight_decay"] == pytest.approx(0.01 * 4 / 2)  # kappa 4
+    assert group["base_lr"] == pytest.approx(free["base_lr"] * factor, rel=1e-12)
+    assert group["lr"] / group["base_lr"] == pytest.approx(schedule, rel=1e-12)
+    assert group["lr"] * group["weight_decay"] == pytest.approx(peak * schedule * free["weight_decay"], rel=1e-12)
 
 
 def test_bad_schedules_exit_2(tmp_path, cache, capsys, monkeypatch):

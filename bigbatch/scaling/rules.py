@@ -133,6 +133,13 @@ def _decoupled(family: str, hp: Mapping[str, Any]) -> bool:
     return family == "adamw" or bool(hp.get("decoupled_weight_decay", False))
 
 
+def decoupled_decay(optimizer: str | type, hparams: Mapping[str, Any]) -> bool:
+    """Whether ``optimizer`` with ``hparams`` (constructor kwargs or a param group) shrinks the weights by
+    ``lr * weight_decay`` per step (AdamW, or ``decoupled_weight_decay=True``) rather than through the gradient."""
+    cls, family = resolve_family(optimizer)
+    return _decoupled(family, {**constructor_defaults(cls), **hparams})
+
+
 def scale_hparams(
     optimizer: str | type,
     hparams: Mapping[str, Any],
@@ -240,11 +247,11 @@ def noise_lr_factor(optimizer: str | type, global_batch: float, reference_batch:
     ``sqrt((1 + B / B_n) / (1 + B_ref / B_n))``: both the drift (``lr mu / sqrt(v)``) and the diffusion
     (``lr^2 sigma^2 / (B v)``) per sample. Multiplying lr by that factor restores both; ``b_noise``
     (``tr(Sigma) / |G|^2``) stands for every coordinate's ``B_n``. The factor tends to 1 where the batch
-    is far below the noise scale (the paper's regime) and to ``sqrt(B / B_ref)`` far above it. AdaBound's
-    bounds follow its lr, so they move by the same factor, although a clipped step is SGD's, for which
-    the derivation does not hold (on the tiny model it cost AdaBound more than it gained: train.py applies
-    it by default to the square-root family only). Decoupled weight decay (``lr * wd`` per step) moves
-    with the lr too, which this correction does not undo.
+    is far below the noise scale (the paper's regime) and to ``sqrt(B / B_ref)`` far above it. For AdaBound
+    it applies to Adam's part of the step only: a clipped step is SGD's, for which the derivation does not
+    hold, so train.py leaves the bounds where the rule puts them (moving them too cost AdaBound more than
+    it gained on the tiny model, docs/science.md section 4). Decoupled weight decay (``lr * wd`` per step)
+    does not involve ``v``, and train.py divides ``wd`` by the factor so that the decay stays the rule's.
     """
     _, family = resolve_family(optimizer)
     if family in LINEAR_RULE or b_noise is None or not math.isfinite(b_noise) or b_noise <= 0:

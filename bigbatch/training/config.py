@@ -23,7 +23,8 @@ from bigbatch.errors import ConfigError
 from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS, SQRT_RULE, resolve_family
+from bigbatch.scaling.rules import (ADABOUND_RULE, BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS, SQRT_RULE,
+                                    resolve_family)
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -234,9 +235,9 @@ class BatchConfig:
     second_moment: str = "rescale"
     # the lr at a batch other than the reference x sqrt((1 + B / B_noise) / (1 + B_ref / B_noise)) on top of
     # the square-root rule, from the measured noise scale (bigbatch.scaling.rules.noise_lr_factor): Adam's
-    # steps shrink by that much more than the rule assumes near the critical batch. None: on with schedule
-    # auto for the square-root rule's optimizers (Adam, AdamW, RAdam, RMSprop), off for AdaBound, whose
-    # clipped steps are SGD's (measured in docs/science.md, section 4)
+    # steps shrink by that much more than the rule assumes near the critical batch. AdaBound's bounds do not
+    # take the factor (a clipped step is SGD's). None: on with schedule auto for every optimizer of the
+    # square-root and AdaBound rules, off for SGD (measured in docs/science.md, section 4)
     noise_lr: bool | None = None
     schedule: list[list[int]] | str | None = None  # [[tokens, global_batch], ...] | auto | None
     min_global_batch: int | None = None  # auto: the first batch
@@ -268,14 +269,14 @@ class BatchConfig:
 
     def noise_lr_on(self, optimizer: str | type) -> bool:
         """Whether the lr of ``optimizer`` follows the measured noise scale: ``noise_lr``, or by default with
-        ``schedule: auto`` for the square-root rule's family."""
+        ``schedule: auto`` for the square-root and AdaBound rules' families (not SGD's linear rule)."""
         if self.noise_lr is not None:
             return bool(self.noise_lr)
         try:
             family = resolve_family(optimizer)[1]
         except ValueError:  # no scaling rule: nothing to correct
             return False
-        return self.schedule == "auto" and family in SQRT_RULE
+        return self.schedule == "auto" and family in SQRT_RULE | ADABOUND_RULE
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))

@@ -21,7 +21,7 @@ import os
 import sys
 
 from bigbatch import distributed as bbdist
-from bigbatch.scaling.rules import noise_lr_factor
+from bigbatch.scaling.rules import decoupled_decay, noise_lr_factor
 from bigbatch.training.builders import RunSetup, lr_schedule, make_plan
 from bigbatch.training.callbacks import Callback, StepResult
 from bigbatch.training.callbacks.batch_schedule import report_batch_change
@@ -62,6 +62,7 @@ class Trainer:
         self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
         self.peak_lrs = [g["lr"] for g in self.engine.param_groups]  # the plan's; the schedule multiplies
         self.noise_lr = apply_rules and cfg.batch.noise_lr_on(self.plan.optimizer)
+        self.factor_free = self._factor_free()
         self.lr_noise = 1.0  # the noise scale's factor in the lr of the last step
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
@@ -110,11 +111,16 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "samples": self.loader.samples_seen, "tokens": self.tokens,
                 "world_size": self.info.world_size, "global_batch": self.plan.global_batch,
-                "peak_lrs": self.peak_lrs, "hparams": self.hparams, "skipped_steps": self.skipped}
+                "peak_lrs": self.peak_lrs, "factor_free": self.factor_free, "hparams": self.hparams,
+                "skipped_steps": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         self.peak_lrs = list(state.get("peak_lrs") or self.peak_lrs)
+        # what the checkpoint's groups hold without the factor; a value it did not keep carries no factor
+        saved = list(state.get("factor_free") or [])
+        now = self._factor_free()
+        self.factor_free = [{**d, **(saved[i] if i < len(saved) else {})} for i, d in enumerate(now)]
         self.hparams = dict(state.get("hparams") or self.hparams)
         self.saved_batch = int(state["global_batch"])
         self.loader = self._loader(self.plan, int(state["samples"]))
@@ -123,12 +129,29 @@ class Trainer:
 
     def set_lr(self) -> None:
         """lr of every group: its peak x the schedule's factor at the tokens seen by the end of this
-        step (so step 1 of a warmup is not lr 0), read at ``lr_clock(tokens)`` when set."""
+        step (so step 1 of a warmup is not lr 0), read at ``lr_clock(tokens)`` when set, x the noise
+        scale's factor, which the :meth:`_factor_free` values are given so that it cancels in them."""
         at = self.tokens + self.tokens_per_step
         self.lr_noise = self.noise_lr_factor()
         mult = self.schedule.factor(self.lr_clock(at) if self.lr_clock else at) * self.lr_noise
-        for g, peak in zip(self.engine.param_groups, self.peak_lrs):
+        for g, peak, free in zip(self.engine.param_groups, self.peak_lrs, self.factor_free):
             g["lr"] = peak * mult
+            if "base_lr" in free:
+                g["base_lr"] = free["base_lr"] * self.lr_noise
+            if "weight_decay" in free:
+                g["weight_decay"] = free["weight_decay"] / self.lr_noise
+
+    def _factor_free(self) -> list[dict[str, float]]:
+        """Per group, the values that the noise scale's lr factor must not move, at the rule's values:
+        AdaBound's ``base_lr`` (its bounds, ``final_lr x lr / base_lr``: a clipped step is SGD's, for which
+        the factor is not derived) and a decoupled ``weight_decay`` (the decay ``lr x wd`` per step does
+        not involve Adam's second moment). Empty without the noise lr."""
+        if not self.noise_lr:
+            return [{} for _ in self.engine.param_groups]
+        opt = self.plan.optimizer
+        return [{**({"base_lr": g["base_lr"]} if "base_lr" in g else {}),
+                 **({"weight_decay": g["weight_decay"]} if decoupled_decay(opt, g) else {})}
+                for g in self.engine.param_groups]
 
     def noise_lr_factor(self) -> float:
         """The lr's multiplier for the measured noise scale at the batch in force
@@ -186,9 +209,12 @@ class Trainer:
         samples), the peak lrs by the same factors; with ``apply_rules`` False nothing moves."""
         if not self.apply_rules:
             return {"kept": True, "groups": [dict(self.hparams)]}
+        for g, free in zip(self.engine.param_groups, self.factor_free):  # the rule scales the values without the factor
+            g.update(free)
         report = self.engine.rescale(kappa, optimizer=self.plan.optimizer, beta_form=self.plan.beta_form,
                                      bound_form=self.plan.bound_form, second_moment=self.plan.second_moment)
         self.peak_lrs = [p * r for p, r in zip(self.peak_lrs, report["lr_ratios"])]
+        self.factor_free = [{k: g[k] for k in free} for g, free in zip(self.engine.param_groups, self.factor_free)]
         self.hparams = {k: report["groups"][0].get(k, v) for k, v in self.hparams.items()}
         return report
 
