@@ -23,8 +23,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import (ADABOUND_RULE, BETA_FORMS, BOUND_FORMS, SECOND_MOMENTS, SQRT_RULE,
-                                    resolve_family)
+from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, LINEAR_RULE, SECOND_MOMENTS, resolve_family
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -276,7 +275,7 @@ class BatchConfig:
             family = resolve_family(optimizer)[1]
         except ValueError:  # no scaling rule: nothing to correct
             return False
-        return self.schedule == "auto" and family in SQRT_RULE | ADABOUND_RULE
+        return self.schedule == "auto" and family not in LINEAR_RULE
 
     def validate(self) -> None:
         _choice("batch", "policy", self.policy, ("fixed", "scale"))

@@ -131,8 +131,9 @@ class Trainer:
         """lr of every group: its peak x the schedule's factor at the tokens seen by the end of this
         step (so step 1 of a warmup is not lr 0), read at ``lr_clock(tokens)`` when set, x the noise
         scale's factor, which the :meth:`_factor_free` values are given so that it cancels in them."""
-        at = self.tokens + self.tokens_per_step
-        self.lr_noise = self.noise_lr_factor()
+        at, plan = self.tokens + self.tokens_per_step, self.plan
+        self.lr_noise = noise_lr_factor(plan.optimizer, plan.global_batch, plan.reference_global_batch,
+                                        self.noise.b_noise) if self.noise_lr else 1.0
         mult = self.schedule.factor(self.lr_clock(at) if self.lr_clock else at) * self.lr_noise
         for g, peak, free in zip(self.engine.param_groups, self.peak_lrs, self.factor_free):
             g["lr"] = peak * mult
@@ -152,14 +153,6 @@ class Trainer:
         return [{**({"base_lr": g["base_lr"]} if "base_lr" in g else {}),
                  **({"weight_decay": g["weight_decay"]} if decoupled_decay(opt, g) else {})}
                 for g in self.engine.param_groups]
-
-    def noise_lr_factor(self) -> float:
-        """The lr's multiplier for the measured noise scale at the batch in force
-        (:func:`bigbatch.scaling.rules.noise_lr_factor`); 1 unless ``batch.noise_lr`` is on and the rules apply."""
-        if not self.noise_lr:
-            return 1.0
-        plan = self.plan
-        return noise_lr_factor(plan.optimizer, plan.global_batch, plan.reference_global_batch, self.noise.b_noise)
 
     def train_step(self) -> StepResult:
         measure, after = self.noise.begin(self.step, self.plan)
