@@ -106,11 +106,12 @@ class AdaBound(AdamFamily):
                 step_size, lower, upper]
 
     @torch.no_grad()
-    def bound_counts(self) -> tuple[int, int, int]:
+    def bound_counts(self) -> tuple[torch.Tensor | int, torch.Tensor | int, int]:
         """``(below, above, total)``: coordinates whose next step size ``step_size / (sqrt(v) + eps)``
-        lies below the lower bound, above the upper bound, and all coordinates with state (a
-        sharded optimizer counts its own shard). The clipped share tracks the passage from Adam
-        (none clipped) to SGD with momentum (all clipped at ``final_lr``). Costs one pass over v."""
+        lies below the lower bound, above the upper bound (counts left on the device: nothing is read),
+        and all coordinates with state (a sharded optimizer counts its own shard). The clipped share
+        tracks the passage from Adam (none clipped) to SGD with momentum (all clipped at ``final_lr``).
+        Costs one pass over v."""
         below = above = total = 0
         for group in self.param_groups:
             key = "max_exp_avg_sq" if self._uses_max(group) else "exp_avg_sq"
@@ -123,8 +124,8 @@ class AdaBound(AdamFamily):
                     continue
                 s = self._scalars(group, step)
                 rate = s[7] / (_local(state[key]).float().sqrt() + s[4])
-                below += int((rate < s[8]).sum())
-                above += int((rate > s[9]).sum())
+                below = below + (rate < s[8]).sum()
+                above = above + (rate > s[9]).sum()
                 total += rate.numel()
         return below, above, total
 

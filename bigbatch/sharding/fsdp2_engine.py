@@ -13,8 +13,6 @@ they are DTensors placed like the parameters); checkpoints in :mod:`bigbatch.sha
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -26,7 +24,8 @@ from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.rescale import rescale_optimizer
 from bigbatch.sharding import tags
 from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
-from bigbatch.sharding.training_engine import TrainingEngine
+from bigbatch.sharding.optimizer import step_if_finite
+from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -74,8 +73,9 @@ class NormedReduceScatter(_ReduceScatter or object):
         self.sq = sq if self.sq is None else self.sq + sq
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
-    def take(self) -> float:
-        value = 0.0 if self.sq is None else float(self.sq)
+    def take(self) -> torch.Tensor:
+        """The squared norm sent since the last call (float64 scalar tensor; nothing is read)."""
+        value = torch.zeros((), dtype=torch.float64) if self.sq is None else self.sq
         self.sq = None
         return value
 
@@ -100,7 +100,6 @@ class FSDP2Engine(TrainingEngine):
         self.module, self.optimizer = model, optimizer
         self.precision = precision
         self.grad_clip = grad_clip
-        self._applied = True
         self.comm = install_normed_reduce_scatter(model)
         # saves that complete in the background talk over a group of their own (collective: made here,
         # where every rank builds its engine)
@@ -115,38 +114,31 @@ class FSDP2Engine(TrainingEngine):
     def noise_probe(self, plan, estimator):
         return FSDPNoiseProbe(self.comm, plan.micro_batch, plan.grad_accum, estimator)
 
-    def train_step(self, micro_batches, device, after_backward=None, poison=False, weights=None):
+    def train_step(self, micro_batches, device, after_backward=None, weights=None) -> StepOutput:
         """Gradients of the micro batches accumulate unreduced (no sync) and are reduce-scattered with
         the last; the loss is scaled by 1 / (micro batches x ranks) and FSDP sums, so the shards hold
-        the global mean gradient. Clipping on the DTensor gradients; a non-finite global norm skips
-        the step on every rank (they all see the same norm)."""
+        the global mean gradient. Clipping on the DTensor gradients (the global norm is torch's one
+        all-reduce); a non-finite norm skips the step on every rank (they all see the same norm)."""
         n = len(micro_batches)
         scale = 1.0 / (n * bbdist.world_size())
-        total = 0.0
+        losses = []
         for i, x in enumerate(micro_batches):
             self.module.set_requires_gradient_sync(i == n - 1)
             x = x.to(device)
             loss = self.module(input_ids=x, labels=x).loss
-            if poison:
-                loss = loss * float("nan")
             (loss * (scale if weights is None else scale * weights[i])).backward()
             if after_backward is not None:
                 after_backward()
-            total += float(loss.detach())
+            losses.append(loss)
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self._applied = math.isfinite(gnorm)
-        if self._applied:
-            self.optimizer.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        applied = step_if_finite(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n, gnorm
-
-    def step_applied(self) -> bool:
-        return self._applied
+        return StepOutput({"loss": mean_loss(losses), "grad_norm": norm}, applied)
 
     def state_bytes(self) -> int:
         """float32 weights and two or three moments."""

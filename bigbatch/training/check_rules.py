@@ -266,12 +266,12 @@ class BranchRun(Callback):
     def on_restore(self, trainer) -> None:
         l = self.branch.l
         self.origin, self.origin_step = trainer.tokens, trainer.step
-        trainer.stop_tokens, trainer.max_steps = self.origin + int(l * self.tokens), None
-        trainer.lr_clock = lambda tokens: self.origin + (tokens - self.origin) / l
+        trainer.set_budget(self.origin + int(l * self.tokens), None)
+        trainer.set_lr_clock(lambda tokens: self.origin + (tokens - self.origin) / l)
         if l != 1:
             trainer.rescale(1 / l)
-            trainer.loss_weights = micro_weights(l, rank=trainer.info.rank, world_size=trainer.info.world_size,
-                                                 grad_accum=trainer.plan.grad_accum)
+            trainer.set_loss_weights(micro_weights(l, rank=trainer.info.rank, world_size=trainer.info.world_size,
+                                                   grad_accum=trainer.plan.grad_accum))
 
     def post_eval(self, trainer, record: dict) -> None:
         self.evals.append([(trainer.tokens - self.origin) / self.branch.l, record["eval_loss"]])

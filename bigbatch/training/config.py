@@ -251,6 +251,11 @@ class BatchConfig:
     # auto: tokens before the first growth and between two; None: the lr warmup (schedule.warmup_tokens),
     # whose first steps measure the noise scale of a model still at its initialisation (large, misleading)
     growth_min_tokens: int | None = None
+    # auto: steps between the sync points at which measurements are judged (each one in order) and the lr
+    # follows the noise scale; a growth takes effect up to decide_every - 1 steps after the measurement
+    # that called for it. 1 (every step, one read and one all-gather a step) is the measured behaviour;
+    # on a GPU, 10 keeps the step free of reads
+    decide_every: int = 1
 
     def batch_schedule(self):
         """The :mod:`bigbatch.scaling.batch_schedule` object of ``schedule`` (None without one)."""
@@ -283,6 +288,7 @@ class BatchConfig:
         _choice("batch", "bound_form", self.bound_form, BOUND_FORMS)
         _choice("batch", "second_moment", self.second_moment, SECOND_MOMENTS)
         _positive("batch", "reference_global_batch", self.reference_global_batch)
+        _positive("batch", "decide_every", self.decide_every)
         _positive("batch", "global_batch", self.global_batch)
         _positive("batch", "per_device_batch", self.per_device_batch)
         if not self.micro_batch_sizes or any(m <= 0 for m in self.micro_batch_sizes):
@@ -352,6 +358,8 @@ class TrainConfig:
     # average (0: off); large-batch runs often announce divergence this way.
     grad_spike_factor: float = 0.0
     eval_at_start: bool = False  # evaluate before the first step (e.g. a model.init_from's starting loss)
+    # dense peak TFLOP/s of one device for the mfu field; None: from the GPU's name (bigbatch.training.flops)
+    peak_tflops: float | None = None
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -368,6 +376,7 @@ class TrainConfig:
         _positive("train", "collective_timeout_s", self.collective_timeout_s)
         _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
+        _positive("train", "peak_tflops", self.peak_tflops)
         if self.grad_spike_factor and self.grad_spike_factor <= 1:
             raise ConfigError(f"train.grad_spike_factor: {self.grad_spike_factor!r} must be 0 (off) or > 1")
 
@@ -394,6 +403,8 @@ class CheckpointConfig:
     if_unusable: str = "fail"  # fail | restart
     on_save_error: str = "stop"  # stop | continue
     signal_grace_s: float = 20.0  # under torchrun's 30 s between SIGTERM and SIGKILL
+    # steps between the ranks' agreements on a signal; None: about every 2 s of step time (measured)
+    signal_every_steps: int | None = None
     export_hf: bool = False  # at the end, the final checkpoint as a Hugging Face model in OUT/hf
     async_save: bool = True
 
@@ -401,6 +412,7 @@ class CheckpointConfig:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
         _positive("checkpoint", "keep", self.keep)
         _positive("checkpoint", "signal_grace_s", self.signal_grace_s)
+        _positive("checkpoint", "signal_every_steps", self.signal_every_steps)
         _choice("checkpoint", "if_unusable", self.if_unusable, ("fail", "restart"))
         _choice("checkpoint", "on_save_error", self.on_save_error, ("stop", "continue"))
         if not 1 <= self.preempt_exit_code <= 255:
