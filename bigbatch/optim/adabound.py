@@ -73,6 +73,9 @@ class AdaBound(AdamFamily):
                         state_dtype=state_dtype)
         super().__init__(params, defaults)
 
+    #: a parameter group's keys besides the constructor's: the lr the bounds' ``final_lr`` belongs to
+    group_keys = ("base_lr",)
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -46,6 +46,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -257,6 +258,64 @@ def noise_lr_factor(optimizer: str | type, global_batch: float, reference_batch:
     if family in LINEAR_RULE or b_noise is None or not math.isfinite(b_noise) or b_noise <= 0:
         return 1.0
     return math.sqrt((1.0 + global_batch / b_noise) / (1.0 + reference_batch / b_noise))
+
+
+@dataclass(frozen=True)
+class ScalingRule:
+    """The batch-size scaling rule of one optimizer class, with its choices: how the betas move
+    (``beta_form``), how AdaBound's ``final_lr`` moves (``bound_form``), and what a change of batch does
+    to Adam's second moments (``second_moment``: :data:`SECOND_MOMENTS`). Built by :func:`rule_for`; a
+    batch plan, the engines and the loop carry this object, never its settings."""
+
+    optimizer: type
+    beta_form: BetaForm = "paper"
+    bound_form: BoundForm = "sqrt"
+    second_moment: SecondMoment = "rescale"
+
+    #: optimizer state the rule moves at a change of batch (Adam's second moments, AMSGrad's maximum)
+    state_keys = ("exp_avg_sq", "max_exp_avg_sq")
+
+    def __post_init__(self):
+        check_form("beta_form", self.beta_form, BETA_FORMS)
+        check_form("bound_form", self.bound_form, BOUND_FORMS)
+        check_form("second_moment", self.second_moment, SECOND_MOMENTS)
+        resolve_family(self.optimizer)
+
+    @property
+    def family(self) -> str:
+        """The short name whose rule applies (``adabound``, ``adamw``, ``sgd``, ...)."""
+        return resolve_family(self.optimizer)[1]
+
+    def forms(self) -> dict[str, str]:
+        """The rule's choices by name (for the resolved config and records)."""
+        return {"beta_form": self.beta_form, "bound_form": self.bound_form, "second_moment": self.second_moment}
+
+    def scale(self, hparams: Mapping[str, Any], kappa: float, overrides: Mapping[str, Any] | None = None) -> dict:
+        """:func:`scale_hparams` of this optimizer with this rule's forms."""
+        return scale_hparams(self.optimizer, hparams, kappa, beta_form=self.beta_form, bound_form=self.bound_form,
+                             overrides=overrides)
+
+    def noise_lr_factor(self, global_batch: float, reference_batch: float, b_noise: float | None) -> float:
+        """:func:`noise_lr_factor` for this optimizer."""
+        return noise_lr_factor(self.optimizer, global_batch, reference_batch, b_noise)
+
+    def noise_free(self, group: Mapping[str, Any]) -> dict[str, float]:
+        """The values of a parameter group that the noise scale's lr factor must leave at the rule's:
+        AdaBound's ``base_lr`` (its bounds, ``final_lr x lr / base_lr``: a clipped step is SGD's, for which
+        the factor is not derived) and a decoupled ``weight_decay`` (``lr x wd`` per step does not involve
+        Adam's second moment)."""
+        out = {}
+        if self.family in ADABOUND_RULE and "base_lr" in group:
+            out["base_lr"] = group["base_lr"]
+        if decoupled_decay(self.optimizer, group):
+            out["weight_decay"] = group["weight_decay"]
+        return out
+
+
+def rule_for(optimizer: str | type, **forms) -> ScalingRule:
+    """The :class:`ScalingRule` of an optimizer name, class path or class, with ``forms`` (``beta_form``,
+    ``bound_form``, ``second_moment``; the defaults otherwise)."""
+    return ScalingRule(get_optimizer_class(optimizer), **forms)
 
 
 def scale_steps(steps: int, kappa: float) -> int:

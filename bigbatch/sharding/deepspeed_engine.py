@@ -7,17 +7,19 @@ micro batches, the global gradient norm, a change of layout in place, resharding
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable
 
 import torch
 
 from bigbatch.distributed import init_distributed
+from bigbatch.errors import ConfigError
 from bigbatch.scaling.noise_scale import NoiseScaleProbe
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding.deepspeed_checkpoint import load_checkpoint, save_checkpoint
-from bigbatch.sharding.deepspeed_config import DSConfigError, resolve_ds_config
-from bigbatch.sharding.optimizer import optimizer_groups, step_if_finite
+from bigbatch.sharding.deepspeed_config import DSConfigError, load_ds_config, resolve_ds_config
+from bigbatch.sharding.optimizer import optimizer_groups, param_groups, step_if_finite
 from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
 
 logger = logging.getLogger(__name__)
@@ -206,9 +208,56 @@ class DeepSpeedEngine(TrainingEngine):
         accumulation boundary."""
         set_engine_batch(self.ds_engine, plan.micro_batch, plan.grad_accum)
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
-        return st.rescale_engine(self.ds_engine, kappa, optimizer=optimizer, beta_form=beta_form,
-                                 bound_form=bound_form, second_moment=second_moment, log=False)  # the loop reports it
+    def rescale(self, kappa, rule):
+        return st.rescale_engine(self.ds_engine, kappa, rule, log=False)  # the loop reports it
 
     def export_full_state(self) -> dict:
         return st.gather_full_state(self.ds_engine)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg, plan) -> dict:
+    """The DeepSpeed config dict: JSON file <- run-config fields <- ``deepspeed.extra``. The batch
+    fields come from the plan; the optimizer is the run config's (built by bigbatch), so the JSON
+    may only leave its ``"optimizer"`` block to it (``"type": "auto"``)."""
+    ds: dict = {}
+    if cfg.deepspeed.config:
+        try:
+            ds = load_ds_config(cfg.deepspeed.config)
+        except DSConfigError as exc:
+            raise ConfigError(f"deepspeed.config: {exc}") from None
+    ds = _merge(ds, cfg.deepspeed.extra)
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    precision = cfg.deepspeed.precision
+    if precision is not None:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["train_batch_size"] = plan.global_batch
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def build(cfg, model: torch.nn.Module, plan) -> DeepSpeedEngine:
+    """The run config's DeepSpeed engine for ``model`` (``train.engine: deepspeed``): parameter groups
+    without decay on vectors, bigbatch's optimizer from ``plan`` as DeepSpeed's client optimizer."""
+    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
+    ds = deepspeed_config(cfg, plan)
+    try:
+        engine, _, _ = build_engine(model, ds, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
+    except (ValueError, TypeError, KeyError) as exc:  # DSConfigError is a ValueError
+        raise ConfigError(f"deepspeed: {exc}") from None
+    return DeepSpeedEngine(engine, ds)

@@ -24,7 +24,8 @@ from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.rescale import rescale_optimizer
 from bigbatch.sharding import tags
 from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
-from bigbatch.sharding.optimizer import step_if_finite
+from bigbatch.errors import ConfigError
+from bigbatch.sharding.optimizer import build_optimizer, param_groups, step_if_finite
 from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
 
 
@@ -175,9 +176,33 @@ class FSDP2Engine(TrainingEngine):
     def set_layout(self, plan) -> None:
         pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
-        return rescale_optimizer(self.optimizer, kappa, family=optimizer, beta_form=beta_form, bound_form=bound_form,
-                                 second_moment=second_moment)
+    def rescale(self, kappa, rule):
+        return rescale_optimizer(self.optimizer, kappa, rule)
 
     def export_full_state(self) -> dict:
         return full_state(self.module, self.optimizer)
+
+
+def build(cfg, model: torch.nn.Module, plan) -> FSDP2Engine:
+    """The run config's FSDP2 engine (``train.engine: fsdp2``): ``fully_shard`` the model (blocks and
+    root), then the plan's optimizer on its shards."""
+    f = cfg.fsdp2
+    device_type = "cuda" if bbdist.default_backend() == "nccl" else "cpu"
+    if device_type == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if f.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard_model(model, device_type=device_type, precision=f.precision, reshard_after_forward=f.reshard_after_forward)
+    optimizer = build_optimizer(model, plan=plan, optimizer_kwargs=cfg.optim.kwargs,
+                                param_groups=param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                                                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases))
+    return FSDP2Engine(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip,
+                       async_save=cfg.checkpoint.async_save)
+
+
+def check(cfg, world_size: int) -> None:
+    """FSDP2 measures the noise scale across ranks only: an automatic batch schedule needs >= 2."""
+    if cfg.batch.schedule == "auto" and world_size < 2:
+        raise ConfigError("batch.schedule: auto needs the gradient noise scale, which train.engine fsdp2 measures "
+                          "only across >= 2 processes (one process: use the deepspeed or ddp engine, which split a "
+                          "step into micro batches)")

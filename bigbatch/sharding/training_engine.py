@@ -78,10 +78,9 @@ class TrainingEngine(abc.ABC):
         """Micro batch and accumulation of ``plan`` from the next step on."""
 
     @abc.abstractmethod
-    def rescale(self, kappa: float, *, optimizer, beta_form: str = "paper", bound_form: str = "sqrt",
-                second_moment: str = "rescale") -> dict:
-        """Every group's hyperparameters by the scaling rule of ``optimizer`` for a batch ``kappa``
-        times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), the second moments by
+    def rescale(self, kappa: float, rule) -> dict:
+        """Every group's hyperparameters by ``rule`` (a :class:`~bigbatch.scaling.rules.ScalingRule`) for a
+        batch ``kappa`` times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), the second moments by
         :func:`~bigbatch.scaling.rescale.rescale_second_moments` and the step counters by samples
         (``step / kappa``). Returns the report (``lr_ratios``: new / old lr per group,
         ``groups``: the new hyperparameters)."""

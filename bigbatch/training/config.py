@@ -23,7 +23,8 @@ from bigbatch.errors import ConfigError
 from bigbatch.training.init_from import apply_init_from
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, LINEAR_RULE, SECOND_MOMENTS, resolve_family
+from bigbatch.sharding.engines import ENGINES
+from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, LINEAR_RULE, SECOND_MOMENTS, resolve_family, rule_for
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
@@ -271,6 +272,11 @@ class BatchConfig:
         except BatchScheduleError as exc:
             raise ConfigError(f"batch.{exc}") from None
 
+    def scaling_rule(self, optimizer: str | type):
+        """The :class:`~bigbatch.scaling.rules.ScalingRule` of ``optimizer`` with this section's forms."""
+        return rule_for(optimizer, beta_form=self.beta_form, bound_form=self.bound_form,
+                        second_moment=self.second_moment)
+
     def noise_lr_on(self, optimizer: str | type) -> bool:
         """Whether the lr of ``optimizer`` follows the measured noise scale: ``noise_lr``, or by default with
         ``schedule: auto`` for the square-root and AdaBound rules' families (not SGD's linear rule)."""
@@ -346,7 +352,7 @@ class TrainConfig:
     # config 0.95 gave 2x larger values than 0.99 late in a run.
     noise_scale_ema: float = 0.99
     threads: int | None = None  # torch intra-op threads per process; None = cores / local procs
-    engine: str = "deepspeed"  # deepspeed | fsdp2 (settings in the deepspeed / fsdp2 sections)
+    engine: str = "deepspeed"  # deepspeed | fsdp2 | ddp (bigbatch.sharding.engines; settings in their sections)
     # Hangs: a collective waits at most collective_timeout_s for the other ranks, and a watchdog ends
     # a rank that makes no progress (a step, an evaluation, a save) for step_timeout_s (0: off).
     collective_timeout_s: float = 300.0
@@ -372,7 +378,7 @@ class TrainConfig:
         if not 0.0 <= self.noise_scale_ema < 1.0:
             raise ConfigError(f"train.noise_scale_ema: {self.noise_scale_ema!r} must be in [0, 1)")
         _positive("train", "threads", self.threads)
-        _choice("train", "engine", self.engine, ("deepspeed", "fsdp2"))
+        _choice("train", "engine", self.engine, tuple(ENGINES))
         _positive("train", "collective_timeout_s", self.collective_timeout_s)
         _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
@@ -545,12 +551,12 @@ class RunConfig:
                 if after < before:
                     out.append(f"batch.schedule[{i}]: [{tokens}, {after}] shrinks the global batch from {before}; "
                                f"the rules then scale by kappa {after / before:g} < 1 (smaller lr and 1 - beta)")
-        if self.train.engine == "fsdp2":
+        if self.train.engine != "deepspeed":
             ds, default = dataclasses.asdict(self.deepspeed), dataclasses.asdict(DeepSpeedConfig())
             ignored = [f"deepspeed.{k}" for k in ds if ds[k] != default[k]]
             if ignored:
-                out.append(f"{', '.join(ignored)}: ignored, train.engine is 'fsdp2' (its settings are the fsdp2 "
-                           "section's)")
+                out.append(f"{', '.join(ignored)}: ignored, train.engine is {self.train.engine!r} (its settings are "
+                           f"the {self.train.engine} section's)")
         return out
 
 

@@ -250,8 +250,7 @@ class Trainer:
         if not self.apply_rules:
             return {"kept": True, "groups": [dict(self.hparams)]}
         self.lr.before_rescale()  # the rule scales the values without the noise scale's factor
-        report = self.engine.rescale(kappa, optimizer=self.plan.optimizer, beta_form=self.plan.beta_form,
-                                     bound_form=self.plan.bound_form, second_moment=self.plan.second_moment)
+        report = self.engine.rescale(kappa, self.plan.rule)
         self.lr.after_rescale(report["lr_ratios"])
         self.hparams = {k: report["groups"][0].get(k, v) for k, v in self.hparams.items()}
         return report

@@ -3,8 +3,6 @@ scale's factor, and the group values that factor must leave alone."""
 
 from __future__ import annotations
 
-from bigbatch.scaling.rules import decoupled_decay, noise_lr_factor
-
 
 class LrControl:
     """Sets ``lr`` (and the values tied to it) of ``engine``'s groups before each step.
@@ -12,15 +10,14 @@ class LrControl:
     ``peak_lrs``: each group's lr at the top of the schedule, at the batch in force (the plan's; a batch
     change moves them by the rule's factors). ``schedule``: a factor of tokens
     (:class:`~bigbatch.scaling.SampleSchedule`), read at ``clock(tokens)`` when a clock is set.
-    ``noise_lr``: multiply by :func:`~bigbatch.scaling.rules.noise_lr_factor` of the measured noise scale;
-    then :attr:`factor_free` holds, per group, what must keep the rule's value: AdaBound's ``base_lr``
-    (its bounds, ``final_lr x lr / base_lr``: a clipped step is SGD's, for which the factor is not
-    derived) and a decoupled ``weight_decay`` (``lr x wd`` per step does not involve Adam's second moment).
+    ``noise_lr``: multiply by the rule's :meth:`~bigbatch.scaling.rules.ScalingRule.noise_lr_factor` of the
+    measured noise scale; then :attr:`factor_free` holds, per group, what must keep the rule's value
+    (:meth:`~bigbatch.scaling.rules.ScalingRule.noise_free`): the factor cancels in them.
     """
 
     def __init__(self, engine, plan, schedule, *, noise_lr: bool):
         self.engine, self.schedule, self.noise_lr = engine, schedule, noise_lr
-        self.optimizer = plan.optimizer
+        self.rule = plan.rule
         self.peak_lrs = [g["lr"] for g in engine.param_groups]
         self.factor_free = self._factor_free()
         self.clock = None  # tokens -> the tokens at which the schedule is read
@@ -29,15 +26,13 @@ class LrControl:
     def _factor_free(self) -> list[dict[str, float]]:
         if not self.noise_lr:
             return [{} for _ in self.engine.param_groups]
-        return [{**({"base_lr": g["base_lr"]} if "base_lr" in g else {}),
-                 **({"weight_decay": g["weight_decay"]} if decoupled_decay(self.optimizer, g) else {})}
-                for g in self.engine.param_groups]
+        return [self.rule.noise_free(g) for g in self.engine.param_groups]
 
     def set(self, tokens: int, plan, b_noise: float | None) -> None:
         """lr of every group for a step that ends at ``tokens`` (so step 1 of a warmup is not lr 0), at
         ``plan``'s batch with the noise scale ``b_noise`` (samples; None: not measured)."""
-        self.noise_factor = noise_lr_factor(plan.optimizer, plan.global_batch, plan.reference_global_batch,
-                                            b_noise) if self.noise_lr else 1.0
+        self.noise_factor = (plan.rule.noise_lr_factor(plan.global_batch, plan.reference_global_batch, b_noise)
+                             if self.noise_lr else 1.0)
         mult = self.schedule.factor(self.clock(tokens) if self.clock else tokens) * self.noise_factor
         for g, peak, free in zip(self.engine.param_groups, self.peak_lrs, self.factor_free):
             g["lr"] = peak * mult

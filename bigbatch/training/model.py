@@ -73,17 +73,3 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def param_groups(model, weight_decay: float, *, no_decay_norms_and_biases: bool = True) -> list[dict]:
-    """Two groups: matrices with ``weight_decay``, vectors (norm gains, biases) without, as GPT-2 /
-    Llama pretraining does. One group when ``no_decay_norms_and_biases`` is false."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norms_and_biases:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
-    return groups

@@ -209,7 +209,7 @@ def write_resolved(trainer) -> dict:
     resolved = {
         "world_size": info.world_size, "backend": info.backend,
         "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan).items()
-                 if k not in ("hparams", "reference_hparams", "optimizer_class")},
+                 if k not in ("hparams", "reference_hparams", "rule")} | plan.rule.forms(),
         "scaled_hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.hparams.items()},
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps(),
         "parameters": count_parameters(trainer.model), "vocab_size": trainer.model.config.vocab_size,
