@@ -92,13 +92,12 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: str, *, tra
 
         def texts():
             seen = 0
-            for batch in corpus.dataset.iter(batch_size=256):
-                for t in batch["text"]:
-                    if seen >= cfg.train_chars:
-                        return
-                    t = (t or "")[: cfg.train_chars - seen]
-                    seen += len(t)
-                    yield t
+            for t in corpus.texts():
+                if seen >= cfg.train_chars:
+                    return
+                t = t[: cfg.train_chars - seen]
+                seen += len(t)
+                yield t
 
         train_bpe(texts(), cfg.vocab_size, out_dir)
     return _finish(AutoTokenizer.from_pretrained(out_dir))
