@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bigbatch import atomic
 from bigbatch.data import shards
 from bigbatch.data.encode import encode_documents
 from bigbatch.data.prepare import source_manifest
@@ -77,6 +78,7 @@ def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str)
         man = source_manifest(corpus.fingerprint, "in-job", [corpus.description], 1.0, tokenizer, dtype, [record], None)
         with open(os.path.join(tmp, shards.MANIFEST), "w") as fh:
             json.dump(man, fh, indent=1, sort_keys=True)
+        atomic.honour_umask(tmp)
         os.replace(tmp, out_dir)  # the directory appears complete or not at all
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+from bigbatch import atomic
 from bigbatch.training.config import ConfigError, TokenizerConfig
 from bigbatch.training.corpus import Corpus
 
@@ -57,6 +58,7 @@ def train_bpe(texts, vocab_size: int, out_dir: str):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tok-")
     tok.save_pretrained(tmp)
+    atomic.honour_umask(tmp)
     try:
         os.replace(tmp, out_dir)
     except OSError:  # another process won the race; theirs is identical
