@@ -192,12 +192,16 @@ def test_mixture_eval_loss_weights_its_sources(tmp_path, cache):
                           str(_jsonl(tmp_path / "b.jsonl", 600, 1, WORDS_B)))
     assert run_prepare(load_config(cfg, sections=PREPARE_SECTIONS), str(tmp_path / "prep"), log=lambda m: None).finished
     out = tmp_path / "run"
-    check_ok(run([PY, "train.py", "--config", TINY, "--out", str(out), *small_args(cache), "--train.max_steps", "5",
-                  "--data.source", "prepared", "--data.seq_len", "32", "--tokenizer.vocab_size", "300",
-                  "--data.prepared", f"[{{path: {tmp_path / 'prep' / 'prose'}, weight: 0.7}}, "
-                                     f"{{path: {tmp_path / 'prep' / 'code'}, weight: 0.3}}]"]))
+    proc = run([PY, "train.py", "--config", TINY, "--out", str(out), *small_args(cache), "--train.max_steps", "5",
+                "--data.source", "prepared", "--data.seq_len", "32", "--tokenizer.vocab_size", "300",
+                "--data.prepared", f"[{{path: {tmp_path / 'prep' / 'prose'}, weight: 0.7}}, "
+                                   f"{{path: {tmp_path / 'prep' / 'code'}, weight: 0.3}}]"])
+    check_ok(proc)
     evals = records(out, "eval")
     assert evals
+    # what the run prints is the mixture's loss too
+    assert f"final eval: loss {evals[-1]['eval_loss']:.4f}" in proc.stdout + proc.stderr
+    assert f"eval step {evals[-1]['step']}: loss {evals[-1]['eval_loss']:.4f}" in proc.stdout + proc.stderr
     for ev in evals:
         mixed = 0.7 * ev["eval_loss/prose"] + 0.3 * ev["eval_loss/code"]
         assert ev["eval_loss"] == pytest.approx(mixed, rel=1e-9), ev

@@ -179,7 +179,10 @@ class GlobalBatchLoader:
 def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size: int,
                  max_blocks: int) -> list[torch.Tensor]:
     """This rank's validation micro batches: the first ``max_blocks`` validation blocks, block
-    ``i`` on rank ``i % world``; the evaluated set does not depend on the world size."""
+    ``i`` on rank ``i % world``; the evaluated set does not depend on the world size. None for
+    blocks evaluated per source (a mixture of several prepared sources: bigbatch.data.mixture)."""
+    if getattr(blocks, "evaluated_per_source", False):
+        return []
     mine = np.arange(rank, min(max_blocks, len(blocks)), world_size)
     return [torch.from_numpy(blocks[mine[i:i + micro_batch]].astype(np.int64))
             for i in range(0, len(mine), micro_batch)]
