@@ -75,6 +75,17 @@ def test_bad_source_exits_2_with_one_line(tmp_path, capsys, case, position):
         assert not out.exists()
 
 
+def test_source_of_blank_lines_exits_2(tmp_path, capsys):
+    """A JSONL file of blank lines has bytes but no document: the source is refused, not made a
+    0-token source that training refuses later."""
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n \n\n")
+    cfg = _mixture_config(tmp_path, str(_jsonl(tmp_path / "a.jsonl", 100, 0, WORDS_A)), str(blank))
+    rc, err = _prepare(["--config", str(cfg), "--out", str(tmp_path / "prep")], capsys)
+    assert rc == 2 and "'code'" in err and str(blank) in err and "no documents" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "prep" / "manifest.json").exists()
+
+
 def test_out_that_is_not_a_directory_exits_2(tmp_path, capsys):
     cfg = _mixture_config(tmp_path, str(_jsonl(tmp_path / "a.jsonl", 50, 0, WORDS_A)),
                           str(_jsonl(tmp_path / "b.jsonl", 50, 1, WORDS_B)))

@@ -155,6 +155,10 @@ def _finalize(out: str, specs: list[SourceSpec], pieces: dict[int, list[Piece]],
         recs = [shards.shard_record(d, p.index) for p in pieces[si]]
         if any(r is None for r in recs):
             return False
+        if not sum(r["tokens"] for r in recs):
+            files = ", ".join(inputs[si][:3]) + (", ..." if len(inputs[si]) > 3 else "")
+            raise ConfigError(f"data.sources: source {spec.name!r} ({files}) holds no documents (0 tokens); give it "
+                              "files with text or leave it out")
         records[si] = recs
     root = {"format": shards.FORMAT, "version": shards.VERSION, "tokenizer": tok.fingerprint, "sources": {}}
     for si, spec in enumerate(specs):
