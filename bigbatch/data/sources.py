@@ -128,7 +128,8 @@ def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) ->
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not UTF-8 text; the files must be UTF-8") from None
+            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not UTF-8 text; the files must be "
+                              "UTF-8") from None
         if spec.kind == "text":
             out.append(text.rstrip("\r"))
             continue
