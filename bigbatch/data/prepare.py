@@ -12,7 +12,10 @@ Each piece of input (bigbatch.data.sources) becomes one shard, written whole by 
 (``encode_batch`` of the ``tokenizers`` library on one thread per worker). A killed prepare started
 again skips finished shards; the last array task to finish writes the manifests. Shards depend only
 on the inputs, the tokenizer and ``data.shard_bytes``, never on the number of workers or tasks, so
-the result is byte-identical however it was run.
+the result is byte-identical however it was run. A prepare that stops on an error leaves
+``OUT/failed.txt``: a rerun with other inputs (the bad line fixed) then starts over instead of being
+refused. SIGTERM and SIGINT stop the workers with the parent (exit 128+signal); a worker also dies
+when its parent is killed outright.
 """
 
 from __future__ import annotations

@@ -123,13 +123,15 @@ def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) ->
                               "must be a string column; set text_field")
         table = pf.read_row_groups(list(range(piece.start, piece.end)), columns=[spec.text_field])
         return [t or "" for t in table.column(0).to_pylist()]
+    def at(pos: int) -> str:  # where a bad line is, for its error
+        return f"data.sources: {piece.file} byte {pos} (source {spec.name!r})"
+
     out = []
     for pos, line in _lines(piece.file, piece.start, piece.end):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not UTF-8 text; the files must be "
-                              "UTF-8") from None
+            raise ConfigError(f"{at(pos)}: not UTF-8 text; the files must be UTF-8") from None
         if spec.kind == "text":
             out.append(text.rstrip("\r"))
             continue
@@ -139,12 +141,11 @@ def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) ->
             rec = json.loads(text)
             value = rec[spec.text_field]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not a JSON object with a string "
-                              f"{spec.text_field!r} field; set text_field or fix the line") from None
+            raise ConfigError(f"{at(pos)}: not a JSON object with a string {spec.text_field!r} field; set text_field "
+                              "or fix the line") from None
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: {spec.text_field!r} is "
-                              f"{type(value).__name__} {str(value)[:40]!r}, it must be a string (or null); "
-                              "fix the line") from None
+            raise ConfigError(f"{at(pos)}: {spec.text_field!r} is {type(value).__name__} {str(value)[:40]!r}, it must "
+                              "be a string (or null); fix the line") from None
         out.append(value or "")
     return out
 
