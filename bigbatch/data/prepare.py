@@ -280,7 +280,10 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
     plan = {"sources": [asdict(s) for s in specs], "inputs": inputs, "tokenizer": tok.fingerprint,
             "shard_bytes": cfg.data.shard_bytes, "dtype": dtype.name,
             "pieces": {specs[si].name: [asdict(p) for p in ps] for si, ps in pieces.items()}}
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out: {out!r} cannot be made ({exc.strerror or exc}); give a writable directory") from None
     _check_plan(out, plan)
     tok_dir = save_tokenizer(tok, out)
     if not os.path.isfile(os.path.join(out, PLAN)):
