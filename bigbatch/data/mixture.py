@@ -12,6 +12,8 @@ order (:class:`bigbatch.training.data.BlockStream` over the same blocks).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from bigbatch import distributed as bbdist
@@ -93,6 +95,13 @@ class MixtureBlocks:
         return int(self.offsets[-1])
 
     @property
+    def evaluated_per_source(self) -> bool:
+        """Two or more sources: each is evaluated on its own held-out blocks and the mixture's eval
+        loss is their weighted mean (:func:`source_fields`), not a loss over the first blocks of the
+        concatenation (which are the first source's alone)."""
+        return len(self.parts) >= 2
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (len(self), self.seq_len)
 
@@ -165,12 +174,21 @@ def source_eval_losses(engine, data: PackedData, *, micro_batch: int, rank: int,
     return {n: sums[2 * k] / max(sums[2 * k + 1], 1) for k, n in enumerate(val.names)}
 
 
+def mixture_loss(losses: dict[str, float], names: list[str], weights: list[float]) -> float:
+    """The mixture's loss: each source's loss weighted by its share (``weights`` normalised)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(sum(wi * losses[n] for n, wi in zip(names, w / w.sum())))
+
+
 def source_fields(engine, data: PackedData, samples_seen: int, micro_batch: int, info, max_blocks: int) -> dict:
     """``eval_loss/<source>`` and ``tokens/<source>`` (tokens of each source consumed so far) for an
-    eval record; {} for a single source."""
+    eval record, and the mixture's ``eval_loss`` / ``eval_ppl``: the weighted mean of the sources'
+    losses (the loop evaluates nothing itself for such a mixture); {} for a single source."""
     losses = source_eval_losses(engine, data, micro_batch=micro_batch, rank=info.rank, world_size=info.world_size,
                                 max_blocks=max_blocks, device=info.device)
     if not losses:
         return {}
+    mixed = mixture_loss(losses, data.val.names, data.val.weights)
     tokens = data.train.source_tokens(samples_seen)
-    return {**{f"eval_loss/{n}": v for n, v in losses.items()}, **{f"tokens/{n}": t for n, t in tokens.items()}}
+    return {"eval_loss": mixed, "eval_ppl": math.exp(min(mixed, 50.0)),
+            **{f"eval_loss/{n}": v for n, v in losses.items()}, **{f"tokens/{n}": t for n, t in tokens.items()}}

@@ -16,6 +16,7 @@ import importlib
 import os
 import random
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from bigbatch.training.config import ConfigError, DataConfig
@@ -29,6 +30,16 @@ class Corpus:
     dataset: object
     fingerprint: str
     description: str
+    documents: Callable[[], Iterable[str]] | None = None  # the texts, read lazily instead of from ``dataset``
+
+    def texts(self) -> Iterator[str]:
+        """Every document in order (``None`` rows as empty strings)."""
+        if self.documents is not None:
+            yield from self.documents()
+            return
+        for batch in self.dataset.iter(batch_size=256):
+            for t in batch["text"]:
+                yield t or ""
 
 
 def _offline_env() -> None:
@@ -110,7 +121,7 @@ def _hash_docs(docs: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_files(files: list[str]) -> str:
+def hash_files(files: list[str]) -> str:
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
@@ -147,7 +158,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                     raise ConfigError(f"data.files: {pattern!r} does not exist")
                 files += matched
         ds = datasets.load_dataset(cfg.source, data_files=files, split="train")
-        fingerprint = f"{cfg.source}-{_hash_files(files)}"
+        fingerprint = f"{cfg.source}-{hash_files(files)}"
         desc = f"{cfg.source} files ({len(files)})"
     else:  # hub
         try:

@@ -24,6 +24,7 @@ import tempfile
 
 import torch
 
+from bigbatch import atomic
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
 from bigbatch.sharding.full_state import read_full_state
@@ -150,6 +151,13 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     load_weights(model, os.path.join(ckpt_dir, chosen), meta)
 
+    return write_model_dir(out, model, tokenizer, max_shard_size=max_shard_size)
+
+
+def write_model_dir(out: str, model, tokenizer, *, max_shard_size) -> str:
+    """``model`` (safetensors) and ``tokenizer`` as the Hugging Face directory ``out``, written beside
+    it and renamed (whole or not at all; an existing ``out`` goes once the new one is whole), with
+    the modes the umask gives."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}-export-")
@@ -158,6 +166,7 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
         if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic.honour_umask(tmp)
         if os.path.isdir(out):  # --overwrite (or an empty directory): the old one goes once the new is whole
             old = tempfile.mkdtemp(dir=parent, prefix=".old-export-")
             os.replace(out, os.path.join(old, "x"))

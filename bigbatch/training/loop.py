@@ -226,7 +226,7 @@ class Trainer:
         for cb in self.callbacks:
             rec.update(cb.eval_fields(self))
         self.log(rec)
-        self.say(f"eval step {self.step}: loss {loss:.4f} | ppl {rec['eval_ppl']:.2f}")
+        self.say(f"eval step {self.step}: loss {rec['eval_loss']:.4f} | ppl {rec['eval_ppl']:.2f}")
         self.last_eval = rec
         for cb in self.callbacks:
             cb.post_eval(self, rec)

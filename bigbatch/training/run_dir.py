@@ -235,6 +235,7 @@ def save_model_files(out: str, tokenizer, model_config) -> None:
     tmp = tempfile.mkdtemp(dir=out, prefix=".tokenizer-")
     try:
         tokenizer.save_pretrained(tmp)
+        atomic.honour_umask(tmp)
         if os.path.isdir(target):  # a resume or --overwrite: the same or a newer tokenizer
             shutil.rmtree(target)
         os.replace(tmp, target)
