@@ -24,12 +24,13 @@ import os
 import sys
 
 from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import command_main
+from bigbatch.data.run_data import load_run_data
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
-from bigbatch.training.run_data import prepare_data
 from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
+from bigbatch.training.run_dir import (has_checkpoint, parse_args, prepare, resolve_run,
                                       save_model_files)
 
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
-        tok, data, corpus = prepare_data(cfg, info)
+        tok, data, corpus = load_run_data(cfg, info)
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
         run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
                        resume_from=ckpt_dir if resuming else None).run()
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.launcher.cli import main as cli_main
+from bigbatch.cli import main as cli_main
 from bigbatch.launcher.submit import SubmitConfig, render_sbatch
 from bigbatch.training.config import ConfigError, dump_yaml, load_config
 from bigbatch.training.builders import check_batch

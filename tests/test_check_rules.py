@@ -87,7 +87,7 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
                   "--train.max_steps", "6", "--logging.progress", "none"]))
     out = tmp_path / "check"
     tokens = 2048
-    proc = run([*TORCHRUN, "-m", "bigbatch.launcher.cli", "check-rules", "--from", str(src), "--kappas", "1,2",
+    proc = run([*TORCHRUN, "-m", "bigbatch.cli", "check-rules", "--from", str(src), "--kappas", "1,2",
                 "--tokens", str(tokens), "--evals", "2", "--svag", "2", "--without-rules", "--out", str(out),
                 "--logging.progress", "none"])
     check_ok(proc)
@@ -130,7 +130,7 @@ def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
     weights (the same first eval), k2 runs at the rule's hyperparameters, SVAG's weighted micro-batch
     losses change the trajectory."""
     out = tmp_path / "check"
-    check_ok(run([*TORCHRUN, "-m", "bigbatch.training.check_rules", "--config", "configs/tiny.yaml",
+    check_ok(run([*TORCHRUN, "-m", "bigbatch.check_rules", "--config", "configs/tiny.yaml",
                   *small_args(cache), "--train.engine", "fsdp2", "--kappas", "1,2", "--svag", "2", "--tokens", "2048",
                   "--evals", "2", "--out", str(out), "--logging.progress", "none"]))
     report = json.loads((out / "report.json").read_text())
@@ -146,7 +146,7 @@ def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
 
 
 def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
-    from bigbatch.training.check_rules import main
+    from bigbatch.check_rules import main
 
     monkeypatch.chdir(REPO)
     saved = dict(os.environ)
@@ -183,7 +183,7 @@ def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
 
 
 def test_check_rules_is_a_bigbatch_subcommand():
-    proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--help"], timeout=120)
+    proc = run([PY, "-m", "bigbatch.cli", "check-rules", "--help"], timeout=120)
     check_ok(proc)
     assert "--kappas" in proc.stdout and "--svag" in proc.stdout and "critical batch" in proc.stdout
 
@@ -201,7 +201,7 @@ def test_check_rules_reports_the_checkpoint_its_branches_started_from(tmp_path, 
     data[-1] ^= 0xFF  # same size, other content
     victim.write_bytes(bytes(data))
     out = tmp_path / "check"
-    proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--from", str(src), "--kappas", "1",
+    proc = run([PY, "-m", "bigbatch.cli", "check-rules", "--from", str(src), "--kappas", "1",
                 "--tokens", "1024", "--evals", "1", "--out", str(out), "--logging.progress", "none"])
     check_ok(proc)
     report = json.loads((out / "report.json").read_text())

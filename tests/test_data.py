@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bigbatch.training.config import ConfigError, DataConfig, TokenizerConfig
-from bigbatch.training.corpus import embedded_documents, load_corpus
-from bigbatch.training.data import BlockStream, GlobalBatchLoader, build_packed_data, eval_batches
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.data.corpus import embedded_documents, load_corpus
+from bigbatch.data.blocks import BlockStream, GlobalBatchLoader, build_packed_data, eval_batches
+from bigbatch.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from bigbatch.training.config import load_config
 def _prepare(argv, capsys) -> tuple[int, str]:
     from bigbatch.data.prepare import main as prepare_main
 
-    rc = prepare_main(argv)
+    rc = prepare_main(argv, load_config=load_config)
     return rc, capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def test_results_honour_the_umask(tmp_path):
 
     from bigbatch.training.export import write_model_dir
     from bigbatch.training.run_dir import save_model_files
-    from bigbatch.training.tokenizer import train_bpe
+    from bigbatch.data.tokenizer import train_bpe
 
     old = os.umask(0o022)
     try:

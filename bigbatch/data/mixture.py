@@ -7,7 +7,7 @@ quotas are interleaved smoothly (weighted round robin), so any window of samples
 source's share to within a few samples. The ``j``-th sample of source ``s`` is block
 ``BlockStream(n_s, seed, key=s).indices(j)`` of that source. Everything is a pure function of
 (seed, samples seen), independent of the world size; with one source it is exactly the in-job
-order (:class:`bigbatch.training.data.BlockStream` over the same blocks).
+order (:class:`bigbatch.data.blocks.BlockStream` over the same blocks).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 from bigbatch import distributed as bbdist
 from bigbatch.data import shards
 from bigbatch.data.entries import prepared_entries
-from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.data import BlockStream, PackedData, eval_batches
-from bigbatch.training.tokenizer import _finish, build_tokenizer
+from bigbatch.errors import ConfigError
+from bigbatch.data.blocks import BlockStream, PackedData, eval_batches
+from bigbatch.data.tokenizer import _finish, build_tokenizer
 
 CHUNK = 1000  # samples per quota period; rounding a weight to 1/CHUNK moves a share by <= 0.05%
 
@@ -82,7 +82,7 @@ class MixtureStream:
 class MixtureBlocks:
     """The blocks of several sources as one set of rows (source ``s``'s rows follow source
     ``s-1``'s). Indexing with an int array gives shape (len(rows), seq_len); ``stream(seed)`` is
-    the weighted order in which a :class:`~bigbatch.training.data.GlobalBatchLoader` reads them."""
+    the weighted order in which a :class:`~bigbatch.data.blocks.GlobalBatchLoader` reads them."""
 
     def __init__(self, names: list[str], parts: list, weights: list[float]):
         self.names, self.parts, self.weights = names, parts, weights
@@ -124,7 +124,7 @@ class MixtureBlocks:
         return {n: int(c) * self.seq_len for n, c in zip(self.names, counts)}
 
 
-def open_prepared(cfg: RunConfig, *, check_hashes: bool):
+def open_prepared(cfg, *, check_hashes: bool):
     """(tokenizer, PackedData) of ``data.source: prepared``: every source opened (hashes checked
     when ``check_hashes``), tokenized with the same tokenizer as the run's, cut into blocks."""
     from transformers import AutoTokenizer

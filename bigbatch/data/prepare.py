@@ -1,7 +1,7 @@
 """``bigbatch prepare-data``: tokenize the sources of a config once, in parallel, into token shards.
 
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8
-    bigbatch submit --nodes 1 --sbatch-arg=--array=0-15 -- -m bigbatch.launcher.cli prepare-data \
+    bigbatch submit --nodes 1 --sbatch-arg=--array=0-15 -- -m bigbatch.cli prepare-data \
         --config data.yaml --out /data/prep --workers 8        # a SLURM array: task k does pieces k, k+16, ...
 
 Writes ``OUT/tokenizer/`` (the tokenizer, saved once), ``OUT/<source>/`` per source (shards and
@@ -38,10 +38,10 @@ from bigbatch.data import shards
 from bigbatch.data.entries import FILE_KINDS, SourceSpec, source_specs
 from bigbatch.data.encode import encode_piece, init_worker
 from bigbatch.data.sources import Piece, plan_pieces, resolve_files, source_documents
-from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
-from bigbatch.training.corpus import Corpus, embedded_documents, hash_files, load_corpus
-from bigbatch.training.run_dir import command_main
-from bigbatch.training.tokenizer import _finish, build_tokenizer
+from bigbatch.cli_parser import command_main
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus, embedded_documents, hash_files, load_corpus
+from bigbatch.data.tokenizer import _finish, build_tokenizer
 
 PLAN = "plan.json"
 FAILED = "failed.txt"  # beside the plan of a prepare that stopped on an error: another plan may replace it
@@ -57,7 +57,7 @@ def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok,
             "tokens": sum(r["tokens"] for r in records), "docs": sum(r["docs"] for r in records), "shards": records}
 
 
-def build_prepare_tokenizer(cfg: RunConfig, specs: list[SourceSpec], files: list[str]):
+def build_prepare_tokenizer(cfg, specs: list[SourceSpec], files: list[str]):
     """The run's tokenizer as train.py would build it: ``pretrained`` loaded, ``bpe`` trained on the
     first source (for a config with a single ``data.source``, the same cached BPE as the in-job path).
     A file source is read by the workers' own reader (``files``: its resolved files), so bad content
@@ -252,7 +252,7 @@ def _piece_bytes(spec: SourceSpec, p: Piece, docs: list[str] | None) -> int:
     return p.end - p.start
 
 
-def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
+def run_prepare(cfg, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
                 log=print, progress_every_s: float = 10.0) -> PrepareResult:
     """Prepare this task's pieces of every source of ``cfg`` into ``out``. Every input is checked and
     the tokenizer built before anything is written; a prepare that stops on an error leaves
@@ -390,7 +390,10 @@ def _array_task() -> tuple[int, int]:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - lo, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, load_config) -> int:
+    """``bigbatch prepare-data``; ``load_config(path, overrides, sections=...)``: the run config's loader
+    (:func:`bigbatch.training.config.load_config`, given by the command line's dispatcher)."""
+
     def body() -> int:
         p = argparse.ArgumentParser(prog="bigbatch prepare-data", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = p.parse_known_args(argv)
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers: {args.workers} must be >= 1")
-        cfg = load_config(args.config, parse_overrides(rest), sections=PREPARE_SECTIONS)
+        cfg = load_config(args.config, rest, sections=PREPARE_SECTIONS)
         task, tasks = _array_task()
         task = task if args.task is None else args.task
         tasks = tasks if args.tasks is None else args.tasks
@@ -420,6 +423,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return command_main(body)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,15 +25,16 @@ import tempfile
 import torch
 
 from bigbatch import atomic
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.sharding import tags
 from bigbatch.sharding.full_state import read_full_state
 from bigbatch.sharding.tags import CheckpointError
 from bigbatch.training.config import ConfigError
-from bigbatch.training.corpus import load_corpus
+from bigbatch.data.corpus import load_corpus
 from bigbatch.training.model import hf_config
-from bigbatch.training.run_dir import HF_CONFIG, RESOLVED, TOKENIZER_DIR, command_main, saved_config
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.training.run_dir import HF_CONFIG, RESOLVED, TOKENIZER_DIR, saved_config
+from bigbatch.data.tokenizer import build_tokenizer
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {args.run_dir} to {path}", flush=True)
         return 0
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)

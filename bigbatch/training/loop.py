@@ -28,8 +28,9 @@ from bigbatch import distributed as bbdist
 from bigbatch.training.builders import RunSetup, lr_schedule, make_plan
 from bigbatch.training.callbacks.base import Callback, StepResult
 from bigbatch.training.checkpointer import Checkpointer
+from bigbatch.training.commands import TrainerCommands
 from bigbatch.training.config import RunConfig
-from bigbatch.training.data import GlobalBatchLoader, eval_batches
+from bigbatch.data.blocks import GlobalBatchLoader, eval_batches
 from bigbatch.training.lr_control import LrControl
 from bigbatch.training.metrics import MetricsLogger, Progress, hparam_fields, truncate_metrics
 from bigbatch.training.noise_meter import NoiseMeter
@@ -39,7 +40,7 @@ from bigbatch.training.step_sync import StepSync
 from bigbatch.training.watchdog import Watchdog
 
 
-class Trainer:
+class Trainer(TrainerCommands):
     """One run of ``cfg`` in ``out`` on the process group ``info`` with ``callbacks``.
 
     ``data``: the packed blocks (``corpus``: their source); ``run``: plan, model and engine from
@@ -115,77 +116,6 @@ class Trainer:
         self.hparams = dict(state.get("hparams") or self.hparams)
         self.saved_batch = int(state["global_batch"])
         self.loader = self._loader(self.plan, int(state["samples"]))
-
-    # ------------------------------------------------------------------ commands for callbacks
-
-    def record(self, name: str, value, reduce: str = "mean", *, weight: float = 1.0) -> None:
-        """A field of the next train record: ``value`` (a scalar tensor or a number) of this step,
-        reduced over the steps since the last record and over the ranks by ``reduce``."""
-        self.sync.add(name, value, reduce, weight=weight)
-
-    def agree(self, name: str, value, reduce: str = "max") -> None:
-        """A value every rank must see alike, reduced at the next sync point into ``on_sync``'s values."""
-        self.sync.add(name, value, reduce, log=False)
-
-    def log(self, record: dict) -> None:
-        self.logger.log(record)
-
-    def say(self, text: str) -> None:
-        """A line for the user on the main rank (through the progress display once it exists)."""
-        if self.progress is not None:
-            self.progress.write(text)
-            self.progress.set_total(self.total_steps())
-        elif self.info.is_main:
-            print(text, flush=True)
-
-    def warn(self, record: dict, text: str) -> None:
-        """A record (``kind`` and its fields) at this step and a line for the user."""
-        fields = dict(record)
-        self.log({"kind": fields.pop("kind"), "step": self.step, "tokens": self.tokens, **fields})
-        self.say(text)
-
-    def beat(self, what: str) -> None:
-        if self.watchdog is not None:
-            self.watchdog.beat(what, self.step)
-
-    def count_skipped(self) -> int:
-        """One more optimizer step was skipped (its gradient was not finite); the count so far."""
-        self.skipped += 1
-        return self.skipped
-
-    def request_stop(self, exit_code: int) -> None:
-        """End the run after this step's callbacks (a preemption, a move to more nodes)."""
-        self.exit_code = exit_code
-
-    def request_batch(self, global_batch: int, reason: str = "schedule") -> None:
-        """Continue at ``global_batch`` (at most the :meth:`limit_batch`) from the next step."""
-        if self.batch_limit is not None:
-            global_batch = min(global_batch, self.batch_limit)
-        if global_batch != self.plan.global_batch:
-            self.change_batch(global_batch, reason=reason)
-
-    def limit_batch(self, limit: int | None) -> None:
-        """The largest global batch a schedule may put in force (the nodes in hand take no more)."""
-        self.batch_limit = limit
-
-    def set_budget(self, stop_tokens: int, max_steps: int | None) -> None:
-        self.stop_tokens, self.max_steps = stop_tokens, max_steps
-
-    def set_lr_clock(self, clock) -> None:
-        """Read the lr schedule at ``clock(tokens)`` instead of the tokens seen."""
-        self.lr.clock = clock
-
-    def set_loss_weights(self, weights: list[float] | None) -> None:
-        """Multipliers of this rank's micro-batch losses (SVAG)."""
-        self.loss_weights = weights
-
-    def save_checkpoint(self, reason: str) -> bool:
-        """Save at this step (collective): ``periodic`` (may complete in the background), ``end``, or a
-        save before the run exits (``signal``, ``scale_out``). False: a periodic save failed and
-        ``checkpoint.on_save_error`` is ``continue``."""
-        if reason not in ("periodic", "end") and self.watchdog is not None:
-            self.watchdog.reached_save_point()
-        return self.checkpointer.save(self.step, periodic=reason == "periodic")
 
     # ------------------------------------------------------------------ steps, evaluation, batch
 

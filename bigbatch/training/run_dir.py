@@ -103,19 +103,6 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
     return apply_overrides(config_from_dict(data), overrides)
 
 
-def command_main(body: Callable[[], int]) -> int:
-    """An entry point's exit code: ``body()``'s, or 2 with one ``error:`` line for a ConfigError; the
-    process group is torn down either way."""
-
-    try:
-        return body()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exit_codes.BAD_INPUT
-    finally:
-        bbdist.destroy()
-
-
 def clear_run(out: str) -> None:
     """--overwrite: remove only what a run writes (never other files in the directory). A directory
     that is a mount point is emptied and kept."""

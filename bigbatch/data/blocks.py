@@ -29,8 +29,9 @@ from bigbatch import atomic
 from bigbatch.data import shards
 from bigbatch.data.encode import encode_documents
 from bigbatch.data.prepare import source_manifest
-from bigbatch.training.config import ConfigError, DataConfig
-from bigbatch.training.corpus import Corpus
+from bigbatch.data.config import DataConfig
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus
 
 CACHE_VERSION = 2  # 2: the prepared-data shard format (bigbatch.data.shards)
 

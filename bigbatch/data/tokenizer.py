@@ -13,8 +13,9 @@ import shutil
 import tempfile
 
 from bigbatch import atomic
-from bigbatch.training.config import ConfigError, TokenizerConfig
-from bigbatch.training.corpus import Corpus
+from bigbatch.data.config import TokenizerConfig
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

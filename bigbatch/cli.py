@@ -1,13 +1,13 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
-(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start),
+(:mod:`bigbatch.check_rules`; it runs in this process, which any launcher may start),
 ``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness.
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
     bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
     bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4 --tokens 200000 --out runs/check
-    bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
+    bigbatch launch --nproc-per-node 2 -m bigbatch.check_rules --from runs/tiny ...
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
@@ -226,15 +226,16 @@ def _cmd_env(args) -> int:
 # The training commands import torch, DeepSpeed and transformers (seconds): imported when one runs, so
 # that `bigbatch launch`, `submit` and `env` start at once.
 def _cmd_check_rules(args) -> int:
-    from bigbatch.training.check_rules import main as check_rules_main
+    from bigbatch.check_rules import main as check_rules_main
 
     return check_rules_main(args.args)
 
 
 def _cmd_prepare_data(args) -> int:
     from bigbatch.data.prepare import main as prepare_main
+    from bigbatch.training.config import load_config
 
-    return prepare_main(args.args)
+    return prepare_main(args.args, load_config=load_config)
 
 def _cmd_export(args) -> int:
     from bigbatch.training.export import main as export_main

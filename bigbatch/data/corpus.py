@@ -19,7 +19,8 @@ import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from bigbatch.training.config import ConfigError, DataConfig
+from bigbatch.data.config import DataConfig
+from bigbatch.errors import ConfigError
 
 
 @dataclass
