@@ -37,20 +37,16 @@ def _counted_run(tmp_path, cache, name: str, extra: list[str]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, extra, reads_allowed", [
-    ("deepspeed", [], 0.15),
-    # torch's fused AdamW skips a non-finite step on the device (found_inf): nothing left to read
+@pytest.mark.parametrize("engine, extra", [
+    ("deepspeed", []),
+    ("fsdp2", ["--train.engine", "fsdp2"]),
+    # torch's fused AdamW skips a non-finite step on the device too (found_inf, as from a GradScaler)
     ("fsdp2", ["--train.engine", "fsdp2", "--optim.name", "adamw", "--optim.kwargs", "{fused: true}",
-               "--optim.hparams", "{lr: 0.01, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"], 0.15),
-    # bigbatch's optimizers decide a skip on the host: one read of the finiteness flag a step
-    ("fsdp2", ["--train.engine", "fsdp2"], 1.15),
-], ids=["deepspeed-adabound", "fsdp2-fused-adamw", "fsdp2-adabound"])
-def test_a_step_reads_nothing(tmp_path, cache, engine, extra, reads_allowed):
+               "--optim.hparams", "{lr: 0.01, betas: [0.9, 0.99], eps: 1.0e-8, weight_decay: 0.0}"]),
+], ids=["deepspeed-adabound", "fsdp2-adabound", "fsdp2-fused-adamw"])
+def test_a_step_reads_nothing(tmp_path, cache, engine, extra):
     out = _counted_run(tmp_path, cache, engine, extra)
     for rank in (0, 1):
         reads, collectives, where = _per_step(out, rank)
-        assert reads <= reads_allowed, (rank, reads, where)
+        assert reads <= 0.15, (rank, reads, where)
         assert collectives <= 0.1, (rank, collectives, where)
-        if reads_allowed > 1:  # exactly the skip decision: every other read is gone
-            assert [k for k in where if k.startswith("__bool__") and "step_if_finite" in k], where
-            assert reads - 1.0 <= 0.15, (rank, reads, where)

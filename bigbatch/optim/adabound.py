@@ -108,6 +108,10 @@ class AdaBound(AdamFamily):
                 0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0,
                 step_size, lower, upper]
 
+    def _still(self, s: list[float]) -> list[float]:
+        """Moments kept (beta 1, weight 0), no decay, a step clipped to [0, 0]."""
+        return [1.0, 0.0, 1.0, 0.0, s[4], 0.0, 1.0, 0.0, 0.0, 0.0]
+
     @torch.no_grad()
     def bound_counts(self) -> tuple[torch.Tensor | int, torch.Tensor | int, int]:
         """``(below, above, total)``: coordinates whose next step size ``step_size / (sqrt(v) + eps)``
@@ -136,7 +140,7 @@ class AdaBound(AdamFamily):
     def _body(p, g, m, v, vmax, s):
         # float32 arithmetic whatever the storage (no-ops for float32 tensors)
         pf = p.float()
-        g = g.float() + s[5] * pf
+        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0) + s[5] * pf  # a skipped step's NaN
         m_new = m.float() * s[0] + g * s[1]
         v_new = v.float() * s[2] + g * g * s[3]
         if vmax is not None:

@@ -114,6 +114,13 @@ class TrainingEngine(abc.ABC):
 
     # ------------------------------------------------------------------ shared by every engine
 
+    def settle(self) -> None:
+        """At the loop's sync point: an optimizer that skipped steps on the device (``found_inf``) takes them
+        off its step counters (:meth:`~bigbatch.optim._base.AdamFamily.settle_steps`)."""
+        settle = getattr(self.optimizer, "settle_steps", None)
+        if settle is not None:
+            settle()
+
     @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
         """(summed cross-entropy in nats, predicted positions) over this rank's batches."""

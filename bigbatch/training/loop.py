@@ -136,6 +136,7 @@ class Trainer(TrainerCommands):
         """Bring the recorded values to the host (collective; the train record's only at a log step),
         feed the noise scale, call the callbacks."""
         values, self.synced = self.sync.collect(logged=self.log_step)
+        self.engine.settle()
         measured = self.noise.observe(values)
         for cb in self.callbacks:
             if self.exit_code is not None:  # a callback ended the run: the later ones see no more of it
