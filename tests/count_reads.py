@@ -25,7 +25,7 @@ FIRST, LAST = 20, 60
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "bigbatch") + os.sep
 OPTIM = os.path.join(PACKAGE, "optim") + os.sep
-COUNTS = {"reads": 0, "collectives": 0, "where": {}}
+COUNTS = {"reads": 0, "collectives": 0, "where": {}, "library": {}}  # library: DeepSpeed's and torch's own, by file
 
 
 def _caller_in_bigbatch(depth: int = 2) -> str | None:
@@ -33,8 +33,17 @@ def _caller_in_bigbatch(depth: int = 2) -> str | None:
     return f"{code.co_filename}:{code.co_name}" if code.co_filename.startswith(PACKAGE) else None
 
 
+def _library(name: str) -> None:
+    """A read or collective of another library (DeepSpeed, torch.distributed's own), for the record."""
+    code = sys._getframe(2).f_code
+    if "/deepspeed/" in code.co_filename:
+        key = f"{name} deepspeed/{code.co_filename.split('/deepspeed/', 1)[1]}:{code.co_name}"
+        COUNTS["library"][key] = COUNTS["library"].get(key, 0) + 1
+
+
 def _count_read(name: str, original):
     def wrapper(self, *args, **kwargs):
+        _library(name)
         where = _caller_in_bigbatch()
         if where is not None and not (where.startswith(OPTIM) and self.dim() == 0 and self.device.type == "cpu"
                                       and self.dtype == torch.float32):
@@ -47,6 +56,7 @@ def _count_read(name: str, original):
 
 def _count_collective(name: str, original):
     def wrapper(*args, **kwargs):
+        _library(name)
         where = _caller_in_bigbatch()
         if where is not None:
             COUNTS["collectives"] += 1
