@@ -29,6 +29,7 @@ from bigbatch.training.callbacks import default_callbacks
 from bigbatch.training.run_data import prepare_data
 from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
+from bigbatch.training.plan import announce
 from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
                                       save_model_files)
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
+        planned = announce(cfg, info, len(tok), data.seq_len)  # noqa: F841 - the run's end compares its peak (check_peak)
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
         run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,
