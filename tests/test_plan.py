@@ -125,3 +125,27 @@ def test_memory_model_arithmetic():
     assert memory.activation_bytes(shape, 1, 4, 2, checkpointing=True) < a1
     budget = memory.estimate(shape, memory.Strategy("zero2", 4), 7, 4).peak
     assert memory.largest_micro_batch(shape, memory.Strategy("zero2", 4), 4, budget) == 7
+
+
+def test_announce_and_check_peak(capsys):
+    """At a run's start: the one-line summary and the peak's baseline; at its end a warning only when the
+    measured peak (here resident memory, on CPU) passes 1.25 x the plan's."""
+    import types
+
+    import torch
+
+    from bigbatch.training.config import load_config
+    from bigbatch.training.plan import announce, check_peak
+
+    cfg = load_config("configs/tiny.yaml", ["--train.engine", "fsdp2"])
+    info = types.SimpleNamespace(device=torch.device("cpu"), world_size=1, local_world_size=1, is_main=True)
+    planned = announce(cfg, info, tokenizer_size=2048, seq_len=cfg.data.seq_len)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("plan: ") and "FSDP2 fp32 on 1 process: " in line and "global batch 16 = " in line
+    assert planned.predicted > 0 and planned.device == "cpu"
+    assert check_peak(planned) is None  # nothing allocated since
+    big = torch.ones(int(1.5 * planned.predicted) // 4)  # touched: resident
+    said = []
+    text = check_peak(planned, say=said.append)
+    assert text is not None and said == [text] and "the plan (bigbatch.scaling.memory) underestimates" in text
+    del big

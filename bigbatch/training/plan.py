@@ -192,10 +192,13 @@ class RunPlan:
         hp = ", ".join(f"{k} {_fmt(v)}" for k, _, v, _ in self.hparam_rows())
         c = self.costs.get("strategies", {})
         first = next(iter(c.values()), None)
-        when = f" | {first['wall_h']:.3g} h, {first['node_h']:.4g} node-h ({first['nodes']} nodes)" if first else ""
+        gpu = (self.gpu or GPUS[DEFAULT_GPU]).name.split()[0]
+        when = f" | {first['wall_h']:.3g} h, {first['node_h']:.4g} node-h ({first['nodes']} nodes of {gpu} at " \
+               f"{cost.MFU:.0%} MFU)" if first else ""
         unit = "GPU" if self.strategies[self.engine].device == "cuda" else "process"
+        units = unit if self.world == 1 else {"GPU": "GPUs", "process": "processes"}[unit]
         return (f"plan: {_size(self.shape.params)} params | {ENGINE_LABELS[self.engine]} "
-                f"{self.strategies[self.engine].precision} on {self.world} {unit}(s): {mem.peak / GB:.2f} GB per {unit}"
+                f"{self.strategies[self.engine].precision} on {self.world} {units}: {mem.peak / GB:.2f} GB per {unit}"
                 f"{fits} | global batch {b.global_batch} = {b.micro_batch} x {b.grad_accum} accum x {self.world} "
                 f"(kappa {b.kappa:g}) | {b.optimizer} {hp}{when}")
 
