@@ -350,22 +350,28 @@ def fit_problem(p: RunPlan) -> str | None:
     mem = p.memory_for(p.engine)
     if mem.peak <= p.budget:
         return None
-    what = (f"{ENGINE_LABELS[p.engine]} needs {mem.peak / GB:.1f} GB per GPU for the {_size(p.shape.params)} "
-            f"model at micro batch {p.batch.micro_batch} x {p.seq_len} tokens (states {mem.states / GB:.1f} GB, "
-            f"activations {mem.activations / GB:.1f} GB), {p.gpu.name} has {p.budget / GB:.0f} GB usable")
+    if mem.build > mem.training:
+        what = (f"{ENGINE_LABELS[p.engine]} needs {mem.peak / GB:.1f} GB per GPU to build the {_size(p.shape.params)} "
+                "model (train.py moves the whole float32 model to each GPU before FSDP2 shards it)")
+    else:
+        what = (f"{ENGINE_LABELS[p.engine]} needs {mem.peak / GB:.1f} GB per GPU for the {_size(p.shape.params)} "
+                f"model at micro batch {p.batch.micro_batch} x {p.seq_len} tokens (states {mem.states / GB:.1f} GB, "
+                f"activations {mem.activations / GB:.1f} GB)")
+    what += f", {p.gpu.name} has {p.budget / GB:.0f} GB usable"
     fixes = []
     most = p.largest_micro(p.engine, ckpt)
     if most:
         fixes.append(f"--batch.micro_batch_sizes {most} (the largest that fits)")
     elif not ckpt and p.largest_micro("fsdp2", True) and not p.largest_micro("fsdp2", False):
         fixes.append("activation checkpointing (--train.engine fsdp2 --fsdp2.activation_checkpointing true)")
-    others = [e for e in ENGINES if e != p.engine and p.largest_micro(e, ckpt)]
+    # train.py checkpoints activations under FSDP2 only (fsdp2.activation_checkpointing)
+    others = [e for e in ENGINES if e != p.engine and p.largest_micro(e, ckpt and e == "fsdp2")]
     fixes += [_engine_option(e) for e in others[:2]]
     if not most and not others:  # more GPUs: the config's engine if it shards, else ZeRO-3; or FSDP2 with AC
         engine = p.engine if p.engine != "zero0" else "zero3"
         found = False
         for n in (2 ** i for i in range(1, 16)):
-            for e, ac in ((engine, ckpt), ("fsdp2", True)):
+            for e, ac in ((engine, ckpt and engine == "fsdp2"), ("zero3", False), ("fsdp2", True)):
                 more = replace(p.strategies[e], world=p.world * n, activation_checkpointing=ac)
                 if not found and largest_micro_batch(p.shape, more, p.seq_len, p.budget):
                     option = "" if e == p.engine and ac == ckpt else _engine_option(e) + (
