@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = prepare_data(cfg, info)
-        planned = announce(cfg, info, len(tok), data.seq_len)  # noqa: F841 - the run's end compares its peak (check_peak)
+        planned = announce(cfg, info, len(tok), data.seq_len, global_batch=start)  # noqa: F841 - for check_peak
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
         run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,

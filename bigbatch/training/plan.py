@@ -314,18 +314,19 @@ def _costs(p: RunPlan, params: float) -> tuple[list, dict, list[str]]:
 
 def plan_run(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu: str | None = DEFAULT_GPU,
              tokenizer_size: int | None = None, seq_len: int | None = None, world_size: int | None = None,
-             device: str | None = None, with_cost: bool = True) -> RunPlan:
+             device: str | None = None, with_cost: bool = True, global_batch: int | None = None) -> RunPlan:
     """The :class:`RunPlan` of ``cfg`` on ``nodes`` x ``gpus_per_node`` GPUs of kind ``gpu`` (a key of
     :data:`~bigbatch.scaling.memory.GPUS`; None: no memory limit to check). ``device``: ``cuda`` (the default
     with a ``gpu``) or ``cpu`` (the default without: process memory on CPU). ``tokenizer_size``: the run's
     tokenizer, when it is at hand (else :func:`vocab_size`). ConfigError for an infeasible batch or a bad key.
-    ``world_size``: the processes that share the model states, when not every GPU does."""
+    ``world_size``: the processes that share the model states, when not every GPU does; ``global_batch``: the
+    batch the run starts at when it is not the config's (a scale-out resume)."""
     from bigbatch.training.builders import check_batch, make_plan
     from bigbatch.training.model import build_model, padded_vocab
 
     world = world_size or nodes * gpus_per_node
     check_batch(cfg, world)
-    batch = make_plan(cfg, world)
+    batch = make_plan(cfg, world, global_batch)
     seq = seq_len or cfg.data.seq_len
     vocab = padded_vocab(cfg.model, tokenizer_size) if tokenizer_size else vocab_size(cfg)
     model = build_model(cfg.model, vocab, seq, device="meta")
@@ -456,7 +457,8 @@ def _status_bytes(field_name: str) -> float:
     return float("nan")
 
 
-def announce(cfg: RunConfig, info, tokenizer_size: int, seq_len: int) -> PlannedMemory | None:
+def announce(cfg: RunConfig, info, tokenizer_size: int, seq_len: int, *,
+             global_batch: int | None = None) -> PlannedMemory | None:
     """At the start of a run, before the model is built: print the plan's one-line summary on the main rank and
     start measuring the peak (CUDA: reset the allocator's peak; CPU: reset the kernel's high-water mark of
     resident memory). Returns what :func:`check_peak` needs; None (and a note) when no plan can be made."""
@@ -471,10 +473,10 @@ def announce(cfg: RunConfig, info, tokenizer_size: int, seq_len: int) -> Planned
     try:
         plan = plan_run(cfg, nodes=max(1, info.world_size // local), gpus_per_node=local, gpu=gpu,
                         tokenizer_size=tokenizer_size, seq_len=seq_len, world_size=info.world_size,
-                        device=info.device.type, with_cost=on_gpu)
-    except ConfigError as exc:  # the run refuses the same input itself, with its own message
+                        device=info.device.type, with_cost=on_gpu, global_batch=global_batch)
+    except Exception as exc:  # noqa: BLE001 - the plan informs; it never stops a run (which checks its own input)
         if info.is_main:
-            print(f"plan: none ({exc})", file=sys.stderr, flush=True)
+            print(f"plan: none ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         return None
     line = plan.summary()
     if info.is_main:
