@@ -54,7 +54,7 @@ So a Llama block at e = 2 (bf16) with h_kv = h holds 26 h + 8 i bytes per token,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -178,7 +178,6 @@ class MemoryEstimate:
     step: float  # the optimizer step's temporaries
     build: float  # building the model and the engine
     retained: float = 0.0  # CPU: freed activations the allocator keeps resident through the optimizer step
-    notes: list[str] = field(default_factory=list)
 
     @property
     def states(self) -> float:
@@ -193,8 +192,7 @@ class MemoryEstimate:
         return max(self.build, self.training)
 
     def rows(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k not in ("notes", "engine")}, "states": self.states,
-                "peak": self.peak}
+        return {**{k: v for k, v in asdict(self).items() if k != "engine"}, "states": self.states, "peak": self.peak}
 
 
 def optimizer_states(optimizer_class, hparams: Mapping) -> int:
@@ -238,13 +236,13 @@ def estimate(shape: ModelShape, strategy: Strategy, micro_batch: int, seq_len: i
     largest = max(shape.tensor_sizes, default=P)
     cpu = s.device == "cpu"
     head = shape.vocab * shape.hidden  # the output embedding's gradient
-    notes: list[str] = []
     if s.engine == "zero0":
         weights, grads = w * P, w * P + (4 * P if mixed else 0)
         optim = 4 * k * P + (4 * P if mixed else 0)
         buffers = 0.0
         # the all-reduce's flat copy of the gradients
-        step = max(w * min(P, s.allgather_bucket), 4 * s.optimizer_temporaries * (P if s.optimizer_foreach else largest))
+        step = max(w * min(P, s.allgather_bucket),
+                   4 * s.optimizer_temporaries * (P if s.optimizer_foreach else largest))
         build = 4 * P if cpu else w * P  # cast on the host, then moved
     elif s.engine in ("zero1", "zero2"):
         weights = w * P
@@ -286,7 +284,7 @@ def estimate(shape: ModelShape, strategy: Strategy, micro_batch: int, seq_len: i
     # resident once freed, through the optimizer step (the head's large tensors go back to the system)
     retained = activation_bytes(shape, micro_batch, seq_len, w, checkpointing=s.activation_checkpointing,
                                 head=False) if s.heap_retains else 0.0
-    return MemoryEstimate(s.engine, weights, grads, optim, act, buffers, step, build, retained, notes)
+    return MemoryEstimate(s.engine, weights, grads, optim, act, buffers, step, build, retained)
 
 
 def largest_micro_batch(shape: ModelShape, strategy: Strategy, seq_len: int, budget: float,

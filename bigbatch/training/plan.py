@@ -172,7 +172,8 @@ class RunPlan:
             "optimizer_states_per_parameter": self.strategies[self.engine].states,
             "memory": self.memory_table(),
             "batch": {"micro_batch": b.micro_batch, "grad_accum": b.grad_accum, "global_batch": b.global_batch,
-                      "tokens_per_step": b.global_batch * self.seq_len, "reference_global_batch": b.reference_global_batch,
+                      "tokens_per_step": b.global_batch * self.seq_len,
+                      "reference_global_batch": b.reference_global_batch,
                       "kappa": b.kappa, "optimizer": b.optimizer, "beta_form": b.beta_form, "bound_form": b.bound_form},
             "hparams": [{"key": k, "reference": _plain(r), "scaled": _plain(v), "rule": rule}
                         for k, r, v, rule in self.hparam_rows()],
@@ -204,7 +205,8 @@ class RunPlan:
 
     def render(self) -> str:
         b, s = self.batch, self.shape
-        lines = [f"model: {s.arch}, {s.params:,} parameters ({_size(s.params)}), {s.layers} layers x hidden {s.hidden}, "
+        lines = [f"model: {s.arch}, {s.params:,} parameters ({_size(s.params)}), {s.layers} layers x hidden "
+                 f"{s.hidden}, "
                  f"vocab {s.vocab}, seq_len {self.seq_len}",
                  f"cluster: {self.nodes} node(s) x {self.gpus_per_node} GPU(s) = {self.world}"
                  + ("" if self.gpu is None else f" x {self.gpu.name} ({self.budget / GB:.0f} GB usable of "
@@ -300,13 +302,13 @@ def _costs(p: RunPlan, params: float) -> tuple[list, dict, list[str]]:
         r = res[k]
         n = {"a": str(c.small), "b": str(c.max_nodes), "c": f"{c.small}->{c.max_nodes}"}[k]
         rows[cost.STRATEGIES[k]] = {"nodes": n, "tokens_per_s": r["tokens"] / r["wall_s"],
-                      "wall_h": r["wall_s"] / 3600, "node_h": r["node_s"] / 3600, "tokens_ratio": r["tokens"] / base,
-                      "moves": r["moves"] if k == "c" else "-"}
+                                    "wall_h": r["wall_s"] / 3600, "node_h": r["node_s"] / 3600,
+                                    "tokens_ratio": r["tokens"] / base, "moves": r["moves"] if k == "c" else "-"}
     gpu = p.gpu.name if p.gpu is not None else GPUS[DEFAULT_GPU].name
     notes = [f"Cost on paper: {gpu} at {cost.assumptions()}."]
     if cfg.batch.schedule == "auto":
-        notes.append(f"The automatic schedule is assumed to see that critical batch as B_noise (it grows x{sched.factor} "
-                     f"when B_noise >= {sched.margin:g} x the next batch; the run measures the real one).")
+        notes.append("The automatic schedule is assumed to see that critical batch as B_noise (it grows "
+                     f"x{sched.factor} when B_noise >= {sched.margin:g} x the next batch; the run measures the real one).")
     notes.append("Memory: bigbatch.scaling.memory (activations after Korthikanti et al. 2022 for SDPA blocks; "
                  "checked against measured peaks on CPU by benchmarks/plan_memory.py).")
     return traj, {"tokens": cfg.train.tokens, "strategies": rows}, notes
@@ -515,8 +517,9 @@ def check_peak(planned: PlannedMemory | None, *, tolerance: float = PEAK_TOLERAN
     peak = measured_peak(planned)
     if not math.isfinite(peak) or peak <= tolerance * planned.predicted:
         return None
+    what = "CUDA max_memory_allocated" if planned.device == "cuda" else "resident memory above the start"
     text = (f"measured peak memory {peak / GB:.2f} GB per process is {peak / planned.predicted:.2f} x the plan's "
-            f"{planned.predicted / GB:.2f} GB ({'CUDA max_memory_allocated' if planned.device == 'cuda' else 'RSS above the start'}); "
+            f"{planned.predicted / GB:.2f} GB ({what}); "
             "the plan (bigbatch.scaling.memory) underestimates this run")
     (say or (lambda t: print(f"warning: {t}", file=sys.stderr, flush=True)))(text)
     return text
