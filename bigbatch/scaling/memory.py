@@ -19,8 +19,8 @@ ZeRO-2    w P (one flat buffer)        w P / N             (4 + 4 k) P / N      
 ZeRO-3    w P / N (+ small persistent  w P / N + 8 P / N   4 k P / N (+4 P / N         parameters gathered up to
           parameters whole)            (fp32 buffer and    master in bf16)            stage3_max_live_parameters, a
                                        the master's grad)                             bucket or one larger gradient
-FSDP2     4 P / N (fp32 shards)        4 P / N             4 k P / N                  the root gathered, two blocks
-                                                                                      gathered, a block's gradient
+FSDP2     4 P / N (fp32 shards)        4 P / N, made by    4 k P / N                  the root gathered, two blocks
+                                       each backward pass                             gathered, a block's gradient
 ========  ===========================  ==================  =========================  ==============================
 
 DeepSpeed's optimizer step copies the partition's gradient to float32 (4 P / N); ZeRO-0 all-reduces through a
@@ -29,7 +29,7 @@ update in place. Building: on CPU the whole float32 model (4 P) exists before an
 DeepSpeed casts it on the host and moves it (w P; ZeRO-1/2 then flatten it into a new buffer, w P more; ZeRO-3
 one parameter at a time), while FSDP2 as bigbatch builds it moves the whole float32 model to the GPU first.
 The peak is the larger of the build and training: model states + the largest of (activations + buffers) and
-(the step's temporaries).
+(the step's temporaries); FSDP2's gradients, freed after every step, count at the step only.
 
 Activations (:func:`activation_bytes`), per token of a micro batch (``s`` x ``b`` tokens), ``e`` bytes per
 activation (4 fp32, 2 bf16), hidden ``h``, key/value width ``h_kv``, MLP width ``i``, ``a`` heads, vocabulary
@@ -178,6 +178,7 @@ class MemoryEstimate:
     step: float  # the optimizer step's temporaries
     build: float  # building the model and the engine
     retained: float = 0.0  # CPU: freed activations the allocator keeps resident through the optimizer step
+    gradients_held: bool = True  # False: they are freed after each step, made again by the backward pass
 
     @property
     def states(self) -> float:
@@ -185,14 +186,18 @@ class MemoryEstimate:
 
     @property
     def training(self) -> float:
-        return self.states + max(self.activations + self.buffers, self.step + self.retained)
+        """The largest of the forward/backward pass and the optimizer step."""
+        held = self.weights + self.optimizer + (self.gradients if self.gradients_held else 0.0)
+        at_step = self.step + self.retained + (0.0 if self.gradients_held else self.gradients)
+        return held + max(self.activations + self.buffers, at_step)
 
     @property
     def peak(self) -> float:
         return max(self.build, self.training)
 
     def rows(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "engine"}, "states": self.states, "peak": self.peak}
+        return {**{k: v for k, v in asdict(self).items() if k not in ("engine", "gradients_held")}, "states": self.states,
+                "peak": self.peak}
 
 
 def optimizer_states(optimizer_class, hparams: Mapping) -> int:
@@ -284,7 +289,10 @@ def estimate(shape: ModelShape, strategy: Strategy, micro_batch: int, seq_len: i
     # resident once freed, through the optimizer step (the head's large tensors go back to the system)
     retained = activation_bytes(shape, micro_batch, seq_len, w, checkpointing=s.activation_checkpointing,
                                 head=False) if s.heap_retains else 0.0
-    return MemoryEstimate(s.engine, weights, grads, optim, act, buffers, step, build, retained)
+    # FSDP2's engine sets the gradients to None after each step: the backward pass makes them while the
+    # activations go, so they count at the step rather than beside the activations
+    return MemoryEstimate(s.engine, weights, grads, optim, act, buffers, step, build, retained,
+                          gradients_held=s.engine != "fsdp2")
 
 
 def largest_micro_batch(shape: ModelShape, strategy: Strategy, seq_len: int, budget: float,
