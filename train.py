@@ -30,6 +30,7 @@ from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
 from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
+from bigbatch.training.plan import announce, check_peak
 from bigbatch.training.run_dir import (has_checkpoint, parse_args, prepare, resolve_run,
                                       save_model_files)
 
@@ -45,14 +46,17 @@ def main(argv=None) -> int:
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
         tok, data, corpus = load_run_data(cfg, info)
+        planned = announce(cfg, info, len(tok), data.seq_len, global_batch=start)
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
         run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,
                     init_weights=not (resuming and has_checkpoint(ckpt_dir)))
         if info.is_main:
             save_model_files(out, tok, run.model.config)
-        return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
+        code = Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
                        resume_from=ckpt_dir if resuming else None).run()
+        check_peak(planned)  # a warning when the run's peak memory was well above the plan's
+        return code
 
     return command_main(body, teardown=bbdist.destroy)
 

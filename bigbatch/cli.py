@@ -11,6 +11,7 @@
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
+    bigbatch plan --config configs/1.3b.yaml --nodes 4 --gpus-per-node 8 --gpu h100   # before you queue
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ def _cmd_submit(args) -> int:
     cfg = submit_config(args)
     cfg.validate()
     check_submission(cfg)
-    for note in _submit_notes(args, cfg):
+    from bigbatch.training.plan import submit_summary  # the training stack: see _cmd_check_rules
+
+    summary = submit_summary(cfg.command, cfg.workdir, cfg.nodes, cfg.workers_per_node, cfg.gpus_per_node > 0)
+    for note in _submit_notes(args, cfg) + ([summary] if summary else []):
         print(f"bigbatch submit: {note}", file=sys.stderr, flush=True)
     if args.dry_run:
         sys.stdout.write(render_sbatch(cfg))
@@ -243,6 +247,12 @@ def _cmd_export(args) -> int:
     return export_main(args.args)
 
 
+def _cmd_plan(args) -> int:
+    from bigbatch.training.plan import main as plan_main
+
+    return plan_main(args.args)
+
+
 def _cmd_eval(args) -> int:
     from bigbatch.training.evaluate import main as eval_main
 
@@ -254,6 +264,7 @@ _OWN_PARSERS = {
     "check-rules": (_cmd_check_rules, "branch a run at larger batches (and SVAG) and report where the scaling rules hold"),
     "export": (_cmd_export, "write a run's checkpoint as a Hugging Face model directory"),
     "eval": (_cmd_eval, "lm-evaluation-harness on a Hugging Face model directory"),
+    "plan": (_cmd_plan, "what a config needs and does on N nodes: memory per GPU, batch plan, schedule, cost"),
     "prepare-data": (_cmd_prepare_data,
                      "tokenize the config's data sources once into token shards (restartable, SLURM arrays)"),
 }

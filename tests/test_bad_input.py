@@ -183,7 +183,8 @@ def test_submit_turns_out_into_resume_on_requeue(tmp_path, capfd):
                      "train.py", "--config", CFG, "--out", str(tmp_path / "r"), "--train.max_steps", "3"]) == 0
     cap = capfd.readouterr()
     notes = cap.err.strip().splitlines()
-    assert len(notes) == 2 and notes[0].startswith("bigbatch submit: defaults used: --cpus-per-task 1,"), notes
+    assert len(notes) == 3 and notes[0].startswith("bigbatch submit: defaults used: --cpus-per-task 1,"), notes
+    assert notes[2].startswith("bigbatch submit: plan: ") and "on 1 process: " in notes[2], notes
     assert "--time" not in notes[0] and f"--resume {tmp_path / 'r'} on every requeue" in notes[1], notes
     script = cap.out
     assert '"$run_dir_opt" ' + str(tmp_path / "r") in script

@@ -220,6 +220,27 @@ def scale_hparams(
     return out
 
 
+def describe_rule(optimizer: str | type, key: str, hparams: Mapping[str, Any], *, beta_form: BetaForm = "paper",
+                  bound_form: BoundForm = "sqrt") -> str:
+    """How :func:`scale_hparams` moves constructor kwarg ``key`` of ``optimizer`` (given the reference
+    ``hparams``) with kappa, in words such as ``"x sqrt(kappa)"``; ``"unchanged"`` for a key it keeps."""
+    cls, family = resolve_family(optimizer)
+    if family in LINEAR_RULE:
+        return "x kappa (linear rule)" if key == "lr" else "unchanged"
+    paper = "1 - kappa (1 - beta)"
+    betas = {"paper": paper, "power": "beta^kappa", "keep": "unchanged",
+             "keep_beta1": f"beta1 unchanged, beta2 {paper}"}
+    rules = {"lr": "x sqrt(kappa)", "eps": "/ sqrt(kappa)", "betas": betas[beta_form],
+             "alpha": betas[beta_form] if beta_form != "keep_beta1" else paper}
+    if family in ADABOUND_RULE:
+        rules.update(final_lr="x kappa" if bound_form == "linear" else "x sqrt(kappa)", gamma="x kappa")
+    if _decoupled(family, {**constructor_defaults(cls), **hparams}):
+        rules["weight_decay"] = "x sqrt(kappa) (decoupled: lr x wd per sample kept)"
+    elif key == "weight_decay":
+        return "unchanged (L2 in the gradient)"
+    return rules.get(key, "unchanged")
+
+
 def _check_radam(hp: Mapping[str, Any], defaults: Mapping[str, Any], kappa: float) -> None:
     beta2 = _real("beta2", hp["betas"][1])
     rho_inf = 2.0 / (1.0 - beta2) - 1.0

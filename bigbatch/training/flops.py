@@ -50,23 +50,31 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
     return None
 
 
+_CUDA_PEAK = {"bytes": 0}  # the largest window peak so far: the allocator's counter is reset per window
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """The peak memory of this process since the last call (GB): CUDA memory allocated on ``device``,
-    else the resident set (``VmHWM``, reset after reading where the kernel allows)."""
+    """The peak memory of this process (GB): on CUDA, memory allocated on ``device`` since the last call
+    (the allocator's peak is reset; :func:`cuda_run_peak_bytes` keeps the largest); on a CPU, the
+    resident set's high-water mark (``VmHWM``)."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        _CUDA_PEAK["bytes"] = max(_CUDA_PEAK["bytes"], peak)
         return peak / 1e9
-    peak_kb = 0
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith("VmHWM:"):
-                    peak_kb = int(line.split()[1])
-        with open("/proc/self/clear_refs", "w") as fh:  # 5: reset the peak to the current resident set
-            fh.write("5")
+                    return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
-    return peak_kb * 1024 / 1e9 if peak_kb else float("nan")
+    return float("nan")
+
+
+def cuda_run_peak_bytes() -> int:
+    """The largest CUDA memory allocated so far in this process, across the windows of
+    :func:`peak_memory_gb` and the allocator's current one."""
+    return max(_CUDA_PEAK["bytes"], torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
 
 
