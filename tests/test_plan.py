@@ -32,7 +32,7 @@ def llama_params(h: int, layers: int, inter: int, vocab: int, kv_ratio: float = 
 @pytest.fixture(scope="module")
 def cli_run():
     """One real ``bigbatch plan`` process on the 1.3B config at 4 x 8 H100 (the text table)."""
-    cmd = [sys.executable, "-m", "bigbatch.launcher.cli", "plan", *CLUSTER]
+    cmd = [sys.executable, "-m", "bigbatch.cli", "plan", *CLUSTER]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 

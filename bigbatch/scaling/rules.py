@@ -316,6 +316,10 @@ class ScalingRule:
         return scale_hparams(self.optimizer, hparams, kappa, beta_form=self.beta_form, bound_form=self.bound_form,
                              overrides=overrides)
 
+    def describe(self, key: str, hparams: Mapping[str, Any]) -> str:
+        """:func:`describe_rule` of this optimizer with this rule's forms."""
+        return describe_rule(self.optimizer, key, hparams, beta_form=self.beta_form, bound_form=self.bound_form)
+
     def noise_lr_factor(self, global_batch: float, reference_batch: float, b_noise: float | None) -> float:
         """:func:`noise_lr_factor` for this optimizer."""
         return noise_lr_factor(self.optimizer, global_batch, reference_batch, b_noise)

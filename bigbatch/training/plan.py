@@ -20,12 +20,11 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.errors import ConfigError
 from bigbatch.scaling import cost
 from bigbatch.scaling.memory import (CUDA_RESERVE, ENGINES, GB, GPUS, GPU, MemoryEstimate, ModelShape, Strategy,
                                      estimate, largest_micro_batch, model_shape, optimizer_states)
-from bigbatch.scaling.rules import describe_rule
 from bigbatch.training.config import RunConfig
 
 DEFAULT_GPU = "h100"
@@ -66,7 +65,7 @@ def vocab_size(cfg: RunConfig) -> int:
 
 
 def _deepspeed(cfg: RunConfig, batch) -> dict:
-    from bigbatch.training.builders import deepspeed_config
+    from bigbatch.sharding.deepspeed_engine import deepspeed_config
 
     ds = deepspeed_config(cfg, batch)
     zero = ds.get("zero_optimization", {})
@@ -154,7 +153,7 @@ class RunPlan:
         ref = b.reference_hparams or {}
         rows = []
         for key, value in b.hparams.items():
-            rule = describe_rule(b.optimizer_class, key, ref, beta_form=b.beta_form, bound_form=b.bound_form)
+            rule = b.rule.describe(key, ref)
             rows.append((key, ref.get(key, "(default)"), value, rule))
         return rows
 
@@ -174,7 +173,7 @@ class RunPlan:
             "batch": {"micro_batch": b.micro_batch, "grad_accum": b.grad_accum, "global_batch": b.global_batch,
                       "tokens_per_step": b.global_batch * self.seq_len,
                       "reference_global_batch": b.reference_global_batch,
-                      "kappa": b.kappa, "optimizer": b.optimizer, "beta_form": b.beta_form, "bound_form": b.bound_form},
+                      "kappa": b.kappa, "optimizer": b.optimizer, **b.rule.forms()},
             "hparams": [{"key": k, "reference": _plain(r), "scaled": _plain(v), "rule": rule}
                         for k, r, v, rule in self.hparam_rows()],
             "schedule": {"kind": _schedule_kind(self.cfg), "trajectory": [{"tokens": t, "global_batch": g}
@@ -390,7 +389,6 @@ def fit_problem(p: RunPlan) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """``bigbatch plan --config C --nodes N --gpus-per-node G [--gpu KIND] [--json] [--section.key VALUE ...]``."""
     from bigbatch.training.config import load_config, parse_overrides
-    from bigbatch.training.run_dir import command_main
 
     p = ArgumentParser(prog="bigbatch plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
