@@ -22,7 +22,7 @@ from bigbatch.sharding.fsdp2_engine import FSDP2Engine, shard_model
 from bigbatch.sharding.optimizer import build_optimizer
 from bigbatch.sharding.training_engine import TrainingEngine
 from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.model import build_model, padded_vocab, param_groups
+from bigbatch.training.model import build_model, compile_model, padded_vocab, param_groups
 
 
 def _tuples(hparams: dict) -> dict:
@@ -151,12 +151,15 @@ class RunSetup:
 
 def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None,
           init_weights: bool = True) -> RunSetup:
-    """Plan -> model (seeded, identical on every rank) -> parameter groups (no decay on vectors,
-    overrides at the reference batch) -> DeepSpeed engine with the optimizer built from the plan."""
+    """Plan -> model (seeded, identical on every rank; its blocks compiled with ``train.compile``) ->
+    parameter groups (no decay on vectors, overrides at the reference batch) -> DeepSpeed engine with
+    the optimizer built from the plan, or FSDP2."""
     check_batch(cfg, world_size)
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id, init_weights=init_weights)
+    if cfg.train.compile:  # before the engine wraps or shards the blocks
+        compile_model(model)
     if cfg.train.engine == "fsdp2":
         return RunSetup(plan, model, _fsdp2(cfg, model, plan))
     groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),

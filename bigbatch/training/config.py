@@ -352,6 +352,10 @@ class TrainConfig:
     # average (0: off); large-batch runs often announce divergence this way.
     grad_spike_factor: float = 0.0
     eval_at_start: bool = False  # evaluate before the first step (e.g. a model.init_from's starting loss)
+    # torch.compile each Transformer block (Inductor: C++ on CPU, Triton on CUDA); the first steps compile
+    compile: bool = False
+    # [a, b]: a torch profiler trace of steps a..b (inclusive, from 1) per rank in OUT/profile/rank{R}.json
+    profile_steps: list[int] | None = None
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -370,6 +374,10 @@ class TrainConfig:
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
         if self.grad_spike_factor and self.grad_spike_factor <= 1:
             raise ConfigError(f"train.grad_spike_factor: {self.grad_spike_factor!r} must be 0 (off) or > 1")
+        p = self.profile_steps
+        if p is not None and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+            raise ConfigError(f"train.profile_steps: {p!r} must be [first, last] steps with 1 <= first <= last "
+                              "(or null: no profile)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from bigbatch.training.callbacks.grad_spike import GradNormSpike
 from bigbatch.training.callbacks.hf_export import HFExport
 from bigbatch.training.callbacks.metrics import TrainMetrics, hparam_fields
 from bigbatch.training.callbacks.preemption import Preemption
+from bigbatch.training.callbacks.profiler import StepProfiler
 from bigbatch.training.callbacks.scale_out import ScaleOut
 from bigbatch.training.callbacks.skipped_steps import SkippedSteps
 from bigbatch.training.callbacks.source_eval import SourceEval
@@ -22,7 +23,7 @@ from bigbatch.training.config import RunConfig
 
 __all__ = ["Callback", "StepResult", "BatchSchedule", "BoundCounts", "Checkpointing", "CriticalBatchWarning",
            "Evaluation", "GradNormSpike", "HFExport", "TrainMetrics", "Preemption", "ScaleOut", "SkippedSteps",
-           "SourceEval", "FinalSummary", "WatchdogBeat", "default_callbacks", "hparam_fields"]
+           "SourceEval", "StepProfiler", "FinalSummary", "WatchdogBeat", "default_callbacks", "hparam_fields"]
 
 
 def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -> list[Callback]:
@@ -49,6 +50,7 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
     if schedule is not None:
         callbacks.append(BatchSchedule(schedule, auto=cfg.batch.schedule == "auto", log_every=t.log_every))
     callbacks += [ScaleOut(cfg)] if cfg.scale_out.max_nodes else []  # after the schedule: sees its batch
+    callbacks += [StepProfiler(*t.profile_steps)] if t.profile_steps else []
     callbacks.append(FinalSummary(cfg.logging.plot, f"{cfg.model.arch} {cfg.optim.name}",
                                   None if schedule is None else str(cfg.batch.schedule)))
     return callbacks
