@@ -4,15 +4,17 @@ side by side in one process, for configs/tiny.yaml and configs/125m.yaml.
 Per config, two engines are built from the same config in the same process (``bigbatch.training.builders.setup``,
 DeepSpeed, one rank), one with ``--train.compile true``; each runs ``--warmup`` steps first (the compiled one
 compiles there: the first step's time is reported), then they take turns in ``--rounds`` slices of ``--steps``
-optimizer steps, in alternating order, so that a machine whose load drifts slows both alike. Reported: tokens/s
-of each (timed tokens / timed seconds), the ratio compiled / eager, and the median of the per-round ratios.
+optimizer steps (``--steps-125m`` for 125m), in alternating order, so that a machine whose load drifts slows both alike. Reported: tokens/s
+of each (timed tokens / timed seconds; ``timed``: the steps timed per model), the ratio compiled / eager,
+and the median of the per-round ratios.
 
 125m runs here on the embedded corpus with a 2048-token BPE, the embedding padded to GPT-2's 50304 rows (the
 config's shapes), sequences of 256 tokens, a global batch of ``--batch-125m`` sequences in one micro batch,
 fp32, ZeRO-0. The load average before and after is printed: a ratio measured under load is still a fair
 comparison, the absolute tokens/s are not.
 
-    python benchmarks/compile_speed.py [--configs tiny 125m] [--rounds 4] [--steps 3] [--warmup 2] [--batch-125m 4]
+    python benchmarks/compile_speed.py [--configs tiny 125m] [--rounds 4] [--steps 3] [--steps-125m 1]
+        [--warmup 2] [--batch-125m 4]
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def bench(name: str, args, info) -> dict:
             r.engine.train_step(loader.next_step(), info.device)
         return time.perf_counter() - t0
 
+    per_slice = args.steps_125m if name == "125m" else args.steps
     first = {mode: steps(mode, 1) for mode in runs}  # the compiled model compiles here
     for mode in runs:
         steps(mode, args.warmup - 1)
@@ -81,12 +84,12 @@ def bench(name: str, args, info) -> dict:
     rounds: dict[str, list[float]] = {mode: [] for mode in runs}
     for rnd in range(args.rounds):
         for mode in (("eager", "compiled") if rnd % 2 == 0 else ("compiled", "eager")):
-            dt = steps(mode, args.steps)
+            dt = steps(mode, per_slice)
             seconds[mode] += dt
             rounds[mode].append(dt)
-    timed = args.rounds * args.steps * tokens_per_step
+    timed = args.rounds * per_slice * tokens_per_step
     out = {"config": name, "params": sum(p.numel() for p in runs["eager"][0].model.parameters()) / 1e6,
-           "batch": f"{plan.global_batch}x{data.seq_len}", "first": first,
+           "batch": f"{plan.global_batch}x{data.seq_len}", "first": first, "steps": args.rounds * per_slice,
            "tokens_per_s": {m: timed / s for m, s in seconds.items()},
            "median_round_ratio": statistics.median(e / c for e, c in zip(rounds["eager"], rounds["compiled"]))}
     del runs
@@ -98,12 +101,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per slice")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per slice (tiny)")
+    p.add_argument("--steps-125m", type=int, default=1, help="optimizer steps per slice (125m)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model, the first compiles (>= 1)")
     p.add_argument("--batch-125m", type=int, default=4, help="sequences of 256 tokens per step for 125m")
     args = p.parse_args()
-    if args.warmup < 1 or args.rounds < 1 or args.steps < 1 or args.batch_125m < 1:
-        p.error("--warmup, --rounds, --steps and --batch-125m must be >= 1")
+    if min(args.warmup, args.rounds, args.steps, args.steps_125m, args.batch_125m) < 1:
+        p.error("--warmup, --rounds, --steps, --steps-125m and --batch-125m must be >= 1")
     for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(k, v)
     import torch
@@ -114,13 +118,13 @@ def main() -> None:
     load = os.getloadavg()[0]
     results = [bench(name, args, info) for name in args.configs]
     print(f"torch {torch.__version__}, {info.device}, {torch.get_num_threads()} threads; load average "
-          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; {args.rounds} rounds x {args.steps} steps per model "
-          f"after {args.warmup} warm-up steps")
-    print(f"{'config':<6} {'params':>8} {'batch':>7} {'eager tok/s':>12} {'compiled tok/s':>15} {'ratio':>6} "
+          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; {args.rounds} rounds per model after {args.warmup} "
+          f"warm-up steps")
+    print(f"{'config':<6} {'params':>8} {'batch':>7} {'timed':>6} {'eager tok/s':>12} {'compiled tok/s':>15} {'ratio':>6} "
           f"{'median round':>13} {'1st step eager':>15} {'1st step compiled':>18}")
     for r in results:
         t = r["tokens_per_s"]
-        print(f"{r['config']:<6} {r['params']:7.1f}M {r['batch']:>7} {t['eager']:12,.0f} {t['compiled']:15,.0f} "
+        print(f"{r['config']:<6} {r['params']:7.1f}M {r['batch']:>7} {r['steps']:6d} {t['eager']:12,.0f} {t['compiled']:15,.0f} "
               f"{t['compiled'] / t['eager']:6.3f} {r['median_round_ratio']:13.3f} {r['first']['eager']:14.1f}s "
               f"{r['first']['compiled']:17.1f}s")
     bbdist.destroy()

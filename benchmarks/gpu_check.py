@@ -11,7 +11,8 @@
    counted under ``torch.cuda.set_sync_debug_mode("warn")``);
 5. batch growth at a size a CPU cannot reach: configs/50m.yaml on Python sources (this machine's
    site-packages, tokenized by ``bigbatch prepare-data``), the reference batch constant against
-   ``batch.schedule: auto`` at the same token budget (50M each): eval loss gap and optimizer steps.
+   ``batch.schedule: auto`` at the same token budget (as many as fit in ``--budget-s``, >= 50M each):
+   eval loss gap and optimizer steps.
 
     python benchmarks/gpu_check.py [--quick] [--skip-train] [--skip-science]   (benchmarks/gpu_check.sh runs it)
     python benchmarks/gpu_check.py --device cpu --quick          (the same code path on a CPU, tiny; a test)
@@ -47,12 +48,15 @@ def llama_shapes(params: float, d: int, vocab: int = 32000) -> list[tuple[int, .
     return [(vocab, d)] + layer * layers + [(d,)]
 
 
-def make(shapes, device, dtype, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def make(shapes, device, dtype, seed=0, *, drawn_on_device=False):
+    """Parameters with gradients, drawn on the CPU (the same values on any device) or, faster for a
+    billion parameters, on ``device`` itself (``drawn_on_device``)."""
+    where = device if drawn_on_device else "cpu"
+    gen = torch.Generator(device=where).manual_seed(seed)
     out = []
     for s in shapes:
-        p = (torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
-        p.grad = (torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        p = (torch.randn(s, generator=gen, device=where) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(s, generator=gen, device=where) * 1e-3).to(device=device, dtype=dtype)
         out.append(p)
     return out
 
@@ -89,7 +93,7 @@ def equality(device) -> None:
                 a.grad, b.grad = g, g.to(device)
             o_cpu.step()
             o_dev.step()
-        diff = max(float((a - b.cpu()).abs().max()) for a, b in zip(cpu, dev))
+        diff = max(float((a.detach() - b.detach().cpu()).abs().max()) for a, b in zip(cpu, dev))
         print(f"   {cls.__name__:<9} max |cuda - cpu| = {diff:.3g}")
 
 
@@ -123,7 +127,7 @@ def step_times(device, params_list, steps, vocab: int = 32000, width: int | None
         for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
             times = {}
             for name, mk in optimizers(dtype).items():
-                ps = make(shapes, device, dtype)
+                ps = make(shapes, device, dtype, drawn_on_device=True)
                 opt = mk(ps)
                 for _ in range(3):  # compile, first allocations
                     opt.step()
@@ -292,6 +296,15 @@ def train_matrix(device: str, quick: bool, steps: int) -> list[dict]:
     return rows
 
 
+def science_tokens(rows: list[dict], seconds_left: float, least: int = 50_000_000) -> int:
+    """Tokens per section-5 run that fit in ``seconds_left``: the two runs share the device, and a token of
+    the 55M model costs about half the FLOPs of the 125M's (370M against 860M), so each runs at about the
+    rate of section 4's compiled AdaBound; 150 s go to preparing the corpus, starting and compiling. At
+    least ``least``."""
+    rate = next((r["tokens_per_s"] for r in rows if r["optimizer"] == "AdaBound" and r["compile"]), 0.0)
+    return max(least, int(rate * max(0.0, seconds_left - 150) / 1e6) * 1_000_000)
+
+
 def code_corpus(path: Path, max_chars: int) -> int:
     """JSON Lines of Python sources, one file per document, from this interpreter's site-packages (the
     GPU image holds hundreds of MB: torch, jax, transformers, scipy, ...), up to ``max_chars``
@@ -392,9 +405,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (a dry run of the code path)")
     p.add_argument("--skip-train", action="store_true", help="no train.py runs (sections 4 and 5)")
     p.add_argument("--skip-science", action="store_true", help="no batch-growth runs (section 5)")
-    p.add_argument("--train-steps", type=int, default=None, help="steps of each section-4 run (40; --quick 6)")
+    p.add_argument("--train-steps", type=int, default=None, help="steps of each section-4 run (30; --quick 6)")
     p.add_argument("--science-tokens", type=int, default=None,
-                   help="tokens of each section-5 run (50M; --quick 30k)")
+                   help="tokens of each section-5 run (default: what fits in --budget-s, >= 50M; --quick 30k)")
+    p.add_argument("--budget-s", type=float, default=560, help="seconds the whole check may take (sets the default "
+                   "--science-tokens)")
     p.add_argument("--work", default=str(WORK), help="runs, logs and the prepared corpus (replaced)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -413,10 +428,12 @@ def main() -> None:
         step_times(args.device, [1e8, 1e9], 10)
     print(f"   ({time.perf_counter() - t0:.0f} s so far)")
     if not args.skip_train:
-        train_matrix(args.device, args.quick, args.train_steps or (6 if args.quick else 40))
+        rows = train_matrix(args.device, args.quick, args.train_steps or (6 if args.quick else 30))
         print(f"   ({time.perf_counter() - t0:.0f} s so far)")
         if not args.skip_science:
-            science(args.device, args.quick, args.science_tokens or (30_000 if args.quick else 50_000_000))
+            tokens = args.science_tokens or (30_000 if args.quick else
+                                             science_tokens(rows, args.budget_s - (time.perf_counter() - t0)))
+            science(args.device, args.quick, tokens)
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
