@@ -115,18 +115,17 @@ def main() -> None:
     from bigbatch import distributed as bbdist
 
     info = bbdist.init_training_process()
-    load = os.getloadavg()[0]
-    results = [bench(name, args, info) for name in args.configs]
     print(f"torch {torch.__version__}, {info.device}, {torch.get_num_threads()} threads; load average "
-          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; {args.rounds} rounds per model after {args.warmup} "
-          f"warm-up steps")
-    print(f"{'config':<6} {'params':>8} {'batch':>7} {'timed':>6} {'eager tok/s':>12} {'compiled tok/s':>15} {'ratio':>6} "
-          f"{'median round':>13} {'1st step eager':>15} {'1st step compiled':>18}")
-    for r in results:
+          f"{os.getloadavg()[0]:.1f} at the start; {args.rounds} rounds per model after {args.warmup} warm-up steps")
+    print(f"{'config':<6} {'params':>8} {'batch':>7} {'timed':>6} {'eager tok/s':>12} {'compiled tok/s':>15} "
+          f"{'ratio':>6} {'median round':>13} {'1st step eager':>15} {'1st step compiled':>18}", flush=True)
+    for name in args.configs:  # a row as each config ends
+        r = bench(name, args, info)
         t = r["tokens_per_s"]
-        print(f"{r['config']:<6} {r['params']:7.1f}M {r['batch']:>7} {r['steps']:6d} {t['eager']:12,.0f} {t['compiled']:15,.0f} "
-              f"{t['compiled'] / t['eager']:6.3f} {r['median_round_ratio']:13.3f} {r['first']['eager']:14.1f}s "
-              f"{r['first']['compiled']:17.1f}s")
+        print(f"{r['config']:<6} {r['params']:7.1f}M {r['batch']:>7} {r['steps']:6d} {t['eager']:12,.0f} "
+              f"{t['compiled']:15,.0f} {t['compiled'] / t['eager']:6.3f} {r['median_round_ratio']:13.3f} "
+              f"{r['first']['eager']:14.1f}s {r['first']['compiled']:17.1f}s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     bbdist.destroy()
 
 

@@ -222,7 +222,8 @@ def flops_per_token(out: Path, seq_len: int) -> float:
 
     from bigbatch.training.model import count_parameters
 
-    conf = AutoConfig.from_pretrained(out / "hf_config.json")
+    fields = json.loads((out / "hf_config.json").read_text())
+    conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     n = count_parameters(model)
@@ -273,19 +274,22 @@ def train_matrix(device: str, quick: bool, steps: int) -> list[dict]:
         recs = res["train"]
         rate = statistics.median(r["tokens_per_s"] for r in recs[2:] or recs)
         seq = int(recs[0]["tokens"] // recs[0]["samples"])
-        mfu = rate * flops_per_token(res["out"], seq) / peak if peak else None
+        flops = flops_per_token(res["out"], seq)
+        mfu = rate * flops / peak if peak else None
         reads = res["reads"]
         if len(reads) != recs[-1]["step"]:
             print(f"   {name}: the reads of {len(reads)} steps were counted, of {recs[-1]['step']}")
-        rows.append({"optimizer": opt, "compile": compiled, "tokens_per_s": rate, "mfu": mfu,
+        rows.append({"optimizer": opt, "compile": compiled, "tokens_per_s": rate, "mfu": mfu, "flops": flops,
                      "reads_per_step": statistics.median(reads[2:] or reads) if device == "cuda" else None,
                      "reads_first_step": reads[0] if device == "cuda" else None})
-    print(f"   {'optimizer':<20} {'compile':>7} {'tokens/s':>12} {'MFU':>6} {'reads/step':>11} {'(1st step)':>10}")
+    print(f"   {'optimizer':<20} {'compile':>7} {'tokens/s':>12} {'GFLOP/token':>11} {'MFU':>6} {'reads/step':>11} "
+          f"{'(1st step)':>10}")
     for r in rows:
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "   n/a"
         reads = f"{r['reads_per_step']:11.0f} {r['reads_first_step']:10d}" if r["reads_per_step"] is not None \
             else f"{'n/a (cpu)':>11} {'':>10}"
-        print(f"   {r['optimizer']:<20} {str(r['compile']).lower():>7} {r['tokens_per_s']:12,.0f} {mfu} {reads}")
+        print(f"   {r['optimizer']:<20} {str(r['compile']).lower():>7} {r['tokens_per_s']:12,.0f} {r['flops'] / 1e9:11.3f} "
+              f"{mfu} {reads}")
     by = {(r["optimizer"].split()[0], r["compile"]): r["tokens_per_s"] for r in rows}
     for c in (False, True):
         if ("AdaBound", c) in by and ("AdamW", c) in by:
