@@ -17,7 +17,7 @@ from bigbatch.scaling.schedules import SampleSchedule
 from bigbatch.sharding.engines import ENGINES
 from bigbatch.sharding.training_engine import TrainingEngine
 from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.model import build_model, padded_vocab
+from bigbatch.training.model import build_model, compile_model, padded_vocab
 
 
 def _tuples(hparams: dict) -> dict:
@@ -108,10 +108,13 @@ class RunSetup:
 
 def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None,
           init_weights: bool = True) -> RunSetup:
-    """Plan -> model (seeded, identical on every rank) -> the engine ``train.engine`` names
-    (:data:`~bigbatch.sharding.engines.ENGINES`), with the optimizer built from the plan."""
+    """Plan -> model (seeded, identical on every rank; its blocks compiled with ``train.compile``) -> the
+    engine ``train.engine`` names (:data:`~bigbatch.sharding.engines.ENGINES`), with the optimizer built from
+    the plan."""
     check_batch(cfg, world_size)
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id, init_weights=init_weights)
+    if cfg.train.compile:  # before the engine wraps or shards the blocks
+        compile_model(model)
     return RunSetup(plan, model, ENGINES[cfg.train.engine].build(cfg, model, plan))

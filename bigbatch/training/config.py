@@ -277,6 +277,10 @@ class TrainConfig:
     eval_at_start: bool = False  # evaluate before the first step (e.g. a model.init_from's starting loss)
     # dense peak TFLOP/s of one device for the mfu field; None: from the GPU's name (bigbatch.training.flops)
     peak_tflops: float | None = None
+    # torch.compile each Transformer block (Inductor: C++ on CPU, Triton on CUDA); the first steps compile
+    compile: bool = False
+    # [a, b]: a torch profiler trace of steps a..b (inclusive, from 1) per rank in OUT/profile/rank{R}.json
+    profile_steps: list[int] | None = None
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -296,6 +300,10 @@ class TrainConfig:
         _positive("train", "peak_tflops", self.peak_tflops)
         if self.grad_spike_factor and self.grad_spike_factor <= 1:
             raise ConfigError(f"train.grad_spike_factor: {self.grad_spike_factor!r} must be 0 (off) or > 1")
+        p = self.profile_steps
+        if p is not None and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+            raise ConfigError(f"train.profile_steps: {p!r} must be [first, last] steps with 1 <= first <= last "
+                              "(or null: no profile)")
 
 
 @dataclass

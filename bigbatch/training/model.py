@@ -70,6 +70,20 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 
     return model.to(device) if device is not None else model
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` each decoder block in place (Llama ``model.layers``, GPT-2 ``transformer.h``),
+    or the whole model when it has none; returns ``model``. In place (``Module.compile``), so parameter
+    names, state dicts and checkpoints are those of the eager model, and hooks registered later (FSDP2's,
+    DeepSpeed's, tensor hooks on the parameters) see the same modules and parameters. The identical
+    blocks share one compiled graph (parameters are graph inputs); a new micro-batch shape recompiles
+    once, then runs with dynamic shapes. Call before ``fully_shard`` or ``deepspeed.initialize``."""
+    from bigbatch.sharding.fsdp2_engine import decoder_blocks
+
+    for module in decoder_blocks(model) or [model]:
+        module.compile()
+    return model
+
+
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -13,6 +13,7 @@ from bigbatch.training.callbacks.grad_spike import GradNormSpike
 from bigbatch.training.callbacks.hf_export import HFExport
 from bigbatch.training.callbacks.metrics import TrainMetrics
 from bigbatch.training.callbacks.preemption import Preemption
+from bigbatch.training.callbacks.profiler import StepProfiler
 from bigbatch.training.callbacks.scale_out import ScaleOut
 from bigbatch.training.callbacks.skipped_steps import SkippedSteps
 from bigbatch.training.callbacks.source_eval import SourceEval
@@ -22,7 +23,7 @@ from bigbatch.training.config import RunConfig
 
 __all__ = ["Callback", "StepResult", "BatchSchedule", "BoundCounts", "Checkpointing", "CriticalBatchWarning",
            "Evaluation", "GradNormSpike", "HFExport", "TrainMetrics", "Preemption", "ScaleOut", "SkippedSteps",
-           "SourceEval", "FinalSummary", "Throughput", "default_callbacks"]
+           "SourceEval", "StepProfiler", "FinalSummary", "Throughput", "default_callbacks"]
 
 
 def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -> list[Callback]:
@@ -46,6 +47,7 @@ def default_callbacks(cfg: RunConfig, *, evaluation: Evaluation | None = None) -
         callbacks.append(BatchSchedule(schedule, auto=b.schedule == "auto", log_every=t.log_every,
                                        decide_every=b.decide_every))
     callbacks += [ScaleOut(cfg)] if cfg.scale_out.max_nodes else []  # after the schedule: sees its batch
+    callbacks += [StepProfiler(*t.profile_steps)] if t.profile_steps else []
     callbacks.append(FinalSummary(cfg.logging.plot, f"{cfg.model.arch} {cfg.optim.name}",
                                   None if schedule is None else str(b.schedule)))
     return callbacks
