@@ -52,8 +52,8 @@ def overrides(name: str, args) -> list[str]:
 def bench(name: str, args, info) -> dict:
     from bigbatch.training.builders import setup
     from bigbatch.training.config import load_config, parse_overrides
-    from bigbatch.training.data import GlobalBatchLoader
-    from bigbatch.training.run_data import prepare_data
+    from bigbatch.data.blocks import GlobalBatchLoader
+    from bigbatch.data.run_data import prepare_data
 
     argv = overrides(name, args)
     path, flags = argv[1], parse_overrides(argv[2:])

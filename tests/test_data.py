@@ -132,9 +132,9 @@ def test_the_embedded_corpus_needs_no_datasets_package(tmp_path):
     block.mkdir(parents=True)
     (block / "__init__.py").write_text("raise ImportError('datasets is blocked')\n")
     code = (f"from bigbatch.training.config import DataConfig, TokenizerConfig\n"
-            f"from bigbatch.training.corpus import load_corpus\n"
-            f"from bigbatch.training.data import build_packed_data\n"
-            f"from bigbatch.training.tokenizer import build_tokenizer\n"
+            f"from bigbatch.data.corpus import load_corpus\n"
+            f"from bigbatch.data.blocks import build_packed_data\n"
+            f"from bigbatch.data.tokenizer import build_tokenizer\n"
             f"d = DataConfig(source='embedded', embedded='pydoc', max_chars=50_000, seq_len=32, "
             f"cache_dir={str(tmp_path / 'c')!r})\n"
             f"c = load_corpus(d)\n"
