@@ -474,11 +474,11 @@ def announce(cfg: RunConfig, info, tokenizer_size: int, seq_len: int, *,
         plan = plan_run(cfg, nodes=max(1, info.world_size // local), gpus_per_node=local, gpu=gpu,
                         tokenizer_size=tokenizer_size, seq_len=seq_len, world_size=info.world_size,
                         device=info.device.type, with_cost=on_gpu, global_batch=global_batch)
+        line = plan.summary()
     except Exception as exc:  # noqa: BLE001 - the plan informs; it never stops a run (which checks its own input)
         if info.is_main:
             print(f"plan: none ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         return None
-    line = plan.summary()
     if info.is_main:
         print(line, flush=True)
         problem = fit_problem(plan)
