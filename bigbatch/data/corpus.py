@@ -157,8 +157,8 @@ def hash_files(files: list[str]) -> str:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Load the configured text source as a ``datasets.Dataset`` (column ``text``); the embedded one
-    as :class:`Documents`."""
+    """The configured text source: local files and hub datasets as a ``datasets.Dataset`` (column
+    ``text``), the embedded corpus as :class:`Documents` (no ``datasets`` needed)."""
     if cfg.source == "embedded":
         _offline_env()
         docs = embedded_documents(cfg.embedded, cfg.max_chars)

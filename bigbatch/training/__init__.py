@@ -1,4 +1,6 @@
-"""The pieces of ``train.py``: typed run config (``config``), text sources (``corpus``),
-tokenizers (``tokenizer``), packed token blocks and the global sample order (``data``), models from
-configs (``model``), plan -> DeepSpeed engine (``engine``), process group (``distributed``) and run
-outputs (``metrics``). Flow: file/CLI -> RunConfig -> builders -> engine -> loop."""
+"""The training job of ``train.py``: the run config (``config``), models from configs or a Hugging Face
+directory (``model``, ``init_from``), builders of the plan, model and engine (``builders``), the loop and
+its callbacks (``loop``, ``commands``, ``callbacks``, ``step_sync``, ``lr_control``, ``noise_meter``),
+checkpoints (``checkpointer``), the run directory and its outputs (``run_dir``, ``metrics``,
+``wandb_log``, ``watchdog``), the plan before a run (``plan``, ``flops``), and what leaves a run
+(``export``, ``evaluate``). Flow: file/CLI -> RunConfig -> builders -> engine -> loop."""
