@@ -25,7 +25,6 @@ from bigbatch.training.callbacks import (BatchSchedule, Checkpointing, Evaluatio
                                          SkippedSteps, TrainMetrics)
 from bigbatch.training.config import load_config
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_state import RunStopped
 from bigbatch.sharding.training_engine import StepOutput, TrainingEngine
 
 SEQ = 4

@@ -15,13 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 from bigbatch import distributed as bbdist
 from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.noise_scale import NoiseScaleProbe
-from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.sharding.fsdp2_checkpoint import full_state, load_checkpoint, save_checkpoint
-from bigbatch.sharding.optimizer import build_optimizer, param_groups, step_if_finite
-from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
+from bigbatch.sharding.dcp_engine import DCPEngine
+from bigbatch.sharding.fsdp2_checkpoint import save_checkpoint
+from bigbatch.sharding.optimizer import build_optimizer, param_groups
+from bigbatch.sharding.training_engine import StepOutput
 
 
-class DDPEngine(TrainingEngine):
+class DDPEngine(DCPEngine):
     """``model`` (unwrapped, on its device) wrapped in DDP when there is a process group of more than
     one rank, with ``optimizer`` on its parameters; ``grad_clip``: the global norm's clip (0: none)."""
 
@@ -61,18 +61,7 @@ class DDPEngine(TrainingEngine):
             if after_backward is not None:
                 after_backward()
             losses.append(loss)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        applied = step_if_finite(self.optimizer, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput({"loss": mean_loss(losses), "grad_norm": norm}, applied)
-
-    def state_bytes(self) -> int:
-        """float32 weights and two or three moments, written once."""
-        return 16 * sum(p.numel() for p in self.module.parameters())
+        return self.step_optimizer(losses)
 
     def save(self, ckpt_dir, *, tag, client_state, keep=None, background=False):
         """A DCP tag written by every rank's share (DCP writes each replicated tensor once)."""
@@ -80,20 +69,6 @@ class DDPEngine(TrainingEngine):
                 "optimizer": canonical_name(type(self.optimizer))}
         save_checkpoint(self.module, self.optimizer, ckpt_dir, tag=tag, client_state=client_state, meta=meta,
                         keep=keep)
-
-    def load_newest(self, ckpt_dir, tag=None):
-        """Any engine's tag, saved on any world size."""
-        return load_checkpoint(self.module, self.optimizer, ckpt_dir, tag=tag, fallback=tag is None,
-                               engine=self.name)["client_state"]
-
-    def set_layout(self, plan) -> None:
-        pass  # the loop feeds plan.grad_accum micro batches; DDP has no batch configuration
-
-    def rescale(self, kappa, rule):
-        return rescale_optimizer(self.optimizer, kappa, rule)
-
-    def export_full_state(self) -> dict:
-        return full_state(self.module, self.optimizer)
 
 
 def build(cfg, model: torch.nn.Module, plan) -> DDPEngine:

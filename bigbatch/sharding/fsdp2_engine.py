@@ -21,12 +21,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from bigbatch import distributed as bbdist
 from bigbatch.scaling.noise_scale import FSDPNoiseProbe
 from bigbatch.optim.registry import canonical_name
-from bigbatch.scaling.rescale import rescale_optimizer
 from bigbatch.sharding import tags
-from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
+from bigbatch.sharding.dcp_engine import DCPEngine
+from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, save_checkpoint
 from bigbatch.errors import ConfigError
-from bigbatch.sharding.optimizer import build_optimizer, param_groups, step_if_finite
-from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
+from bigbatch.sharding.optimizer import build_optimizer, param_groups
+from bigbatch.sharding.training_engine import StepOutput
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -92,7 +92,7 @@ def install_normed_reduce_scatter(model: torch.nn.Module) -> NormedReduceScatter
     return comm
 
 
-class FSDP2Engine(TrainingEngine):
+class FSDP2Engine(DCPEngine):
     """A ``fully_shard`` model (:func:`shard_model`) and bigbatch's optimizer on its shards."""
 
     name = "fsdp2"
@@ -131,19 +131,7 @@ class FSDP2Engine(TrainingEngine):
             if after_backward is not None:
                 after_backward()
             losses.append(loss)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        applied = step_if_finite(self.optimizer, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput({"loss": mean_loss(losses), "grad_norm": norm}, applied)
-
-    def state_bytes(self) -> int:
-        """float32 weights and two or three moments."""
-        return 16 * sum(p.numel() for p in self.module.parameters())
+        return self.step_optimizer(losses)
 
     def save(self, ckpt_dir, *, tag, client_state, keep=None, background=False):
         """With ``background`` (and ``fsdp2``'s ``async_save``): returns once the state is copied to
@@ -168,19 +156,6 @@ class FSDP2Engine(TrainingEngine):
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.wait()
-
-    def load_newest(self, ckpt_dir, tag=None):
-        """Through DCP, on any world size."""
-        return load_checkpoint(self.module, self.optimizer, ckpt_dir, tag=tag, fallback=tag is None)["client_state"]
-
-    def set_layout(self, plan) -> None:
-        pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
-
-    def rescale(self, kappa, rule):
-        return rescale_optimizer(self.optimizer, kappa, rule)
-
-    def export_full_state(self) -> dict:
-        return full_state(self.module, self.optimizer)
 
 
 def build(cfg, model: torch.nn.Module, plan) -> FSDP2Engine:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable
 
 import yaml
 
-from bigbatch import atomic, exit_codes
+from bigbatch import atomic
 from bigbatch import distributed as bbdist
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags

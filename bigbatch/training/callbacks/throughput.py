@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from bigbatch.training.callbacks.base import Callback, StepResult
 from bigbatch.training.flops import device_peak_tflops, flops_per_token, peak_memory_gb
