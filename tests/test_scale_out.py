@@ -16,8 +16,8 @@ from bigbatch.launcher import cli
 from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, check_scale_out, largest_fitting,
                                                    target_nodes)
 from bigbatch.training.config import ConfigError, load_config
-from test_slurm import FAULT_TRAIN, TRAIN_TINY, _job_log, _metrics, _submit, _train_steps, _wait_file, wait_at_step
-from train_common import PY, REPO, main, run
+from test_slurm import TRAIN_TINY, _job_log, _metrics, _submit, _train_steps, _wait_file
+from train_common import FAULT_TRAIN, PY, REPO, main, run, wait_at_step
 
 SEQ = 32  # TRAIN_TINY's data.seq_len
 
@@ -175,7 +175,7 @@ def test_requeue_on_fewer_nodes_cuts_the_batch_by_the_rules(slurm_cluster, tmp_p
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--max-nodes", "2", "--ntasks-per-node", "2",
                   command=[FAULT_TRAIN, *TRAIN_TINY, *schedule, "--scale_out.max_nodes", "2",
                            "--scale_out.noise_margin", "0", "--checkpoint.keep", "1", "--resume", str(run)],
-                  env=wait_at_step(tmp_path, 8))
+                  env=wait_at_step(tmp_path / "wait", 8))
     _wait_file(tmp_path / "wait.reached", slurm_cluster, job, tmp_path, timeout=240)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _requeue_smaller(slurm_cluster, job, nodes=1, tasks=2)

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from bigbatch.launcher import slurm_master_port
+from train_common import FAULT_TRAIN, wait_at_step
 
 pytestmark = pytest.mark.slow  # real process groups / daemons
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")
-FAULT_TRAIN = "tests/fault/train.py"  # train.py with the test-only fault hooks (tests/fault/fault_hooks.py)
 BIGBATCH = [sys.executable, "-m", "bigbatch.launcher.cli"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # configs/tiny.yaml made small enough that a 4-rank job on 2 cores takes seconds per phase.
@@ -85,14 +85,9 @@ def _release_if_requeued(cluster, job_id: str, timeout: float = 60) -> None:
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} was not requeued: {cluster.job_info(job_id)}")
 
-def wait_at_step(tmp_path: Path, step: int) -> dict:
-    """The environment of a tests/fault/train.py job that waits after ``step`` for the test's signal."""
-    return {"BIGBATCH_TEST_WAIT_AT_STEP": str(step), "BIGBATCH_TEST_WAIT_FILE": str(tmp_path / "wait")}
-
-
 def _preempt_when_waiting(slurm_cluster, tmp_path, job: str) -> str:
-    """USR1 to the batch script once the run waits at its step (``wait_at_step``), then wait for the
-    requeued job to end; its log."""
+    """USR1 to the batch script once the run waits at its step (``wait_at_step(tmp_path / "wait", N)``),
+    then wait for the requeued job to end; its log."""
     _wait_file(tmp_path / "wait.reached", slurm_cluster, job, tmp_path, timeout=180)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _release_if_requeued(slurm_cluster, job, timeout=120)
@@ -205,7 +200,7 @@ def test_train_two_nodes_preempt_requeue_then_resume_on_one_node(slurm_cluster, 
     run = tmp_path / "run"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--ntasks-per-node", "2",
                   command=[FAULT_TRAIN, *TRAIN_TINY, "--batch.policy", "scale", "--batch.per_device_batch", "2",
-                           "--train.max_steps", "24", "--resume", str(run)], env=wait_at_step(tmp_path, 5))
+                           "--train.max_steps", "24", "--resume", str(run)], env=wait_at_step(tmp_path / "wait", 5))
     log = _preempt_when_waiting(slurm_cluster, tmp_path, job)
     assert "signal received: checkpoint saved at step 5 " in log, log
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
@@ -234,7 +229,7 @@ def test_train_out_survives_its_own_requeue(slurm_cluster, tmp_path):
     run = tmp_path / "run"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--ntasks-per-node", "2",
                   command=[FAULT_TRAIN, *TRAIN_TINY, "--train.max_steps", "16", "--out", str(run)],
-                  env=wait_at_step(tmp_path, 3))
+                  env=wait_at_step(tmp_path / "wait", 3))
     log = _preempt_when_waiting(slurm_cluster, tmp_path, job)
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
     assert "already holds a run" not in log and "workers exited with status 0" in log, log
