@@ -1,6 +1,6 @@
 """A tiny distributed job for the launcher tests (no model: seconds, not minutes).
 
-    python tests/dist_probe.py --out DIR [--steps N] [--step-seconds S] [--mpi4py] [--strip-mpi-env]
+    python tests/dist_probe.py --out DIR [--steps N] [--step-seconds S] [--wait-at N] [--mpi4py] [--strip-mpi-env]
 
 Every rank: ``bigbatch.distributed.init_distributed()`` (gloo), writes ``DIR/rank<R>.json`` (its
 topology, host name, an all-reduce result), then runs ``--steps`` steps of one all-reduce each.
@@ -8,7 +8,9 @@ SIGUSR1 or SIGTERM: all ranks stop at the same step boundary, rank 0 writes ``DI
 (atomically) and every rank exits 75. A restart resumes from ``ckpt.json``; when the world size
 changed it logs the rescaled batch (``rescaled: world_size A -> B ...``). Rank 0 appends each
 finished step to ``DIR/steps.log`` (so a test sees that no step was lost or repeated) and writes
-``DIR/done.json`` at the end. ``--mpi4py``: also all-reduce through mpi4py and record it.
+``DIR/done.json`` at the end. ``--wait-at N``: a run that starts before step N waits before it
+(every rank, polling the signal flag together) until a signal arrives, after rank 0 writes
+``DIR/waiting``: a test that signals after that file finds the checkpoint at step N. ``--mpi4py``: also all-reduce through mpi4py and record it.
 ``--strip-mpi-env``: drop the launchers' rank variables (MPI's and SLURM's) first, so only mpi4py
 discovery remains.
 """
@@ -39,6 +41,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--step-seconds", type=float, default=0.0)
+    p.add_argument("--wait-at", type=int, default=None)
     p.add_argument("--mpi4py", action="store_true")
     p.add_argument("--strip-mpi-env", action="store_true")
     args = p.parse_args()
@@ -98,8 +101,16 @@ def main() -> int:
         open(os.path.join(args.out, f"running.{os.environ.get('SLURM_RESTART_COUNT', '0')}"), "w").close()
 
     for step in range(start, args.steps):
-        flag = torch.tensor([1.0 if stop["sig"] else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        waited = False
+        while True:
+            flag = torch.tensor([1.0 if stop["sig"] else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 or step != args.wait_at or start >= step:
+                break
+            if rank == 0 and not waited:  # after one poll: every rank is waiting
+                open(os.path.join(args.out, "waiting"), "w").close()
+            waited = True
+            time.sleep(0.05)
         if flag.item() > 0:  # every rank stops before the same step
             if rank == 0:
                 _atomic_json(ckpt_path, {"step": step, "world_size": world, "lr": lr})

@@ -345,9 +345,9 @@ def test_launch_local_preempt_resume_rescale(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     proc = subprocess.Popen([*BIGBATCH, "launch", "--nproc-per-node", "2", PROBE, "--out", str(out),
-                             "--steps", "400", "--step-seconds", "0.05"], env=env, stdout=subprocess.PIPE,
+                             "--steps", "8", "--wait-at", "3"], env=env, stdout=subprocess.PIPE,
                             text=True)
-    _wait_file(out / "running.0")
+    _wait_file(out / "waiting")  # every worker waits before step 3 for the signal
     proc.send_signal(signal.SIGUSR1)  # the launcher passes it on; the workers checkpoint
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, stdout
@@ -356,7 +356,7 @@ def test_launch_local_preempt_resume_rescale(tmp_path):
         [(0, 2, 0, "env", 3.0), (1, 2, 1, "env", 3.0)]
     assert ranks[0]["master_port"] == ranks[1]["master_port"]
     ckpt = json.loads((out / "ckpt.json").read_text())
-    assert 0 < ckpt["step"] < 400 and ckpt["world_size"] == 2
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2
     # Resume with one worker: the probe logs its rescaled batch; no step lost or repeated.
     res = subprocess.run([*BIGBATCH, "launch", PROBE, "--out", str(out), "--steps", str(ckpt["step"] + 3)],
                          env=env, capture_output=True, text=True, timeout=60)

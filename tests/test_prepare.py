@@ -109,19 +109,22 @@ def test_killed_prepare_restarts_to_the_same_bytes(tmp_path):
     check_ok(run([*BIGBATCH, "prepare-data", "--config", str(cfg), "--out", str(whole), "--workers", "2"]))
     n_shards = len(json.loads((whole / "prose" / "manifest.json").read_text())["shards"])
     assert n_shards >= 6
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*BIGBATCH, "prepare-data", "--config", str(cfg), "--out", str(killed)],
-                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killed, wait = tmp_path / "killed", tmp_path / "wait"
+    # prepare-data (one worker: shards in order) that waits after its second shard until the kill
+    proc = subprocess.Popen([PY, "tests/fault/prepare_data.py", "--config", str(cfg), "--out", str(killed),
+                             "--workers", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**env(), "BIGBATCH_TEST_WAIT_AFTER_SHARDS": "2", "BIGBATCH_TEST_WAIT_FILE": str(wait)})
     deadline = time.monotonic() + 120
-    while not (killed / "prose" / "shard-00001.json").exists():
+    while not Path(f"{wait}.reached").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-        time.sleep(0.005)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (killed / "prose" / "shard-00001.json").exists() and not (killed / "prose" / "shard-00002.json").exists()
     assert not (killed / "manifest.json").exists()
     restarted = run([*BIGBATCH, "prepare-data", "--config", str(cfg), "--out", str(killed)])
     check_ok(restarted)
-    assert "already done" in restarted.stdout and " 0 already done" not in restarted.stdout
+    assert ", 2 already done;" in restarted.stdout, restarted.stdout
     assert _tree(killed) == _tree(whole)
 
 

@@ -20,7 +20,8 @@ import torch
 
 from bigbatch.sharding import tags
 
-from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args
+from train_common import (FAULT_TRAIN, PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args, wait_at_step,
+                          wait_reached)
 
 pytestmark = pytest.mark.slow  # real process groups / daemons
 
@@ -152,9 +153,9 @@ def _full_state(tag_dir: Path) -> dict:
 
 def test_nan_step_changes_no_state_and_the_run_continues(tmp_path, cache):
     out = tmp_path / "nan"
-    proc = subprocess.run([PY, "train.py", *args(cache), "--out", str(out), "--train.max_steps", "6",
+    proc = subprocess.run([PY, FAULT_TRAIN, *args(cache), "--out", str(out), "--train.max_steps", "6",
                            "--checkpoint.every_steps", "1", "--checkpoint.keep", "10"], cwd=REPO,
-                          env={**env(), "BIGBATCH_INJECT_NAN_STEPS": "3"}, capture_output=True, text=True, timeout=240)
+                          env={**env(), "BIGBATCH_TEST_NAN_STEPS": "3"}, capture_output=True, text=True, timeout=240)
     check_ok(proc)
     assert "step 3: gradient norm inf is not finite; the optimizer step was skipped" in proc.stdout
     skipped = records(out, "skipped_step")
@@ -182,9 +183,10 @@ def test_nan_step_changes_no_state_and_the_run_continues(tmp_path, cache):
 
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, cache):
     out = tmp_path / "nan3"
-    proc = subprocess.run([PY, "train.py", *args(cache), "--out", str(out), "--train.max_steps", "10",
+    proc = subprocess.run([PY, FAULT_TRAIN, *args(cache), "--out", str(out), "--train.max_steps", "10",
                            "--train.max_skipped_steps", "3"], cwd=REPO,
-                          env={**env(), "BIGBATCH_INJECT_NAN_STEPS": "2,3,4"}, capture_output=True, text=True, timeout=240)
+                          env={**env(), "BIGBATCH_TEST_NAN_STEPS": "2,3,4"}, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 optimizer steps in a row had non-finite gradients (train.max_skipped_steps=3); stopping at step 4" \
         in proc.stderr
@@ -216,18 +218,23 @@ def _workers(torchrun: subprocess.Popen, timeout: float = 120) -> dict[int, int]
     raise AssertionError("torchrun's workers did not start")
 
 
-def _launch_and_wait_for_steps(out: Path, cache: str, extra: list[str], steps: int = 6) -> subprocess.Popen:
-    proc = subprocess.Popen(TORCHRUN + ["train.py", *args(cache), "--out", str(out), "--train.max_steps", "100000",
-                                        *extra], cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + 180
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            return proc
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"no training steps: {proc.communicate()}")
+WAIT_STEP = 6  # the step after which a run of _launch_and_wait waits for the test's fault
+
+
+def _launch_and_wait(out: Path, cache: str, extra: list[str]) -> subprocess.Popen:
+    """torchrun with 2 ranks of tests/fault/train.py, once both ranks wait after step WAIT_STEP (until a
+    signal reaches one): a fault sent then lands at that step boundary."""
+    wait = out.parent / f"{out.name}.wait"
+    proc = subprocess.Popen(TORCHRUN + [FAULT_TRAIN, *args(cache), "--out", str(out), "--train.max_steps", "100000",
+                                        *extra], cwd=REPO, env={**env(), **wait_at_step(wait, WAIT_STEP)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_reached(proc, wait)
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
 
 
 def _gone(pid: int) -> bool:
@@ -263,9 +270,9 @@ def _finish(proc: subprocess.Popen, pids: dict[int, int], timeout: float) -> tup
 
 def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, cache):
     out = tmp_path / "hung"
-    proc = _launch_and_wait_for_steps(out, cache, ["--train.step_timeout_s", "8", "--train.collective_timeout_s", "120"])
+    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "8", "--train.collective_timeout_s", "120"])
     pids = _workers(proc)
-    os.kill(pids[1], signal.SIGSTOP)
+    os.kill(pids[1], signal.SIGSTOP)  # both wait after step 6: rank 0's next poll never returns
     rank0 = _exit_time(pids[0], 60)
     rc, stdout, stderr, seconds = _finish(proc, pids, timeout=90)
     # the healthy rank leaves within the timeout (+ a step); torchrun then needs its own grace (30 s) to
@@ -277,7 +284,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, cache):
 
 def test_a_killed_rank_ends_the_job(tmp_path, cache):
     out = tmp_path / "killed"
-    proc = _launch_and_wait_for_steps(out, cache, ["--train.step_timeout_s", "60"])
+    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "60"])
     pids = _workers(proc)
     os.kill(pids[1], signal.SIGKILL)
     rc, _, stderr, seconds = _finish(proc, pids, timeout=90)
@@ -286,12 +293,14 @@ def test_a_killed_rank_ends_the_job(tmp_path, cache):
 
 def test_a_signal_while_a_rank_is_stuck_ends_promptly_and_says_so(tmp_path, cache):
     out = tmp_path / "stuck"
-    proc = _launch_and_wait_for_steps(out, cache, ["--train.step_timeout_s", "600", "--checkpoint.signal_grace_s", "5",
-                                                   "--checkpoint.every_steps", "2"])
+    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "600", "--checkpoint.signal_grace_s", "5",
+                                         "--checkpoint.every_steps", "2"])
     pids = _workers(proc)
+    latest_before = (out / "checkpoints" / "latest").read_text()
+    assert latest_before == f"step{WAIT_STEP:08d}"  # saved before the wait
+    # rank 1 stopped while both wait after step 6: rank 0's next poll of the signal flag never returns, so
+    # the signal cannot reach the checkpoint on any rank
     os.kill(pids[1], signal.SIGSTOP)
-    time.sleep(1.0)
-    latest_before = (out / "checkpoints" / "latest").read_text() if (out / "checkpoints" / "latest").exists() else None
     proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers
     rank0 = _exit_time(pids[0], 60)
     rc, _, stderr, seconds = _finish(proc, pids, timeout=90)
@@ -372,29 +381,19 @@ def test_full_disk_stops_the_run_cleanly(tmp_path, cache):
 # ------------------------------------------------------------------ a kill during a background save
 
 
-def _partial_tag(ckpt: Path) -> Path | None:
-    """A tag whose files are being written (DCP's shards there, no manifest yet), after a complete one."""
-    if not (ckpt / tags.LATEST).exists():
-        return None
-    for tag in ckpt.iterdir():
-        if tag.is_dir() and not (tag / tags.MANIFEST).exists() and any(tag.glob("*.distcp")):
-            return tag
-    return None
-
-
 def test_a_kill_during_a_background_save_leaves_latest_on_the_previous_tag(tmp_path, cache):
     """FSDP2's periodic saves complete in the background (checkpoint.async_save): a job killed while one
     is in flight (SIGKILL to every process, as a node failure) leaves that tag without a manifest,
-    ``latest`` on the previous complete tag, and a resume continues from there."""
-    out = tmp_path / "run"
-    big = ["--model.hidden_size", "256", "--model.intermediate_size", "1024", "--model.num_heads", "4",
-           "--model.num_layers", "4"]  # ~4M parameters: a save takes long enough to be caught in flight
-    proc = subprocess.Popen(TORCHRUN + ["train.py", *args(cache), *big, "--out", str(out), "--train.engine", "fsdp2",
+    ``latest`` on the previous complete tag, and a resume continues from there. The save of step 4
+    waits (tests/fault/train.py), its shards written and its manifest not, until the kill."""
+    out, wait = tmp_path / "run", tmp_path / "wait"
+    proc = subprocess.Popen(TORCHRUN + [FAULT_TRAIN, *args(cache), "--out", str(out), "--train.engine", "fsdp2",
                                         "--train.max_steps", "400", "--checkpoint.every_steps", "2",
                                         "--checkpoint.keep", "3"],
-                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    ckpt, partial, pids = out / "checkpoints", None, {}
+                            cwd=REPO, env={**env(), "BIGBATCH_TEST_WAIT_AT_SAVE": "step00000004",
+                                           "BIGBATCH_TEST_WAIT_FILE": str(wait)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpt, pids = out / "checkpoints", {}
 
     def kill_all():
         for pid in pids.values():
@@ -405,24 +404,19 @@ def test_a_kill_during_a_background_save_leaves_latest_on_the_previous_tag(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
-    deadline = time.monotonic() + 240
     try:
         pids = _workers(proc)
-        while time.monotonic() < deadline and proc.poll() is None:
-            partial = _partial_tag(ckpt) if ckpt.exists() else None
-            if partial is not None:
-                kill_all()
-                break
-            time.sleep(0.002)
+        wait_reached(proc, wait)
+        partial = ckpt / "step00000004"
+        assert any(partial.glob("*.distcp")) and not (partial / tags.MANIFEST).exists()
+        kill_all()
     finally:
         kill_all()
-        stdout, stderr = proc.communicate(timeout=60)
-    assert partial is not None, f"no save caught in flight (exit {proc.returncode}):\n{stderr[-3000:]}"
+        proc.communicate(timeout=60)
     assert not (partial / tags.MANIFEST).exists()
-    latest = tags.read_latest(str(ckpt))
-    assert latest != partial.name and int(latest[4:]) < int(partial.name[4:]), (latest, partial.name)
-    tags.verify_tag(str(ckpt), latest)  # complete and good: every byte hashed before latest moved
-    step = int(latest[4:])
-    proc = run(TORCHRUN + ["train.py", "--resume", str(out), "--train.max_steps", str(step + 2)])
+    assert tags.read_latest(str(ckpt)) == "step00000002"
+    tags.verify_tag(str(ckpt), "step00000002")  # complete and good: every byte hashed before latest moved
+    proc = run(TORCHRUN + ["train.py", "--resume", str(out), "--train.max_steps", "4"])
     check_ok(proc)
-    assert [r["step"] for r in records(out)] == list(range(1, step + 3))
+    assert "steps 2->4 " in proc.stdout, proc.stdout[-2000:]  # from the complete tag
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]

@@ -16,8 +16,8 @@ from bigbatch import cli
 from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, check_scale_out, largest_fitting,
                                                    target_nodes)
 from bigbatch.training.config import ConfigError, load_config
-from test_slurm import TRAIN_TINY, _job_log, _metrics, _submit, _train_steps
-from train_common import PY, REPO, main, run
+from test_slurm import TRAIN_TINY, _job_log, _metrics, _submit, _train_steps, _wait_file
+from train_common import FAULT_TRAIN, PY, REPO, main, run, wait_at_step
 
 SEQ = 32  # TRAIN_TINY's data.seq_len
 
@@ -169,17 +169,14 @@ def test_requeue_on_fewer_nodes_cuts_the_batch_by_the_rules(slurm_cluster, tmp_p
     it continues there at the schedule's batch 4 (no accumulation beyond the limit), the rules
     applied downwards, says so in a nodes_change record, and finishes with every step once."""
     run = tmp_path / "run"
+    # 4 steps at batch 4, then 12 at 8; preempted after step 8 (the run waits there for the signal)
     schedule = ["--batch.schedule", "[[0,4],[512,8]]", "--batch.micro_batch_sizes", "[2,1]",
-                "--train.tokens", str(512 + 200 * 8 * SEQ)]
+                "--train.tokens", str(512 + 12 * 8 * SEQ)]
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--max-nodes", "2", "--ntasks-per-node", "2",
-                  command=["train.py", *TRAIN_TINY, *schedule, "--scale_out.max_nodes", "2",
-                           "--scale_out.noise_margin", "0", "--checkpoint.keep", "1", "--resume", str(run)])
-    end = time.monotonic() + 240
-    while not _train_steps(run) or _train_steps(run)[-1] < 8:
-        assert time.monotonic() < end, _job_log(tmp_path, job)
-        info = slurm_cluster.job_info(job)
-        assert info and info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
-        time.sleep(0.2)
+                  command=[FAULT_TRAIN, *TRAIN_TINY, *schedule, "--scale_out.max_nodes", "2",
+                           "--scale_out.noise_margin", "0", "--checkpoint.keep", "1", "--resume", str(run)],
+                  env=wait_at_step(tmp_path / "wait", 8))
+    _wait_file(tmp_path / "wait.reached", slurm_cluster, job, tmp_path, timeout=240)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _requeue_smaller(slurm_cluster, job, nodes=1, tasks=2)
     log = _wait_gone(slurm_cluster, job, tmp_path, timeout=400)
@@ -190,13 +187,13 @@ def test_requeue_on_fewer_nodes_cuts_the_batch_by_the_rules(slurm_cluster, tmp_p
             lost["grad_accum"], lost["batch_limit"]) == ("nodes_lost", 2, 1, 2, 4, 1, 4), lost
     [change] = [c for c in _kinds(run, "batch_change") if c["reason"] == "resume"]
     assert (change["old_global_batch"], change["global_batch"], change["kappa_change"]) == (8, 4, 0.5), change
-    assert change["step"] == lost["step"] and change["lr_peak"] < max(c["lr_peak"] for c in _kinds(run, "batch_change"))
+    assert lost["step"] == 8 and change["step"] == 8 and change["lr_peak"] < max(c["lr_peak"] for c in _kinds(run, "batch_change"))
     assert not _kinds(run, "scale_out")
     steps = _train_steps(run)
     assert steps == list(range(1, len(steps) + 1)), log
     train = [m for m in _metrics(run) if m.get("kind") == "train"]
     assert {m["global_batch"] for m in train if m["step"] > lost["step"]} == {4}, log
-    assert train[-1]["tokens"] == 512 + 200 * 8 * SEQ
+    assert steps[-1] == 8 + 16 and train[-1]["tokens"] == 512 + 12 * 8 * SEQ  # 8 steps left at 8: 16 at 4
     assert "--resume: nodes 2 -> 1 (nodes lost)" in log and "the batch stays at most 4 on these nodes" in log, log
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.launcher import slurm_master_port
+from train_common import FAULT_TRAIN, wait_at_step
 
 pytestmark = pytest.mark.slow  # real process groups / daemons
 
@@ -84,20 +85,14 @@ def _release_if_requeued(cluster, job_id: str, timeout: float = 60) -> None:
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} was not requeued: {cluster.job_info(job_id)}")
 
-def _preempt_after_first_step(slurm_cluster, tmp_path, job: str, run) -> str:
-    """USR1 to the batch script once the run has logged a step, then wait for the requeued job to end;
-    its log."""
-    end = time.monotonic() + 180
-    while not _train_steps(run) or _train_steps(run)[-1] < 1:
-        assert time.monotonic() < end, _job_log(tmp_path, job)
-        info = slurm_cluster.job_info(job)
-        assert info == {} or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
-        time.sleep(0.3)
+def _preempt_when_waiting(slurm_cluster, tmp_path, job: str) -> str:
+    """USR1 to the batch script once the run waits at its step (``wait_at_step(tmp_path / "wait", N)``),
+    then wait for the requeued job to end; its log."""
+    _wait_file(tmp_path / "wait.reached", slurm_cluster, job, tmp_path, timeout=180)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _release_if_requeued(slurm_cluster, job, timeout=120)
     slurm_cluster.wait_done(job, timeout=240)
     return _job_log(tmp_path, job)
-
 
 
 def _ranks(out: Path, n: int) -> list[dict]:
@@ -133,17 +128,17 @@ def test_preempt_signal_checkpoint_requeue_finish(slurm_cluster, tmp_path):
     workers checkpoint and exit 75, the job requeues itself, restarts and finishes; every
     step ran exactly once."""
     out = tmp_path / "probe"
-    steps = 60
+    steps, at = 8, 3
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--ntasks-per-node", "2", "--signal-seconds", "30",
-                  command=[PROBE, "--out", str(out), "--steps", str(steps), "--step-seconds", "0.1"])
-    _wait_file(out / "running.0", slurm_cluster, job, tmp_path)
+                  command=[PROBE, "--out", str(out), "--steps", str(steps), "--wait-at", str(at)])
+    _wait_file(out / "waiting", slurm_cluster, job, tmp_path)  # every rank waits before step 3
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     _release_if_requeued(slurm_cluster, job)
     _wait_file(out / "done.json", slurm_cluster, job, tmp_path)
     slurm_cluster.wait_done(job)
     log = _job_log(tmp_path, job)
     ckpt = json.loads((out / "ckpt.json").read_text())
-    assert 0 < ckpt["step"] < steps, log
+    assert ckpt["step"] == at, log
     assert f"probe: SIGUSR1: checkpoint at step {ckpt['step']}, exit 75" in log
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log
     assert f"start step {ckpt['step']}" in log
@@ -156,8 +151,8 @@ def test_cancel_does_not_requeue(slurm_cluster, tmp_path):
     """scancel sends TERM: the workers checkpoint, but a cancelled job must stay cancelled."""
     out = tmp_path / "probe"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--ntasks-per-node", "2",
-                  command=[PROBE, "--out", str(out), "--steps", "400", "--step-seconds", "0.1"])
-    _wait_file(out / "running.0", slurm_cluster, job, tmp_path)
+                  command=[PROBE, "--out", str(out), "--steps", "8", "--wait-at", "3"])
+    _wait_file(out / "waiting", slurm_cluster, job, tmp_path)  # waits for the signal: cannot finish first
     slurm_cluster.run("scancel", job)
     info = slurm_cluster.wait_done(job, timeout=60)
     assert info == {} or info["JobState"] == "CANCELLED", info
@@ -204,9 +199,10 @@ def test_train_two_nodes_preempt_requeue_then_resume_on_one_node(slurm_cluster, 
     start-up three times rather than five.)"""
     run = tmp_path / "run"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--ntasks-per-node", "2",
-                  command=["train.py", *TRAIN_TINY, "--batch.policy", "scale", "--batch.per_device_batch", "2",
-                           "--train.max_steps", "24", "--resume", str(run)])
-    log = _preempt_after_first_step(slurm_cluster, tmp_path, job, run)
+                  command=[FAULT_TRAIN, *TRAIN_TINY, "--batch.policy", "scale", "--batch.per_device_batch", "2",
+                           "--train.max_steps", "24", "--resume", str(run)], env=wait_at_step(tmp_path / "wait", 5))
+    log = _preempt_when_waiting(slurm_cluster, tmp_path, job)
+    assert "signal received: checkpoint saved at step 5 " in log, log
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
     assert "| 4 proc(s) |" in log and "global batch 8 = 2 x 1 accum x 4" in log, log
     steps = _train_steps(run)
@@ -232,11 +228,13 @@ def test_train_out_survives_its_own_requeue(slurm_cluster, tmp_path):
     requeues itself, and the requeue continues D (as --resume D) to the end: every step logged once."""
     run = tmp_path / "run"
     job = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--ntasks-per-node", "2",
-                  command=["train.py", *TRAIN_TINY, "--train.max_steps", "16", "--out", str(run)])
-    log = _preempt_after_first_step(slurm_cluster, tmp_path, job, run)
+                  command=[FAULT_TRAIN, *TRAIN_TINY, "--train.max_steps", "16", "--out", str(run)],
+                  env=wait_at_step(tmp_path / "wait", 3))
+    log = _preempt_when_waiting(slurm_cluster, tmp_path, job)
     assert "[bigbatch] requeueing job" in log and f"[bigbatch] job {job} restart 1" in log, log
     assert "already holds a run" not in log and "workers exited with status 0" in log, log
-    assert re.search(r"steps [1-9][0-9]*->16 ", log), log  # the requeue started from the checkpoint
+    assert "signal received: checkpoint saved at step 3 " in log, log
+    assert re.search(r"steps 3->16 ", log), log  # the requeue started from the checkpoint
     assert _train_steps(run) == list(range(1, 17)), log  # each step once across the requeue
 
 

@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# train.py with the test-only fault hooks (tests/fault/fault_hooks.py: BIGBATCH_TEST_* variables)
+FAULT_TRAIN = "tests/fault/train.py"
 TRAIN_KEYS = {"kind", "step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "beta1", "beta2",
               "final_lr", "gamma", "eps", "weight_decay"}
 EVAL_KEYS = {"kind", "step", "samples", "tokens", "eval_loss", "eval_ppl"}
@@ -62,3 +65,22 @@ def main(argv: list[str]) -> int:
     finally:  # train.main exports the topology (MASTER_PORT, ...); later launches must not inherit it
         os.environ.clear()
         os.environ.update(saved)
+
+
+def wait_at_step(wait: Path, step: int) -> dict:
+    """The environment of a FAULT_TRAIN run that waits after ``step`` until a signal arrives (or the
+    file ``wait`` exists); it writes ``wait.reached`` once every rank waits."""
+    return {"BIGBATCH_TEST_WAIT_AT_STEP": str(step), "BIGBATCH_TEST_WAIT_FILE": str(wait)}
+
+
+def wait_reached(proc: subprocess.Popen, wait: Path, timeout: float = 180) -> None:
+    """Until the run ``proc`` waits at its fault point (``wait.reached``); fails if it ends first."""
+    reached = Path(f"{wait}.reached")
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before its fault point:\n"
+                                 f"{(out or '')[-2000:]}\n{(err or '')[-4000:]}")
+        assert time.monotonic() < deadline, f"{reached} not written in {timeout} s"
+        time.sleep(0.05)
