@@ -8,9 +8,10 @@ with these hooks, configured by environment variables:
     exists (or, at a step, until a signal arrived). The test sends its fault after ``PATH.reached``.
 ``BIGBATCH_TEST_WAIT_AT_STEP=N`` (train.py)
     after optimizer step N (in ``post_step``, after the checkpoint callback and before the preemption
-    callback), every rank waits until SIGTERM/SIGUSR1 reached any rank or PATH exists; the ranks poll
-    together (one all-reduce per poll), so they leave at the same poll and a signal is then seen by
-    the preemption callback at step N on every rank: the checkpoint is step N's. ``PATH.reached`` is
+    callback by priority), every rank waits until SIGTERM/SIGUSR1 reached any rank or PATH exists; the
+    ranks poll together (one all-reduce per poll), so they leave at the same poll, and step N is made a
+    sync point, where the preemption callback agrees on the signal on every rank: the checkpoint is step
+    N's. ``PATH.reached`` is
     written after the first poll, when every rank is inside the wait. A resumed run that starts past
     step N does not wait.
 ``BIGBATCH_TEST_WAIT_AT_SAVE=TAG`` (train.py)
@@ -70,15 +71,20 @@ def _callback_classes():
         """After step ``step``, every rank waits until a signal reached any rank (``preemption.signum``)
         or ``path`` exists; see the module docstring."""
 
+        priority = 65  # after Checkpointing, before Preemption
+
         def __init__(self, step: int, path: str, preemption):
             self.step, self.path, self.preemption = step, path, preemption
+
+        def wants_sync(self, trainer) -> bool:
+            return trainer.step == self.step
 
         def post_step(self, trainer, result) -> None:
             if trainer.step != self.step:
                 return
             first = True
             while True:
-                trainer.watchdog.beat("waiting for the test's fault", trainer.step)
+                trainer.beat("waiting for the test's fault")
                 if bbdist.any_rank(self.preemption.signum is not None or os.path.exists(self.path)):
                     return
                 if first and trainer.info.is_main:
@@ -88,6 +94,8 @@ def _callback_classes():
 
     class NanLoss(Callback):
         """The loss of the optimizer steps in ``steps`` (1-based) times NaN; see the module docstring."""
+
+        priority = 0  # disarmed before any other callback runs the model
 
         def __init__(self, steps: set[int]):
             self.steps, self.armed, self.handle = steps, False, None
@@ -122,12 +130,12 @@ def with_test_callbacks(default_callbacks):
     def callbacks(cfg, **kw):
         cbs = list(default_callbacks(cfg, **kw))
         nan = _env("BIGBATCH_TEST_NAN_STEPS")
-        if nan is not None:  # first: disarmed before any other post_step (an evaluation) runs the model
-            cbs.insert(0, NanLoss({int(s) for s in nan.split(",") if s.strip()}))
+        if nan is not None:
+            cbs.append(NanLoss({int(s) for s in nan.split(",") if s.strip()}))
         step = _env("BIGBATCH_TEST_WAIT_AT_STEP")
         if step is not None:
-            at = next(i for i, cb in enumerate(cbs) if isinstance(cb, Preemption))
-            cbs.insert(at, WaitAtStep(int(step), wait_file(), cbs[at]))
+            preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
+            cbs.append(WaitAtStep(int(step), wait_file(), preemption))
         return cbs
 
     return callbacks
