@@ -207,3 +207,43 @@ def test_submit_turns_out_into_resume_on_requeue(tmp_path, capfd):
     path = tmp_path / "t.sbatch"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+class Planted:
+    """A pickle that creates a directory when it is loaded: a stand-in for any code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_sharded_checkpoint_files_never_run_code(tmp_path):
+    """FSDP2's DCP files: ``.metadata`` is a plain pickle and non-tensor entries are pickled; both are
+    refused, naming the file, when they would call anything (DCP's own reader would run them)."""
+    import pickle
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from bigbatch.sharding import tags
+    from bigbatch.sharding.full_state import read_dcp
+
+    good = {"model": {"w": torch.ones(2)}, "optim": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
+    dcp.save(good, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    assert read_dcp(str(tmp_path / "ok"))["optim"] == good["optim"]
+    dcp.save({"model": {"w": torch.ones(2)}, "optim": {"x": Planted(str(tmp_path / "m1"))}},
+             checkpoint_id=str(tmp_path / "entry"), no_dist=True)
+    with pytest.raises(tags.CheckpointError, match=r"/entry \(entry optim.x\): refused, loading it would run code") as exc:
+        read_dcp(str(tmp_path / "entry"))
+    assert exc.type.__name__ == "UnsafeCheckpoint"  # never passed over for an older tag
+    shutil.copytree(tmp_path / "ok", tmp_path / "meta")
+    metadata = tmp_path / "meta" / ".metadata"
+    md = pickle.loads(metadata.read_bytes())
+    md.planted = Planted(str(tmp_path / "m2"))
+    metadata.write_bytes(pickle.dumps(md))
+    with pytest.raises(tags.CheckpointError, match=rf"{metadata}: refused, loading it would run code .*mkdir"):
+        read_dcp(str(tmp_path / "meta"))
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()

@@ -139,7 +139,8 @@ def test_run_dir_carries_tokenizer_and_exports_anywhere(runs, tmp_path):
 @pytest.fixture(scope="module")
 def continued(runs, cache) -> dict:
     """A 1-process FSDP2 run initialised from a copy of the ZeRO-3 export (eval at step 0), then the
-    copy's weights removed and the run resumed: a resume must not read them."""
+    copy moved away and the run resumed: the run directory is self-contained (its checkpoint, model
+    config and tokenizer), a resume never reads init_from."""
     init = runs["root"] / "init"
     shutil.copytree(runs["z3"] / "hf", init)
     out = runs["root"] / "cont"
@@ -148,10 +149,11 @@ def continued(runs, cache) -> dict:
     first = run([PY, *args, "--out", str(out), "--train.max_steps", "4"])
     check_ok(first)
     evals_first = records(out, "eval")
-    (init / "model.safetensors").unlink()
+    resolved_first = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    init.rename(runs["root"] / "init-moved")
     resumed = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "6"])
     check_ok(resumed)
-    return {"out": out, "evals_first": evals_first, "init": init}
+    return {"out": out, "evals_first": evals_first, "init": init, "resolved_first": resolved_first}
 
 
 @pytest.mark.slow
@@ -162,12 +164,14 @@ def test_init_from_an_export_continues_where_the_source_ended(runs, continued):
     assert evals[0]["eval_loss"] == pytest.approx(source_last, rel=1e-5)
     assert evals[-1]["step"] == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     # the run took the export's architecture and tokenizer
-    import yaml
-
+    first = continued["resolved_first"]
+    assert first["model"]["init_from"] == str(continued["init"])
+    assert first["tokenizer"] == {**first["tokenizer"], "kind": "pretrained", "path": str(continued["init"])}
+    # the resume (init_from moved away) took the run's own model config and tokenizer
     resolved = yaml.safe_load((continued["out"] / "config.resolved.yaml").read_text())
-    assert resolved["model"]["init_from"] == str(continued["init"])
-    assert resolved["tokenizer"] == {**resolved["tokenizer"], "kind": "pretrained", "path": str(continued["init"])}
-    # the resume loaded its checkpoint (the init weights are gone) and went on to step 6
+    assert resolved["model"] == first["model"]  # init_from is still recorded
+    assert resolved["tokenizer"]["path"] == str(continued["out"] / "tokenizer")
+    # the resume loaded its checkpoint and went on to step 6
     steps = [r["step"] for r in records(continued["out"])]
     assert steps == list(range(1, 7))
 

@@ -172,6 +172,8 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
         try:
             tags.verify_tag_together(ckpt, tag)
             break
+        except tags.UnsafeCheckpoint as exc:  # planted to run code: refused, not passed over
+            raise ConfigError(f"--from: {exc}") from None
         except tags.CheckpointError as exc:
             refused.append((tag, str(exc)))
     else:
@@ -180,7 +182,10 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
     if refused:
         print(f"check-rules: starting from {tag}; passed over: " + "; ".join(f"{t}: {w}" for t, w in refused),
               flush=True)
-    meta = tags.read_meta(ckpt, tag)
+    try:
+        meta = tags.read_meta(ckpt, tag)
+    except tags.CheckpointError as exc:
+        raise ConfigError(f"--from: {exc}") from None
     client = meta.get("client_state") or {}
     noise = None
     if client.get("noise_scale"):

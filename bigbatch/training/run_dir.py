@@ -18,6 +18,7 @@ from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
 from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
                                       load_config, parse_overrides)
+from bigbatch.training.init_from import use_run_files
 from bigbatch.training.metrics import last_logged_step
 from bigbatch.training.model import count_parameters
 
@@ -100,7 +101,8 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
             raise ConfigError(f"{arg}: {saved} is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                               "give --config too") from None
     data.pop("resolved", None)
-    return apply_overrides(config_from_dict(data), overrides)
+    cfg = config_from_dict(data, run_files=lambda c: use_run_files(c, run_dir, HF_CONFIG, TOKENIZER_DIR))
+    return apply_overrides(cfg, overrides)
 
 
 def command_main(body: Callable[[], int]) -> int:
