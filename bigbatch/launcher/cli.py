@@ -1,7 +1,8 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
 (:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start),
-``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness.
+``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness,
+``status`` of a run directory.
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
@@ -10,6 +11,7 @@
     bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
+    bigbatch status runs/tiny                            # checkpoints, batch, last records, finished?
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
 """
 
@@ -242,6 +244,12 @@ def _cmd_export(args) -> int:
     return export_main(args.args)
 
 
+def _cmd_status(args) -> int:
+    from bigbatch.training.status import main as status_main
+
+    return status_main(args.args)
+
+
 def _cmd_eval(args) -> int:
     from bigbatch.training.evaluate import main as eval_main
 
@@ -253,6 +261,7 @@ _OWN_PARSERS = {
     "check-rules": (_cmd_check_rules, "branch a run at larger batches (and SVAG) and report where the scaling rules hold"),
     "export": (_cmd_export, "write a run's checkpoint as a Hugging Face model directory"),
     "eval": (_cmd_eval, "lm-evaluation-harness on a Hugging Face model directory"),
+    "status": (_cmd_status, "a run directory on one screen: checkpoints, batch, last records, finished or running"),
     "prepare-data": (_cmd_prepare_data,
                      "tokenize the config's data sources once into token shards (restartable, SLURM arrays)"),
 }
