@@ -28,8 +28,9 @@ import time
 
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.launcher.env import LauncherEnvError, Topology, detect_topology, free_port
-from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, SubmitConfig, SubmitError, add_submit_arguments,
-                                      render_sbatch, strip_separator, submit, submit_config, train_out_dir)
+from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, MAX_NODES_ENV, SubmitConfig, SubmitError,
+                                      add_submit_arguments, render_sbatch, strip_separator, submit, submit_config,
+                                      train_out_dir)
 
 __all__ = ["main", "launch_local", "worker_command"]
 
@@ -175,15 +176,22 @@ def check_submission(cfg: SubmitConfig) -> None:
         problem = dir_problem(out_dir)
         if problem:
             raise SubmitError(f"--output: directory {out_dir!r} {problem}")
-    problem = train_command_problem(cfg.command, cfg.workdir)
+    environ = {**os.environ, **cfg.env}  # sbatch exports this environment to the job
+    if cfg.scales_out:
+        environ[MAX_NODES_ENV] = str(cfg.max_nodes)
+    problem = train_command_problem(cfg.command, cfg.workdir, nodes=cfg.nodes, per_node=cfg.workers_per_node,
+                                    environ=environ)
     if problem:
         raise SubmitError(problem)
 
 
-def train_command_problem(command: list[str], workdir: str) -> str | None:
+def train_command_problem(command: list[str], workdir: str, *, nodes: int | None = None, per_node: int = 1,
+                          environ: dict | None = None) -> str | None:
     """Why train.py would refuse ``command`` (its arguments after ``train.py``) at start, resolved in
     ``workdir`` as it will be (bad config or value, --out holding a run or a file, ...), or None; for
-    launchers to say it once, before starting anything."""
+    launchers to say it once, before starting anything. With ``nodes``: also train.py's checks of the
+    batch, its schedule and the scale-out policy on ``nodes`` x ``per_node`` processes (with the
+    job's ``environ``)."""
     from bigbatch.training.config import ConfigError  # the training stack: see _cmd_check_rules
     from bigbatch.training.run_dir import parse_args, resolve_run
 
@@ -191,12 +199,21 @@ def train_command_problem(command: list[str], workdir: str) -> str | None:
     if not starts:
         return None
     here = os.getcwd()
+    where = ""
     try:
         os.chdir(workdir)
         targs, overrides = parse_args(command[starts[0] + 1:])
-        resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+        cfg, _, resuming = resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+        if nodes is not None:
+            from bigbatch.training.builders import check_batch
+            from bigbatch.training.callbacks.scale_out import check_scale_out
+
+            where = f" on {nodes} node(s) x {per_node} process(es)"
+            check_batch(cfg, nodes * per_node)
+            check_scale_out(cfg, nodes * per_node, per_node, fresh=not resuming,
+                            environ=os.environ if environ is None else environ)
     except ConfigError as exc:
-        return f"train.py would refuse this command at start: {exc}"
+        return f"train.py would refuse this command at start{where}: {exc}"
     finally:
         os.chdir(here)
     return None
