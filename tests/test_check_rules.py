@@ -159,6 +159,8 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
     # the SVAG branch ran at the rule for kappa 1/2 (first train record of its metrics)
     first = json.loads((out / "branches" / "svag2" / "metrics.jsonl").read_text().splitlines()[1])
     assert first["beta2"] == pytest.approx(1 - (1 - 0.99) / 2)
+    banners = [ln for ln in proc.stdout.splitlines() if ln.startswith("bigbatch: ") and "params |" in ln]
+    assert len(banners) == 5 and sum("betas (0.95, 0.995)" in ln for ln in banners) == 1, banners  # svag2's
     # AdaBound's clipped shares are logged, summed over the ZeRO partitions of both ranks
     assert 0 <= first["clipped_lower"] <= 1 and 0 <= first["clipped_upper"] <= 1
     assert first["clipped_lower"] + first["clipped_upper"] > 0

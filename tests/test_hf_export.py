@@ -52,9 +52,10 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
                                      "--checkpoint.export_hf", "true", "--logging.wandb", "true",
                                      "--logging.wandb_project", "bb-test"], wandb_dir=root)
     fsdp = _popen([PY, *common, "--out", str(root / "fsdp"), "--train.engine", "fsdp2"])
-    check_ok(_wait(z3))
-    check_ok(_wait(fsdp))
-    return {"root": root, "z3": root / "z3", "fsdp": root / "fsdp"}
+    z3, fsdp = _wait(z3), _wait(fsdp)
+    check_ok(z3)
+    check_ok(fsdp)
+    return {"root": root, "z3": root / "z3", "fsdp": root / "fsdp", "stdout": {"z3": z3.stdout, "fsdp": fsdp.stdout}}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,15 @@ def test_zero3_and_fsdp2_exports_agree_and_load_without_bigbatch(runs, exports):
     last = records(runs["z3"], "eval")[-1]
     assert last["step"] == STEPS
     assert got["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_banner_counts_zero3_partitioned_parameters(runs):
+    """ZeRO-3 partitions every parameter (its local tensor is empty): the banner counts them whole."""
+    def params(name: str) -> str:
+        return next(ln for ln in runs["stdout"][name].splitlines() if ln.startswith("bigbatch: ")).split(" | ")[0]
+
+    assert params("z3") == params("fsdp") and params("z3") != "bigbatch: 0.00M params", params("z3")
 
 
 @pytest.mark.slow

@@ -71,8 +71,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 
 
 
 def count_parameters(model) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once); a ZeRO-3 partitioned parameter by its full
+    size (``ds_numel``: its local tensor is empty)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
 def param_groups(model, weight_decay: float, *, no_decay_norms_and_biases: bool = True) -> list[dict]:

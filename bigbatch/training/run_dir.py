@@ -19,7 +19,7 @@ from bigbatch.sharding import tags
 from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
                                       load_config, parse_overrides)
 from bigbatch.training.init_from import use_run_files
-from bigbatch.training.metrics import last_logged_step
+from bigbatch.training.metrics import format_hparams, last_logged_step
 from bigbatch.training.model import count_parameters
 
 #: the run's tokenizer (save_pretrained files) and its transformers model config, written at the start
@@ -221,9 +221,10 @@ def write_resolved(trainer) -> dict:
     }
     full = {**trainer.cfg.to_dict(), "resolved": resolved}
     dump_yaml(full, os.path.join(trainer.out, RESOLVED))
+    # the hyperparameters in force (a SVAG branch has moved them to its rule by now)
     print(f"bigbatch: {count_parameters(trainer.model) / 1e6:.2f}M params | {info.world_size} proc(s) "
           f"| global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
-          f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {plan.hparams} | "
+          f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {format_hparams(trainer.hparams)} | "
           f"steps {trainer.step}->{trainer.total_steps()} | corpus {trainer.corpus.description}", flush=True)
     return full
 

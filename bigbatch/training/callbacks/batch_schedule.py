@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bigbatch.training.callbacks.base import Callback, StepResult
 from bigbatch.training.callbacks.metrics import hparam_fields
+from bigbatch.training.metrics import format_hparams
 
 
 def report_batch_change(trainer, old: int, report: dict, reason: str) -> None:
@@ -17,7 +18,7 @@ def report_batch_change(trainer, old: int, report: dict, reason: str) -> None:
                         "lr_peak": trainer.peak_lrs[0], "second_moments_rescaled": report.get("second_moments", 0),
                         **hparam_fields(trainer.hparams)})
     moved = ("hyperparameters kept" if report.get("kept") else
-             f"rescaled hyperparameters: peak lr {trainer.peak_lrs[0]:.4g}, {hparam_fields(trainer.hparams)}"
+             f"rescaled hyperparameters: peak lr {trainer.peak_lrs[0]:.4g}, {format_hparams(hparam_fields(trainer.hparams))}"
              + (f", second moments / {plan.global_batch / old:g}" if report.get("second_moments") else ""))
     trainer.say(f"{'--resume: ' if reason == 'resume' else ''}batch change at step {trainer.step} ({trainer.tokens:,} "
                 f"tokens): global batch {old} -> {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
