@@ -30,7 +30,7 @@ from bigbatch.training.run_data import prepare_data
 from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
 from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
-                                      save_model_files)
+                                      resume_config_note, save_model_files)
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
         check_batch(cfg, info.world_size)  # before any work
-        for note in cfg.notes() if info.is_main else []:
+        notes = [n for n in (resume_config_note(args.config, args.resume), *cfg.notes()) if n]
+        for note in notes if info.is_main else []:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)

@@ -128,6 +128,23 @@ def _old_run(tmp: Path, last_step: int) -> Path:
     return run
 
 
+def test_resume_runs_on_the_saved_config_and_says_so(tmp_path):
+    """``--config C --resume DIR`` (the requeue-safe command): C starts a directory that holds no run;
+    once DIR holds one, its saved config is used (overrides on top), never C, and the note says so."""
+    from bigbatch.training.run_dir import resume_config_note
+
+    run = tmp_path / "run"
+    other = tmp_path / "other.yaml"
+    dump_yaml({**load_config(CFG).to_dict(), "model": {"hidden_size": 64}}, other)
+    cfg, _, resuming = resolve_run(str(other), None, str(run), False, [])
+    assert resuming and cfg.model.hidden_size == 64 and resume_config_note(str(other), str(run)) is None
+    run = _old_run(tmp_path, 0)  # saved: the tiny config, hidden size 128
+    cfg, _, _ = resolve_run(str(other), None, str(run), False, [("train.seed", "7")])
+    assert cfg.model.hidden_size == 128 and cfg.train.seed == 7
+    note = resume_config_note(str(other), str(run))
+    assert note.startswith(f"--resume: {run} continues on its saved config (config.resolved.yaml); --config {other}")
+
+
 def test_resume_without_checkpoints_keeps_history(tmp_path):
     """checkpoints/ emptied after steps were logged: --resume refuses (naming both), unless
     checkpoint.if_unusable restart, which then keeps the old metrics aside; a requeue before the

@@ -46,12 +46,14 @@ def parse_args(argv: list[str] | None, description: str | None = None):
 def resolve_run(config: str | None, out: str | None, resume: str | None, overwrite: bool,
                 overrides: list[tuple[str, str]]) -> tuple[RunConfig, str, bool]:
     """(config, run directory, resuming) from the command line. ``--resume DIR`` takes DIR's saved
-    config unless ``--config`` is given (overrides win either way); a new run refuses a directory
-    that already holds one unless ``overwrite``."""
+    config, with the overrides on top; ``--config`` only where DIR holds none yet (the first start of
+    a requeue-safe command, ``--config C --resume DIR``; :func:`resume_config_note` says so). A new run
+    refuses a directory that already holds one unless ``overwrite``."""
     if resume:
         if out and os.path.abspath(out) != os.path.abspath(resume):
             raise ConfigError(f"--out {out!r} and --resume {resume!r} differ; give only --resume")
-        cfg = load_config(config, overrides) if config else saved_config(resume, overrides, "--resume")
+        fresh = config and not os.path.isfile(os.path.join(resume, RESOLVED))
+        cfg = load_config(config, overrides) if fresh else saved_config(resume, overrides, "--resume")
         check_history(cfg, resume)
         return cfg, resume, True
     if not out:
@@ -68,6 +70,14 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
     return cfg, out, False
+
+
+def resume_config_note(config: str | None, resume: str | None) -> str | None:
+    """The line a resume given ``--config`` too says once: which config it runs on."""
+    if not (config and resume and os.path.isfile(os.path.join(resume, RESOLVED))):
+        return None
+    return (f"--resume: {resume} continues on its saved config ({RESOLVED}); --config {config} is used only when the "
+            "directory holds no run yet (give changes as --section.key value)")
 
 
 def check_history(cfg: RunConfig, run_dir: str) -> None:
