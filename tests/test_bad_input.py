@@ -264,3 +264,24 @@ def test_sharded_checkpoint_files_never_run_code(tmp_path):
     with pytest.raises(tags.CheckpointError, match=rf"{metadata}: refused, loading it would run code .*mkdir"):
         read_dcp(str(tmp_path / "meta"))
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_third_party_noise_is_filtered_unless_debug():
+    """DeepSpeed's accelerator guess and torch's deprecation warnings for DeepSpeed's collectives say
+    nothing to a user: not printed once bigbatch.training is imported; BIGBATCH_LOG_LEVEL=debug keeps them."""
+    import sys
+
+    code = ("import warnings, bigbatch.training.builders\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "get_accelerator()\n"
+            "warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated', FutureWarning)\n"
+            "print('done')\n")
+    env = {k: v for k, v in os.environ.items() if k != "BIGBATCH_LOG_LEVEL"}
+    for level, shown in [(None, False), ("debug", True)]:
+        e = {**env, "BIGBATCH_LOG_LEVEL": level} if level else env
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                              timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "done" in out, out
+        assert ("Setting accelerator to CPU" in out) == shown, (level, out)
+        assert ("all_gather_into_tensor` is deprecated" in out) == shown, (level, out)
