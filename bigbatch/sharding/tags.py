@@ -467,8 +467,8 @@ def set_aside(ckpt_dir: str, tag: str) -> str:
 def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
     """``load(tag)`` of the first good tag: ``tag``, else the one ``latest`` names; with ``fallback``
     the other complete tags, newest first, when that one is refused (an unreadable ``latest`` is
-    passed over too). Each is verified first (sizes and hashes, the ranks sharing the work). Logs
-    the tag used and what was passed over; raises CheckpointError naming the file (without
+    passed over too). Each is verified first (sizes and hashes, the ranks sharing the work). Says
+    the tag used (rank 0, when ``tag`` is None) and logs what was passed over; raises CheckpointError naming the file (without
     ``fallback``), or :class:`NoUsableCheckpoint` listing every refused tag and why."""
     if tag is not None:
         order, notes = [tag], []
@@ -493,7 +493,7 @@ def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
             logger.warning("bigbatch: loaded checkpoint %r; passed over: %s%s", candidate,
                            "; ".join(f"{t}: {why}" for t, why in refused),
                            f" (set aside as {', '.join(moved)})" if moved else "")
-        elif bbdist.rank() == 0:
+        elif tag is None and bbdist.rank() == 0:  # the caller chose none: say which one this is
             print(f"bigbatch: loaded checkpoint {candidate!r} from {ckpt_dir}", flush=True)
         return result
     raise NoUsableCheckpoint(ckpt_dir, refused)
