@@ -123,6 +123,21 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name}")
 
 
+DCP_METADATA = ".metadata"  # DCP's index of a sharded checkpoint (a plain pickle)
+
+
+def dcp_metadata_globals(file: str) -> list[str]:
+    """What a DCP ``.metadata`` file names beyond its own classes (empty when it loads as plain data)."""
+    try:
+        with open(file, "rb") as fh:
+            _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        return [str(exc) or "a function"]
+    except Exception:  # unreadable: its load says why
+        return []
+    return []
+
+
 def safe_reader(path: str):
     """A ``FileSystemReader`` of the DCP directory ``path`` whose ``.metadata`` is unpickled with only
     DCP's metadata classes allowed (CheckpointError naming the file otherwise)."""
@@ -131,7 +146,7 @@ def safe_reader(path: str):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            file = os.path.join(str(self.path), ".metadata")
+            file = os.path.join(str(self.path), DCP_METADATA)
             try:
                 with open(file, "rb") as fh:
                     metadata = _MetadataUnpickler(fh).load()

@@ -99,15 +99,16 @@ def unsafe_globals(path: str) -> list[str]:
 
 
 def check_pickles(ckpt_dir: str, tag: str, manifest: dict) -> None:
-    """Every torch-saved file of a tag must unpickle to plain data: :class:`UnsafeCheckpoint` naming the
-    first that would call anything else. Each rank checks every file (the pickles are small), so
+    """Every torch-saved file of a tag (and DCP's ``.metadata``) must unpickle to plain data:
+    :class:`UnsafeCheckpoint` naming the first that would call anything else. Each rank checks every file (the pickles are small), so
     all refuse together before any load."""
+    from bigbatch.sharding.full_state import DCP_METADATA, dcp_metadata_globals  # it imports this module
+
     for rel in sorted(manifest["files"]):
-        if rel.endswith(".pt"):
-            fp = os.path.join(ckpt_dir, tag, rel)
-            names = unsafe_globals(fp)
-            if names:
-                raise unsafe(fp, ", ".join(names[:4]))
+        fp = os.path.join(ckpt_dir, tag, rel)
+        names = unsafe_globals(fp) if rel.endswith(".pt") else dcp_metadata_globals(fp) if rel == DCP_METADATA else []
+        if names:
+            raise unsafe(fp, ", ".join(names[:4]))
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict:
