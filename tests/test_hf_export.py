@@ -315,7 +315,8 @@ def test_export_refuses_a_tag_that_is_not_good_and_overwrites(runs, exports, tmp
     from bigbatch.training.export import main as export_main
 
     assert export_main([str(runs["z3"]), "--out", str(tmp_path / "o"), "--tag", "step99"]) == 2
-    assert capsys.readouterr().err.startswith("error: --tag: 'step99'")
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tag: 'step99'") and f"complete tags: step{STEPS:08d} (" in err, err
     out = tmp_path / "o"
     out.mkdir()
     (out / "old").write_text("x")

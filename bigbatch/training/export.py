@@ -40,7 +40,7 @@ DEFAULT_SHARD_SIZE = "5GB"
 def choose_tag(ckpt_dir: str, tag: str | None, arg: str = "RUN_DIR") -> tuple[str, list[tuple[str, str]]]:
     """``(tag, passed over)``: ``tag`` if it is good, else the newest good tag (``latest`` first, as a
     resume chooses) with ``(tag, why)`` for each one passed over; a ConfigError naming ``arg`` (or
-    ``--tag``, listing the good tags) and every refused tag when there is none. A file that would run
+    ``--tag``, listing the complete tags) and every refused tag when there is none. A file that would run
     code when loaded is refused outright (:class:`~bigbatch.sharding.tags.UnsafeCheckpoint`)."""
     if tag is not None:
         try:
@@ -49,8 +49,9 @@ def choose_tag(ckpt_dir: str, tag: str | None, arg: str = "RUN_DIR") -> tuple[st
             raise
         except CheckpointError as exc:
             good = tags.good_tags(ckpt_dir)
-            raise ConfigError(f"--tag: {tag!r} is not a good checkpoint of {ckpt_dir!r} ({exc}); good tags: "
-                              f"{', '.join(good) if good else 'none'}") from None
+            raise ConfigError(f"--tag: {tag!r} is not a good checkpoint of {ckpt_dir!r} ({exc}); complete tags: "
+                              f"{', '.join(good) if good else 'none'} (bigbatch status RUN_DIR --hash checks their "
+                              "contents)") from None
         return tag, []
     order, refused = tags.candidates(ckpt_dir)
     for candidate in order:

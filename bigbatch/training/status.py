@@ -53,18 +53,20 @@ def tag_rows(ckpt_dir: str, seq_len: int | None, hashes: bool = False) -> list[d
                "state": "incomplete", "why": info.why, "latest": info.tag == latest}
         if info.complete:
             try:
-                manifest = tags.verify_tag(ckpt_dir, info.tag, hashes=hashes, pickles=True)
+                manifest = tags.read_manifest(ckpt_dir, info.tag)
+                samples = manifest.get("samples")
+                row.update(step=manifest.get("steps"), world_size=manifest.get("world_size"),
+                           tokens=samples * seq_len if samples and samples > 0 and seq_len else None)
+                tags.verify_tag(ckpt_dir, info.tag, hashes=hashes, pickles=True)
                 meta = tags.read_meta(ckpt_dir, info.tag)
             except tags.CheckpointError as exc:
                 row.update(state="damaged", why=str(exc))
             else:
                 client = meta.get("client_state") or {}
-                samples = client.get("samples", manifest.get("samples"))
                 row.update(state="good", why="", engine=meta.get("engine") or ("deepspeed" if "zero_stage" in meta
                                                                                  else "fsdp2"),
-                           world_size=meta.get("world_size", manifest.get("world_size")),
-                           step=client.get("step", manifest.get("steps")),
-                           tokens=client.get("tokens", samples * seq_len if samples and seq_len else None))
+                           world_size=meta.get("world_size", row["world_size"]), step=client.get("step", row["step"]),
+                           tokens=client.get("tokens", row["tokens"]))
         rows.append(row)
     return rows
 
