@@ -92,16 +92,14 @@ def unsafe_globals(path: str) -> list[str]:
         names = scan(path)
     except Exception:  # not a torch zip file: its load says why
         return []
-    allowed = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in _numpy_rng_globals()}
-    allowed |= {n.replace("numpy._core", "numpy.core") for n in allowed} | {n.replace("numpy.core", "numpy._core")
-                                                                             for n in allowed}
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_rng_globals()}
     return [n for n in names if n not in allowed]
 
 
 def check_pickles(ckpt_dir: str, tag: str, manifest: dict) -> None:
     """Every torch-saved file of a tag (and DCP's ``.metadata``) must unpickle to plain data:
-    :class:`UnsafeCheckpoint` naming the first that would call anything else. Each rank checks every file (the pickles are small), so
-    all refuse together before any load."""
+    :class:`UnsafeCheckpoint` naming the first that would call anything else. Each rank checks every
+    file (the pickles are small), so all refuse together before any load."""
     from bigbatch.sharding.full_state import DCP_METADATA, dcp_metadata_globals  # it imports this module
 
     for rel in sorted(manifest["files"]):
