@@ -107,7 +107,7 @@ def test_critical_batch_is_a_lower_bound_when_every_kappa_held():
     held = [_result("k1", 1, 4.0), _result("k1_seed2", 1, 4.0), _result("k2", 2, 4.01), _result("k4", 4, 4.02)]
     summary, md = report(held)
     assert summary["critical_batch"] == 32 and summary["critical_batch_is_lower_bound"]
-    assert "**Measured critical batch: at least 32**" in md
+    assert "**Measured critical batch: at least 32**" in md and "B_noise at the start: not measured;" in md
     broke = [_result("k1", 1, 4.0), _result("k1_seed2", 1, 4.0), _result("k2", 2, 4.01), _result("k4", 4, 4.5)]
     summary, md = report(broke)
     assert summary["critical_batch"] == 16 and not summary["critical_batch_is_lower_bound"]

@@ -417,7 +417,7 @@ def markdown(report: dict) -> str:
     bound = s.get("critical_batch_is_lower_bound")
     lines += ["", f"**Measured critical batch: {'at least ' if bound else ''}{s['critical_batch']}** (the largest kappa "
               f"x B0 up to which every kappa holds{'; every kappa held, so it may lie beyond' if bound else ''}). "
-              "Gradient noise scale B_noise at the start: {noise}; at the end of k1: "
+              f"Gradient noise scale B_noise at the start: {noise}; at the end of k1: "
               + (f"{b_end:.1f}." if b_end is not None else "not measured.")]
     if s["sde_holds"] is not None:
         lines.append(f"SDE approximation (SVAG): {'holds' if s['sde_holds'] else 'breaks'} (k1 against every l >= 2; "
