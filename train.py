@@ -4,6 +4,9 @@
     torchrun --standalone --nproc_per_node 2 train.py --config configs/tiny.yaml --out runs/tiny
     python train.py --resume runs/tiny [--section.key VALUE ...]   # latest good checkpoint, any world size
 
+A resume runs on the run's saved config (config.resolved.yaml) with the overrides on top; --config
+with --resume only starts a directory that holds no run yet (a requeue-safe command line).
+
 Flow: YAML + overrides -> RunConfig -> tokenizer, packed data -> batch plan (global batch and
 hyperparameters scaled from the reference batch), model, engine (DeepSpeed or FSDP2) -> training
 loop with its callbacks (bigbatch.training). Outputs in --out: metrics.jsonl, config.resolved.yaml, checkpoints/,
