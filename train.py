@@ -27,12 +27,14 @@ import os
 import sys
 
 from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import command_main
+from bigbatch.data.run_data import load_run_data
 from bigbatch.training.builders import check_batch, setup
 from bigbatch.training.callbacks import default_callbacks
-from bigbatch.training.run_data import prepare_data
 from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
-from bigbatch.training.run_dir import (command_main, has_checkpoint, parse_args, prepare, resolve_run,
+from bigbatch.training.plan import announce, check_peak
+from bigbatch.training.run_dir import (has_checkpoint, parse_args, prepare, resolve_run,
                                       resume_config_note, save_model_files)
 
 
@@ -47,17 +49,20 @@ def main(argv=None) -> int:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)
-        tok, data, corpus = prepare_data(cfg, info)
+        tok, data, corpus = load_run_data(cfg, info)
+        planned = announce(cfg, info, len(tok), data.seq_len, global_batch=start)
         # a resume from a checkpoint takes its weights from there, never from model.init_from
         ckpt_dir = os.path.join(out, "checkpoints")
         run = setup(cfg, info.world_size, tok, data.seq_len, global_batch=start,
                     init_weights=not (resuming and has_checkpoint(ckpt_dir)))
         if info.is_main:
             save_model_files(out, tok, run.model.config)
-        return Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
+        code = Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
                        resume_from=ckpt_dir if resuming else None).run()
+        check_peak(planned)  # a warning when the run's peak memory was well above the plan's
+        return code
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def check_rules(start: Path, out: Path, branches: str, kappa: int, tokens: int, 
         return {b: json.loads(r.read_text()) for b, r in results.items()}
     beta_form, _, second_moment = form.partition(":")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "bigbatch.training.check_rules", "--from", str(start), "--kappas", f"1,{kappa}",
+           "-m", "bigbatch.check_rules", "--from", str(start), "--kappas", f"1,{kappa}",
            "--tokens", str(tokens), "--evals", "2", "--out", str(out), "--branches", branches,
            "--batch.beta_form", beta_form, "--batch.second_moment", second_moment or "rescale",
            "--logging.progress", "none",

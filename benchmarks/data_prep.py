@@ -149,7 +149,7 @@ def synthetic_set(out: Path, tok_dir: str, tokens: int, vocab: int, eos: int, sh
     from transformers import AutoTokenizer
 
     from bigbatch.data import shards
-    from bigbatch.training.tokenizer import _finish
+    from bigbatch.data.tokenizer import _finish
 
     out.mkdir(parents=True)
     shutil.copytree(tok_dir, out / "tokenizer")
@@ -202,7 +202,7 @@ def loader_time(prepared: Path, steps: int = 300) -> float:
     """Seconds per GlobalBatchLoader.next_step at the tiny config's batch (16 x 128 tokens, one process)."""
     from bigbatch.data.mixture import open_prepared
     from bigbatch.training.config import load_config
-    from bigbatch.training.data import GlobalBatchLoader
+    from bigbatch.data.blocks import GlobalBatchLoader
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["--data.source", "prepared", "--data.val_fraction", "0.0001",
                                                        "--data.prepared", f"[{{path: {prepared}}}]"])
@@ -223,8 +223,8 @@ def main() -> int:
     p.add_argument("--skip-train", action="store_true")
     args = p.parse_args()
 
-    from bigbatch.training.corpus import embedded_documents
-    from bigbatch.training.tokenizer import train_bpe
+    from bigbatch.data.corpus import embedded_documents
+    from bigbatch.data.tokenizer import train_bpe
 
     tmp = Path(tempfile.mkdtemp(prefix="bigbatch-dataprep-"))
     try:

@@ -146,7 +146,7 @@ class Segment:
 
 def submit(work: Path, command: list[str]) -> Segment:
     """``bigbatch submit`` on 2 nodes x 1 rank, requeue on (the default)."""
-    proc = sh(sys.executable, "-m", "bigbatch.launcher.cli", "submit", "--nodes", "2", "--ntasks-per-node", "1",
+    proc = sh(sys.executable, "-m", "bigbatch.cli", "submit", "--nodes", "2", "--ntasks-per-node", "1",
               "--time", "60", "--chdir", str(REPO), "--output", str(work / "slurm-%j.out"), "--",
               "train.py", *command)
     job = proc.stdout.strip()

@@ -2,18 +2,8 @@
 one and (c) a run that moves to more nodes as its batch schedule grows (``scale_out`` policy), for
 the tiny config measured here and the 125m / 1.3b configs on paper.
 
-The batch follows the automatic schedule: from the smallest batch an allocation of ``small`` nodes
-runs without accumulation, doubled whenever the noise scale ``B_noise`` is at least the doubled
-batch, up to what ``max_nodes`` take within ``max_grad_accum``. Reaching a loss takes
-E = E_min (1 + B/B_noise) tokens at batch B (McCandlish et al. 2018), so a run forced to a batch
-B' > B (the large allocation's smallest batch) needs (1 + B'/B_noise) / (1 + B/B_noise) times the
-tokens of the schedule run over the same stretch of training.
-
-* (a) ``small`` nodes throughout: the schedule's batch by accumulation.
-* (b) ``max_nodes`` throughout: the batch is at least what those nodes run without accumulation,
-  paying the extra tokens wherever that is above the schedule's batch.
-* (c) scale-out: at each point the fewest nodes (from ``small``) that take the schedule's batch
-  within ``max_grad_accum``; every move costs ``restart_s`` of wall time on the new allocation.
+The model (the automatic schedule's batch, the extra tokens of a batch above it, the three strategies) is
+:mod:`bigbatch.scaling.cost`, which ``bigbatch plan`` prices a config's run with.
 
 Tiny (measured): ``train.py`` of configs/tiny.yaml as 1 and 2 single-thread processes ("nodes" of
 one CPU core each), alternated ``--repeats`` times, tokens/s of each (median) and the start-up time
@@ -31,7 +21,6 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,79 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.tiny_runs import read_records, run_train  # noqa: E402
 from bigbatch.atomic import write_text  # noqa: E402
-
-
-@dataclass
-class Cluster:
-    """What a run of one model costs on ``n`` nodes. Batches and tokens are in tokens.
-
-    ``step_seconds(batch, n)``: one optimizer step; ``min_batch_node``: the batch one node runs
-    without accumulation (its devices x their smallest efficient micro batch)."""
-
-    name: str
-    min_batch_node: float
-    max_grad_accum: int
-    small: int
-    max_nodes: int
-    restart_s: float
-    tokens: float
-    tokens_per_s: dict | None = None  # measured: nodes -> tokens/s (any batch)
-    gpu_tokens_per_s: float = 0.0  # on paper: per GPU
-    gpus_per_node: int = 8
-    grad_bytes: float = 0.0
-    node_bandwidth: float = 0.0  # bytes/s between nodes
-    overlap: float = 0.5  # share of the all-reduce hidden behind the backward pass
-
-    def step_seconds(self, batch: float, n: int) -> float:
-        if self.tokens_per_s is not None:
-            return batch / self.tokens_per_s[n]
-        compute = batch / (n * self.gpus_per_node * self.gpu_tokens_per_s)
-        allreduce = 2 * (n - 1) / n * self.grad_bytes / self.node_bandwidth if n > 1 else 0.0
-        return compute + (1 - self.overlap) * allreduce
-
-    def nodes_for(self, batch: float) -> int:
-        """The fewest nodes (from ``small``) that take ``batch`` within ``max_grad_accum``."""
-        need = math.ceil(batch / (self.min_batch_node * self.max_grad_accum) - 1e-9)
-        return min(self.max_nodes, max(self.small, need))
-
-
-def schedule_batch(b_noise: float, start: float, maximum: float) -> float:
-    """The automatic schedule's batch at a noise scale (doubling from ``start`` while B_noise >= 2B)."""
-    batch = start
-    while batch * 2 <= maximum and b_noise >= batch * 2:
-        batch *= 2
-    return batch
-
-
-def costs(c: Cluster, b_noise, points: int = 2000) -> dict:
-    """(wall hours, node-hours, tokens, moves) of (a), (b), (c) over ``c.tokens`` of the schedule run;
-    ``b_noise(tokens)`` in tokens."""
-    start, maximum = c.min_batch_node * c.small, c.min_batch_node * c.max_nodes * c.max_grad_accum
-    out = {k: {"wall_s": 0.0, "node_s": 0.0, "tokens": 0.0, "moves": 0} for k in ("a", "b", "c")}
-    nodes_now = c.small
-    dt = c.tokens / points
-    for i in range(points):
-        t = (i + 0.5) * dt
-        bn = b_noise(t)
-        batch = schedule_batch(bn, start, maximum)
-        for key, n in (("a", c.small), ("b", c.max_nodes), ("c", c.nodes_for(batch))):
-            run_batch = max(batch, n * c.min_batch_node)
-            tokens = dt * (1 + run_batch / bn) / (1 + batch / bn)
-            seconds = tokens / run_batch * c.step_seconds(run_batch, n)
-            if key == "c" and n != nodes_now:
-                out["c"]["moves"] += 1
-                seconds += c.restart_s
-                nodes_now = n
-            out[key]["wall_s"] += seconds
-            out[key]["node_s"] += seconds * n
-            out[key]["tokens"] += tokens
-    return out
+from bigbatch.scaling import cost  # noqa: E402
+from bigbatch.scaling.cost import Cluster, assumptions, costs, critical_batch_curve  # noqa: E402
 
 
 # ---------------------------------------------------------------- the 125m / 1.3b configs on paper
 
 H100_BF16_FLOPS = 989e12  # dense
-MFU = 0.4
 SEQ = 2048
 PAPER = {
     # params, budget (20 tokens/param), micro batch per GPU (sequences), max_nodes
@@ -119,25 +42,15 @@ PAPER = {
     "1.3b": (1.3e9, 26e9, 4, 32),
 }
 PAPER_ASSUMPTIONS = (
-    "8 x H100 per node at 40% MFU of 989 TFLOP/s (6 N FLOPs/token); 8 x 400 Gb/s InfiniBand per node "
-    "(400 GB/s), ring all-reduce of bf16 gradients, half of it hidden; restart (checkpoint, new job's start-up, "
-    "load) 10 min (and 2 min: the rows marked so), queue wait not counted; max_grad_accum 1; smallest micro batch 8 (125m) / 4 (1.3b) "
-    "sequences of 2048 tokens; critical batch B_crit(L) = 2.1e8 / L^(1/0.21) tokens (Kaplan et al. 2020) "
-    "along L(D) = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 (Hoffmann et al. 2022)")
+    "8 x H100 per node at " + assumptions(restart_s=600.0) + " (and 2 min: the rows marked so); max_grad_accum 1; "
+    "smallest micro batch 8 (125m) / 4 (1.3b) sequences of 2048 tokens")
 
 
 def paper_cluster(name: str, restart_s: float = 600.0) -> tuple[Cluster, callable]:
     params, budget, micro, max_nodes = PAPER[name]
-    tpg = MFU * H100_BF16_FLOPS / (6 * params)
-    c = Cluster(name, min_batch_node=8 * micro * SEQ, max_grad_accum=1, small=1, max_nodes=max_nodes,
-                restart_s=restart_s, tokens=budget, gpu_tokens_per_s=tpg, grad_bytes=2 * params,
-                node_bandwidth=400e9)
-
-    def b_noise(tokens: float) -> float:
-        loss = 1.69 + 406.4 / params ** 0.34 + 410.7 / max(tokens, 1e6) ** 0.28
-        return 2.1e8 / loss ** (1 / 0.21)
-
-    return c, b_noise
+    c = cost.paper_cluster(name, params=params, tokens=budget, micro_batch=micro, seq_len=SEQ, gpus_per_node=8,
+                           small=1, max_nodes=max_nodes, gpu_flops=H100_BF16_FLOPS, restart_s=restart_s)
+    return c, critical_batch_curve(params)
 
 
 # ---------------------------------------------------------------- the tiny config, measured

@@ -260,7 +260,7 @@ def section_radam(out: Path) -> dict:
 
 def check_rules(src: Path, out: Path, extra: list[str]) -> dict:
     launch(["check-rules", "--from", str(src), "--tokens", str(BRANCH_TOKENS), "--evals", "4", "--out", str(out),
-            "--logging.progress", "none", *extra], NPROC, module="bigbatch.launcher.cli")
+            "--logging.progress", "none", *extra], NPROC, module="bigbatch.cli")
     return json.loads((out / "report.json").read_text())
 
 

@@ -66,8 +66,8 @@ def worker(args) -> None:
 
     from bigbatch import distributed as bbdist
     from bigbatch.training.config import load_config, parse_overrides
-    from bigbatch.training.data import GlobalBatchLoader
-    from bigbatch.training.run_data import prepare_data
+    from bigbatch.data.blocks import GlobalBatchLoader
+    from bigbatch.data.run_data import load_run_data
     from bigbatch.training.builders import setup
 
     extra = parse_overrides(args.overrides)
@@ -75,7 +75,7 @@ def worker(args) -> None:
     cfgs = {name: load_config(REPO / args.config, parse_overrides(flags) + extra) for name, flags in cases.items()}
     first = next(iter(cfgs.values()))
     info = bbdist.init_training_process(first.train.threads)
-    tok, data, _ = prepare_data(first, info)
+    tok, data, _ = load_run_data(first, info)
 
     runs = {}
     for name, cfg in cfgs.items():

@@ -18,6 +18,34 @@ def tmp_name(path: str | os.PathLike) -> str:
     return f"{os.fspath(path)}{TMP_MARK}{os.getpid()}"
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` and everything under it the modes a plain ``mkdir``/``open`` would have given:
+    ``0o777 & ~umask`` for directories (and executables), ``0o666 & ~umask`` for files. A directory
+    made by ``tempfile.mkdtemp`` is 0700 and ``safetensors`` writes 0600: a result renamed from
+    there would be unreadable to everyone else."""
+    mask = umask()
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            f = os.path.join(root, name)
+            if not os.path.islink(f):
+                os.chmod(f, (0o777 if os.stat(f).st_mode & 0o111 else 0o666) & ~mask)
+
+
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.launcher.cli import main as cli_main
+from bigbatch.cli import main as cli_main
 from bigbatch.launcher.submit import SubmitConfig, render_sbatch
 from bigbatch.training.config import ConfigError, dump_yaml, load_config
 from bigbatch.training.builders import check_batch
@@ -50,6 +50,14 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "batch.noise_lr: 'maybe' is not a boolean"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--batch.noise_lr", "true", "--train.noise_scale_every",
                    "0"], "batch.noise_lr: true moves the lr with the gradient noise scale"),
+        ("train", ["--config", CFG, "--out", str(tmp / "o"), "--train.profile_steps", "[3, 2]"],
+         "train.profile_steps: [3, 2] must be [first, last] steps with 1 <= first <= last"),
+        ("train", ["--config", CFG, "--out", str(tmp / "o"), "--train.profile_steps", "4"],
+         "train.profile_steps: [4] must be [first, last]"),
+        ("train", ["--config", CFG, "--out", str(tmp / "o"), "--train.profile_steps", "[1.5, 2]"],
+         "train.profile_steps[0]: 1.5 is not an integer"),
+        ("train", ["--config", CFG, "--out", str(tmp / "o"), "--train.compile", "maybe"],
+         "train.compile: 'maybe' is not a boolean"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--model.foo", "1"], "unknown key 'model.foo'"),
         ("train", ["--config", CFG, "--out", str(tmp / "o"), "--overwrite=yes"], "train.py: error:"),
         ("cli", [*check, "--out", nope, "--config", nope + ".yaml"], "--config: file"),
@@ -200,7 +208,8 @@ def test_submit_turns_out_into_resume_on_requeue(tmp_path, capfd):
                      "train.py", "--config", CFG, "--out", str(tmp_path / "r"), "--train.max_steps", "3"]) == 0
     cap = capfd.readouterr()
     notes = cap.err.strip().splitlines()
-    assert len(notes) == 2 and notes[0].startswith("bigbatch submit: defaults used: --cpus-per-task 1,"), notes
+    assert len(notes) == 3 and notes[0].startswith("bigbatch submit: defaults used: --cpus-per-task 1,"), notes
+    assert notes[2].startswith("bigbatch submit: plan: ") and "on 1 process: " in notes[2], notes
     assert "--time" not in notes[0] and f"--resume {tmp_path / 'r'} on every requeue" in notes[1], notes
     script = cap.out
     assert '"$run_dir_opt" ' + str(tmp_path / "r") in script

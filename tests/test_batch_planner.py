@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bigbatch.scaling import BatchPlan, plan_batch, scale_hparams
+from bigbatch.scaling.rules import rule_for
 
 REF = {"lr": 1e-3, "betas": (0.9, 0.999), "final_lr": 0.1, "gamma": 1e-3}
 
@@ -37,7 +38,7 @@ def test_scale_policy_follows_world_size():
         assert p.hparams == scale_hparams("adam", {"lr": 1e-3}, p.kappa)
     assert plans[32].hparams["lr"] == pytest.approx(2e-3)
     ams = plan_batch(8, 4, reference_global_batch=8, optimizer="adam", hparams={}, policy="scale",
-                     per_device_batch=4, beta_form="power", overrides={"eps": 1e-8})
+                     per_device_batch=4, rule=rule_for("adam", beta_form="power"), overrides={"eps": 1e-8})
     assert ams.hparams["betas"] == pytest.approx((0.9**4, 0.999**4)) and ams.hparams["eps"] == 1e-8
     assert isinstance(ams, BatchPlan)
 

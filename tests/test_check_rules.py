@@ -76,7 +76,7 @@ def test_svag_hyperparameters_are_the_rule_at_one_over_l():
 
 def test_svag_chooses_micro_batches_that_split_a_step_into_halves():
     """The shipped config on one process: a step of one micro batch of 16 cannot split, two of 8 can."""
-    from bigbatch.training.check_rules import svag_micro_sizes
+    from bigbatch.check_rules import svag_micro_sizes
     from bigbatch.training.config import load_config
 
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"))
@@ -89,13 +89,13 @@ def test_svag_chooses_micro_batches_that_split_a_step_into_halves():
 
 
 def _result(name: str, kappa: float, loss: float, l: float = 1.0, batch: int = 8):
-    from bigbatch.training.check_rules import BranchResult
+    from bigbatch.check_rules import BranchResult
 
     return BranchResult(name, kappa, l, True, int(batch * kappa), 0, evals=[[0, 5.0], [100, loss]], final_loss=loss)
 
 
 def test_critical_batch_is_a_lower_bound_when_every_kappa_held():
-    from bigbatch.training.check_rules import judge, markdown
+    from bigbatch.check_rules import judge, markdown
 
     def report(results):
         summary = judge(results, 0.01)
@@ -127,7 +127,7 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
                   "--train.max_steps", "6", "--logging.progress", "none"]))
     out = tmp_path / "check"
     tokens = 2048
-    proc = run([*TORCHRUN, "-m", "bigbatch.launcher.cli", "check-rules", "--from", str(src), "--kappas", "1,2",
+    proc = run([*TORCHRUN, "-m", "bigbatch.cli", "check-rules", "--from", str(src), "--kappas", "1,2",
                 "--tokens", str(tokens), "--evals", "2", "--svag", "2", "--without-rules", "--out", str(out),
                 "--logging.progress", "none"])
     check_ok(proc)
@@ -172,7 +172,7 @@ def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
     weights (the same first eval), k2 runs at the rule's hyperparameters, SVAG's weighted micro-batch
     losses change the trajectory."""
     out = tmp_path / "check"
-    check_ok(run([*TORCHRUN, "-m", "bigbatch.training.check_rules", "--config", "configs/tiny.yaml",
+    check_ok(run([*TORCHRUN, "-m", "bigbatch.check_rules", "--config", "configs/tiny.yaml",
                   *small_args(cache), "--train.engine", "fsdp2", "--kappas", "1,2", "--svag", "2", "--tokens", "2048",
                   "--evals", "2", "--out", str(out), "--logging.progress", "none"]))
     report = json.loads((out / "report.json").read_text())
@@ -188,7 +188,7 @@ def test_check_rules_from_initialisation_under_fsdp2(tmp_path, cache):
 
 
 def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
-    from bigbatch.training.check_rules import main
+    from bigbatch.check_rules import main
 
     monkeypatch.chdir(REPO)
     saved = dict(os.environ)
@@ -225,7 +225,7 @@ def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
 
 
 def test_check_rules_is_a_bigbatch_subcommand():
-    proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--help"], timeout=120)
+    proc = run([PY, "-m", "bigbatch.cli", "check-rules", "--help"], timeout=120)
     check_ok(proc)
     assert "--kappas" in proc.stdout and "--svag" in proc.stdout and "critical batch" in proc.stdout
 
@@ -243,7 +243,7 @@ def test_check_rules_reports_the_checkpoint_its_branches_started_from(tmp_path, 
     data[-1] ^= 0xFF  # same size, other content
     victim.write_bytes(bytes(data))
     out = tmp_path / "check"
-    proc = run([PY, "-m", "bigbatch.launcher.cli", "check-rules", "--from", str(src), "--kappas", "1",
+    proc = run([PY, "-m", "bigbatch.cli", "check-rules", "--from", str(src), "--kappas", "1",
                 "--tokens", "1024", "--evals", "1", "--out", str(out), "--logging.progress", "none"])
     check_ok(proc)
     report = json.loads((out / "report.json").read_text())

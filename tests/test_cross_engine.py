@@ -1,5 +1,6 @@
-"""Resuming a run on the other engine: DeepSpeed ZeRO-2 on 2 processes -> FSDP2 on 1 -> DeepSpeed ZeRO-3
-on 2, AMSBound, against the uninterrupted DeepSpeed run; the by-name reader of both engines' tags.
+"""Resuming a run on another engine: DeepSpeed ZeRO-2 on 2 processes -> FSDP2 on 1 -> DeepSpeed ZeRO-3
+on 2, and DeepSpeed -> DDP -> DeepSpeed, AMSBound, against the uninterrupted DeepSpeed run; the by-name
+reader of every engine's tags.
 
 Tolerance 1e-5 relative on the losses: the engines sum the same numbers in another order (a few ulps
 per step, as in tests/test_fsdp2.py); a lost state (``max_exp_avg_sq``, a step counter, AdaBound's
@@ -81,3 +82,29 @@ def test_another_optimizer_is_refused_with_one_line(uninterrupted, tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --resume: train.engine=fsdp2") and "adabound" in line and "amsbound" in line, line
     assert "Traceback" not in proc.stderr
+
+
+def test_ddp_equals_zero0_and_resumes_to_and_from_the_other_engines(uninterrupted, tmp_path, cache):
+    """``train.engine: ddp`` (plain DistributedDataParallel) on 2 processes takes the same steps as
+    DeepSpeed ZeRO-0 (and so ZeRO-2); its DCP tags and DeepSpeed's cross both ways: DeepSpeed's tag at 10
+    -> DDP on 2 to 20 -> DeepSpeed ZeRO-1 on 1 to 30, the uninterrupted run's losses throughout."""
+    full = {r["step"]: r for r in records(uninterrupted)}
+    zero0 = tmp_path / "zero0"
+    check_ok(run(TORCHRUN + ["train.py", *args(cache), "--out", str(zero0), "--deepspeed.zero_stage", "0",
+                             "--train.max_steps", "10", "--checkpoint.every_steps", "0"]))
+    ddp = tmp_path / "ddp"
+    check_ok(run(TORCHRUN + ["train.py", *args(cache), "--out", str(ddp), "--train.engine", "ddp",
+                             "--train.max_steps", "10", "--checkpoint.every_steps", "0"]))
+    for a, b in zip(records(ddp), records(zero0), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["noise_scale"] == pytest.approx(b["noise_scale"])
+    tag = read_full_state(str(ddp / "checkpoints"), "step00000010")
+    assert tag.engine == "ddp" and set(tag.optim[next(iter(tag.params))]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    out = _from(uninterrupted, tmp_path / "run", 10)
+    check_ok(run(TORCHRUN + ["train.py", "--resume", str(out), "--train.engine", "ddp", "--train.max_steps", "20"]))
+    assert read_full_state(str(out / "checkpoints"), "step00000020").engine == "ddp"
+    check_ok(run([PY, "train.py", "--resume", str(out), "--train.engine", "deepspeed", "--deepspeed.zero_stage", "1",
+                  "--train.max_steps", str(STEPS)]))
+    got = records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for r in got[10:]:
+        assert r["loss"] == pytest.approx(full[r["step"]]["loss"], rel=1e-5), r["step"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bigbatch.training.config import ConfigError, DataConfig, TokenizerConfig
-from bigbatch.training.corpus import embedded_documents, load_corpus
-from bigbatch.training.data import BlockStream, GlobalBatchLoader, build_packed_data, eval_batches
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.data.corpus import embedded_documents, load_corpus
+from bigbatch.data.blocks import BlockStream, GlobalBatchLoader, build_packed_data, eval_batches
+from bigbatch.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,30 @@ def test_eval_set_is_independent_of_world_size(small):
                                                           max_blocks=9)]) for r in range(2)]
     assert len(one) == 9 and sorted(map(tuple, one.tolist())) == sorted(map(tuple, np.concatenate(two).tolist()))
     assert not os.path.exists(os.path.join(data.path + ".tmp"))
+
+
+def test_the_embedded_corpus_needs_no_datasets_package(tmp_path):
+    """Corpus, BPE and packed blocks of the embedded text without importing ``datasets`` (the GPU image
+    has none): in a fresh interpreter, which would fail at ``import datasets`` if the path reached it."""
+    import subprocess
+    import sys
+
+    block = tmp_path / "block" / "datasets"
+    block.mkdir(parents=True)
+    (block / "__init__.py").write_text("raise ImportError('datasets is blocked')\n")
+    code = (f"from bigbatch.training.config import DataConfig, TokenizerConfig\n"
+            f"from bigbatch.data.corpus import load_corpus\n"
+            f"from bigbatch.data.blocks import build_packed_data\n"
+            f"from bigbatch.data.tokenizer import build_tokenizer\n"
+            f"d = DataConfig(source='embedded', embedded='pydoc', max_chars=50_000, seq_len=32, "
+            f"cache_dir={str(tmp_path / 'c')!r})\n"
+            f"c = load_corpus(d)\n"
+            f"t = build_tokenizer(TokenizerConfig(kind='bpe', vocab_size=300, train_chars=50_000), c, d.cache_dir)\n"
+            f"print(len(c.dataset), c.dataset[0]['text'][:5] == c.dataset['text'][0][:5], "
+            f"build_packed_data(c, t, d).train.shape[1])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, str(block.parent)])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, same, seq = proc.stdout.split()
+    assert int(n) > 0 and same == "True" and seq == "32"

@@ -62,7 +62,7 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
 def exports(runs) -> dict[str, Path]:
     """``bigbatch export`` of the FSDP2 run (small shards, so the index is written); the ZeRO-3 run
     exported itself at its end."""
-    from bigbatch.launcher.cli import main as cli_main
+    from bigbatch.cli import main as cli_main
 
     out = runs["root"] / "fsdp_hf"  # in this process: no training world, no GPU
     assert cli_main(["export", str(runs["fsdp"]), "--out", str(out), "--max-shard-size", "40KB"]) == 0
@@ -215,7 +215,7 @@ def test_lm_eval_on_an_export(exports, tmp_path):
     tasks.mkdir()
     (tasks / "tiny_python_mc.yaml").write_text(_TASK.format(data=data))
     result = tmp_path / "results.json"
-    proc = run([PY, "-m", "bigbatch.launcher.cli", "eval", str(exports["z3"]), "--tasks", "tiny_python_mc",
+    proc = run([PY, "-m", "bigbatch.cli", "eval", str(exports["z3"]), "--tasks", "tiny_python_mc",
                 "--include-path", str(tasks), "--batch-size", "4", "--out", str(result)])
     check_ok(proc)
     got = json.loads(result.read_text())
@@ -225,7 +225,7 @@ def test_lm_eval_on_an_export(exports, tmp_path):
 
 
 def test_eval_bad_input_exit_2(tmp_path, capsys):
-    from bigbatch.launcher.cli import main as cli_main
+    from bigbatch.cli import main as cli_main
 
     assert cli_main(["eval", str(tmp_path / "none"), "--tasks", "x"]) == 2
     err = capsys.readouterr().err.strip()
@@ -359,7 +359,7 @@ def test_init_from_bad_input_exit_2(tmp_path, cache, capsys, monkeypatch):
 
 
 def _bpe(path: Path) -> None:
-    from bigbatch.training.tokenizer import train_bpe
+    from bigbatch.data.tokenizer import train_bpe
 
     train_bpe(["def f(x): return x + 1\n" * 50, "import os, sys\n" * 50], 300, str(path / "tok"))
     for f in (path / "tok").iterdir():

@@ -27,11 +27,11 @@ from bigbatch.launcher import (
     render_sbatch,
     slurm_master_port,
 )
-from bigbatch.launcher.cli import main as cli_main
+from bigbatch.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")
-BIGBATCH = [sys.executable, "-m", "bigbatch.launcher.cli"]
+BIGBATCH = [sys.executable, "-m", "bigbatch.cli"]
 
 # ---------------------------------------------------------------- host lists vs scontrol
 

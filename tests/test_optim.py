@@ -574,3 +574,38 @@ def test_adabound_bound_counts_match_the_step_sizes():
     lower, upper = 0.5 * (1 - 1 / (0.1 * t + 1)), 0.5 * (1 + 1 / (0.1 * t))
     assert total == 1000 and 0 < below < 1000 and 0 < above < 1000
     assert below == int((rate < lower).sum()) and above == int((rate > upper).sum())
+
+
+@pytest.mark.parametrize("impl", ["single", "fused-native", "foreach"])
+@pytest.mark.parametrize("cls", ["adabound", "amsbound", "radam"])
+def test_a_step_skipped_on_the_device_changes_nothing(cls, impl, monkeypatch):
+    """``found_inf`` set (a NaN gradient): weights, moments and AMSGrad's maximum keep their bits, and the
+    step counter is back where it was once the skips are settled; ``found_inf`` clear: the same update as
+    without it. The single-tensor update masks on the device (what the compiled one runs on a GPU)."""
+    from bigbatch.optim import registry
+
+    if impl != "fused-native":
+        monkeypatch.setenv("BIGBATCH_OPTIM_IMPL", impl)
+    torch.manual_seed(0)
+    make = registry.get_optimizer_class(cls)
+    a, b = torch.nn.Parameter(torch.randn(64)), None
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a, opt_b = make([a], lr=1e-2), make([b], lr=1e-2)
+    for step in range(4):
+        g = torch.randn(64)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.found_inf = torch.zeros(())
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a, b), step  # found_inf clear: the ordinary update
+    before = {k: v.clone() for k, v in opt_a.state[a].items()}
+    weight = a.detach().clone()
+    a.grad = torch.full((64,), float("nan"))
+    opt_a.found_inf = torch.ones(())
+    opt_a.step()
+    assert torch.equal(a, weight)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in before:
+            assert torch.equal(opt_a.state[a][key], before[key]), key
+    assert opt_a.settle_steps() == 1 and float(opt_a.state[a]["step"]) == float(before["step"])
+    assert opt_a.settle_steps() == 0

@@ -20,11 +20,11 @@ from train_common import PY, REPO, check_ok, env, main, records, run, small_args
 from bigbatch.data.mixture import MixtureStream, open_prepared
 from bigbatch.data.prepare import PREPARE_SECTIONS, run_prepare
 from bigbatch.training.config import load_config
-from bigbatch.training.corpus import load_corpus
-from bigbatch.training.data import GlobalBatchLoader, build_packed_data
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.data.corpus import load_corpus
+from bigbatch.data.blocks import GlobalBatchLoader, build_packed_data
+from bigbatch.data.tokenizer import build_tokenizer
 
-BIGBATCH = [PY, "-m", "bigbatch.launcher.cli"]
+BIGBATCH = [PY, "-m", "bigbatch.cli"]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
@@ -199,7 +199,7 @@ def test_mixture_run_logs_per_source_eval_and_tokens(tmp_path, cache):
 def _prepare_main(argv, capsys) -> tuple[int, str]:
     from bigbatch.data.prepare import main as prepare_main
 
-    rc = prepare_main(argv)
+    rc = prepare_main(argv, load_config=load_config)
     return rc, capsys.readouterr().err
 
 
@@ -250,7 +250,7 @@ def test_slurm_array_prepare_on_two_nodes(slurm_cluster, tmp_path):
     out = tmp_path / "array"
     proc = slurm_cluster.run(*BIGBATCH, "submit", "--time", "10", "--chdir", str(REPO), "--no-requeue",
                              "--output", str(tmp_path / "slurm-%A_%a.out"), "--sbatch-arg=--array=0-1",
-                             "--", "-m", "bigbatch.launcher.cli", "prepare-data", "--config", str(cfg),
+                             "--", "-m", "bigbatch.cli", "prepare-data", "--config", str(cfg),
                              "--out", str(out), env=env())
     job = proc.stdout.strip()
     assert job.isdigit(), proc.stdout + proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch import exit_codes
-from bigbatch.launcher import cli
+from bigbatch import cli
 from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, check_scale_out, largest_fitting,
                                                    target_nodes)
 from bigbatch.training.config import ConfigError, load_config

@@ -231,6 +231,7 @@ def test_second_moment_at_a_batch_change(second_moment):
     starts it near the new batch's 1/(4B) (where it then settles); ``keep`` leaves the old value.
     First moments are kept, step counters become step / kappa, AMSBound's max moves with its moment."""
     from bigbatch.scaling.rescale import rescale_optimizer
+    from bigbatch.scaling.rules import rule_for
 
     torch.manual_seed(0)
     batch, kappa = 16, 4.0
@@ -242,7 +243,7 @@ def test_second_moment_at_a_batch_change(second_moment):
     state = opt.state[p]
     before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
     assert float(before["exp_avg_sq"].mean()) == pytest.approx(1 / batch, rel=0.02)
-    report = rescale_optimizer(opt, kappa, second_moment=second_moment)
+    report = rescale_optimizer(opt, kappa, rule_for(AMSBound, second_moment=second_moment))
     assert report["second_moments"] == (2 if second_moment == "rescale" else 0)
     assert torch.equal(state["exp_avg"], before["exp_avg"])
     v = before["exp_avg_sq"]
@@ -259,7 +260,7 @@ def test_second_moment_at_a_batch_change(second_moment):
         opt.step()
     assert float(state["exp_avg_sq"].mean()) == pytest.approx(1 / (kappa * batch), rel=0.05)
     with pytest.raises(ValueError, match=r"second_moment: must be one of \['rescale', 'divide', 'keep'\], got 'half'"):
-        rescale_optimizer(opt, 2.0, second_moment="half")
+        rescale_optimizer(opt, 2.0, rule_for(AMSBound, second_moment="half"))
     # a refused call moved nothing
     assert float(state["step"]) == 300 + 600 / kappa and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2)
 
@@ -271,13 +272,14 @@ def test_second_moment_keeps_the_squared_mean(mean):
     from types import SimpleNamespace
 
     from bigbatch.scaling.rescale import rescale_second_moments
+    from bigbatch.scaling.rules import rule_for
 
     p, m = torch.nn.Parameter(torch.zeros(4)), torch.full((4,), mean)
     state = {"step": torch.tensor(1e6), "exp_avg": m.clone(), "exp_avg_sq": m.square() + 0.5}
     opt = SimpleNamespace(param_groups=[{"betas": (0.9, 0.99), "params": [p]}], state={p: state})
-    assert rescale_second_moments(opt, 2.0) == 1
+    assert rescale_second_moments(opt, 2.0, rule_for("adam")) == 1
     assert torch.allclose(state["exp_avg_sq"], m.square() + 0.25)
-    assert rescale_second_moments(opt, 2.0, "divide") == 1  # all of it
+    assert rescale_second_moments(opt, 2.0, rule_for("adam", second_moment="divide")) == 1  # all of it
     assert torch.allclose(state["exp_avg_sq"], (m.square() + 0.25) / 2)
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # real process groups / daemons
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")
-BIGBATCH = [sys.executable, "-m", "bigbatch.launcher.cli"]
+BIGBATCH = [sys.executable, "-m", "bigbatch.cli"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # configs/tiny.yaml made small enough that a 4-rank job on 2 cores takes seconds per phase.
 TRAIN_TINY = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bigbatch.launcher.cli import main as cli_main
+from bigbatch.cli import main as cli_main
 from bigbatch.sharding import tags
 from bigbatch.training.status import status_lines
 

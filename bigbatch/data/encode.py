@@ -7,6 +7,8 @@ and the shard format (no torch, no transformers): a worker starts in a fraction 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import numpy as np
 
@@ -20,9 +22,26 @@ _EOS = 0
 _DTYPE = np.dtype(np.uint16)
 
 
-def init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
-    """Load the tokenizer of this worker (one thread: the workers are the parallelism)."""
+def die_with_parent(parent: int) -> None:
+    """End this worker when process ``parent`` ends, however it ends (SIGKILL included): Linux's
+    PR_SET_PDEATHSIG, then a check that the parent was not already gone before it was set. Ctrl-C
+    goes to the parent alone, which stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def init_worker(tokenizer_json: str, eos: int, dtype: str, parent: int | None = None) -> None:
+    """Load the tokenizer of this worker (one thread: the workers are the parallelism); a worker
+    process (``parent``: the pid of the process that started it) dies with its parent."""
     global _TOK, _EOS, _DTYPE
+    if parent is not None and parent != os.getpid():
+        die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 

@@ -7,19 +7,21 @@ quotas are interleaved smoothly (weighted round robin), so any window of samples
 source's share to within a few samples. The ``j``-th sample of source ``s`` is block
 ``BlockStream(n_s, seed, key=s).indices(j)`` of that source. Everything is a pure function of
 (seed, samples seen), independent of the world size; with one source it is exactly the in-job
-order (:class:`bigbatch.training.data.BlockStream` over the same blocks).
+order (:class:`bigbatch.data.blocks.BlockStream` over the same blocks).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from bigbatch import distributed as bbdist
 from bigbatch.data import shards
 from bigbatch.data.entries import prepared_entries
-from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.data import BlockStream, PackedData, eval_batches
-from bigbatch.training.tokenizer import _finish, build_tokenizer
+from bigbatch.errors import ConfigError
+from bigbatch.data.blocks import BlockStream, PackedData, eval_batches
+from bigbatch.data.tokenizer import _finish, build_tokenizer
 
 CHUNK = 1000  # samples per quota period; rounding a weight to 1/CHUNK moves a share by <= 0.05%
 
@@ -80,7 +82,7 @@ class MixtureStream:
 class MixtureBlocks:
     """The blocks of several sources as one set of rows (source ``s``'s rows follow source
     ``s-1``'s). Indexing with an int array gives shape (len(rows), seq_len); ``stream(seed)`` is
-    the weighted order in which a :class:`~bigbatch.training.data.GlobalBatchLoader` reads them."""
+    the weighted order in which a :class:`~bigbatch.data.blocks.GlobalBatchLoader` reads them."""
 
     def __init__(self, names: list[str], parts: list, weights: list[float]):
         self.names, self.parts, self.weights = names, parts, weights
@@ -91,6 +93,13 @@ class MixtureBlocks:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def evaluated_per_source(self) -> bool:
+        """Two or more sources: each is evaluated on its own held-out blocks and the mixture's eval
+        loss is their weighted mean (:func:`source_fields`), not a loss over the first blocks of the
+        concatenation (which are the first source's alone)."""
+        return len(self.parts) >= 2
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -115,7 +124,7 @@ class MixtureBlocks:
         return {n: int(c) * self.seq_len for n, c in zip(self.names, counts)}
 
 
-def open_prepared(cfg: RunConfig, *, check_hashes: bool):
+def open_prepared(cfg, *, check_hashes: bool):
     """(tokenizer, PackedData) of ``data.source: prepared``: every source opened (hashes checked
     when ``check_hashes``), tokenized with the same tokenizer as the run's, cut into blocks."""
     from transformers import AutoTokenizer
@@ -165,12 +174,21 @@ def source_eval_losses(engine, data: PackedData, *, micro_batch: int, rank: int,
     return {n: sums[2 * k] / max(sums[2 * k + 1], 1) for k, n in enumerate(val.names)}
 
 
+def mixture_loss(losses: dict[str, float], names: list[str], weights: list[float]) -> float:
+    """The mixture's loss: each source's loss weighted by its share (``weights`` normalised)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(sum(wi * losses[n] for n, wi in zip(names, w / w.sum())))
+
+
 def source_fields(engine, data: PackedData, samples_seen: int, micro_batch: int, info, max_blocks: int) -> dict:
     """``eval_loss/<source>`` and ``tokens/<source>`` (tokens of each source consumed so far) for an
-    eval record; {} for a single source."""
+    eval record, and the mixture's ``eval_loss`` / ``eval_ppl``: the weighted mean of the sources'
+    losses (the loop evaluates nothing itself for such a mixture); {} for a single source."""
     losses = source_eval_losses(engine, data, micro_batch=micro_batch, rank=info.rank, world_size=info.world_size,
                                 max_blocks=max_blocks, device=info.device)
     if not losses:
         return {}
+    mixed = mixture_loss(losses, data.val.names, data.val.weights)
     tokens = data.train.source_tokens(samples_seen)
-    return {**{f"eval_loss/{n}": v for n, v in losses.items()}, **{f"tokens/{n}": t for n, t in tokens.items()}}
+    return {"eval_loss": mixed, "eval_ppl": math.exp(min(mixed, 50.0)),
+            **{f"eval_loss/{n}": v for n, v in losses.items()}, **{f"tokens/{n}": t for n, t in tokens.items()}}

@@ -1,7 +1,7 @@
 """``bigbatch prepare-data``: tokenize the sources of a config once, in parallel, into token shards.
 
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8
-    bigbatch submit --nodes 1 --sbatch-arg=--array=0-15 -- -m bigbatch.launcher.cli prepare-data \
+    bigbatch submit --nodes 1 --sbatch-arg=--array=0-15 -- -m bigbatch.cli prepare-data \
         --config data.yaml --out /data/prep --workers 8        # a SLURM array: task k does pieces k, k+16, ...
 
 Writes ``OUT/tokenizer/`` (the tokenizer, saved once), ``OUT/<source>/`` per source (shards and
@@ -12,16 +12,21 @@ Each piece of input (bigbatch.data.sources) becomes one shard, written whole by 
 (``encode_batch`` of the ``tokenizers`` library on one thread per worker). A killed prepare started
 again skips finished shards; the last array task to finish writes the manifests. Shards depend only
 on the inputs, the tokenizer and ``data.shard_bytes``, never on the number of workers or tasks, so
-the result is byte-identical however it was run.
+the result is byte-identical however it was run. A prepare that stops on an error leaves
+``OUT/failed.txt``: a rerun with other inputs (the bad line fixed) then starts over instead of being
+refused. SIGTERM and SIGINT stop the workers with the parent (exit 128+signal); a worker also dies
+when its parent is killed outright.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,15 +35,16 @@ import numpy as np
 
 from bigbatch import atomic
 from bigbatch.data import shards
-from bigbatch.data.entries import SourceSpec, source_specs
+from bigbatch.data.entries import FILE_KINDS, SourceSpec, source_specs
 from bigbatch.data.encode import encode_piece, init_worker
-from bigbatch.data.sources import Piece, plan_pieces, resolve_files
-from bigbatch.training.config import ConfigError, RunConfig, load_config, parse_overrides
-from bigbatch.training.corpus import embedded_documents, load_corpus
-from bigbatch.training.run_dir import command_main
-from bigbatch.training.tokenizer import _finish, build_tokenizer
+from bigbatch.data.sources import Piece, plan_pieces, resolve_files, source_documents
+from bigbatch.cli_parser import command_main
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus, embedded_documents, hash_files, load_corpus
+from bigbatch.data.tokenizer import _finish, build_tokenizer
 
 PLAN = "plan.json"
+FAILED = "failed.txt"  # beside the plan of a prepare that stopped on an error: another plan may replace it
 PREPARE_SECTIONS = ("tokenizer", "data")  # all a prepare reads of a config
 
 
@@ -51,14 +57,33 @@ def source_manifest(name: str, kind: str, inputs: list[str], weight: float, tok,
             "tokens": sum(r["tokens"] for r in records), "docs": sum(r["docs"] for r in records), "shards": records}
 
 
-def build_prepare_tokenizer(cfg: RunConfig, specs: list[SourceSpec]):
+def build_prepare_tokenizer(cfg, specs: list[SourceSpec], files: list[str]):
     """The run's tokenizer as train.py would build it: ``pretrained`` loaded, ``bpe`` trained on the
-    first source (for a config with a single ``data.source``, the same cached BPE as the in-job path)."""
+    first source (for a config with a single ``data.source``, the same cached BPE as the in-job path).
+    A file source is read by the workers' own reader (``files``: its resolved files), so bad content
+    is refused with one line naming file and byte before anything is written."""
     corpus = None
     if cfg.tokenizer.kind == "bpe":
-        data = cfg.data if not cfg.data.sources else specs[0].data_config(cfg.data)
-        corpus = load_corpus(data)
+        spec = specs[0]
+        if spec.kind in FILE_KINDS:
+            fingerprint = f"{spec.kind}-{hash_files(files)}" + (f"-max{spec.max_chars}" if spec.max_chars else "")
+            corpus = Corpus(None, fingerprint, f"{spec.kind} files ({len(files)})",
+                            documents=lambda: source_documents(spec, files, cfg.data.shard_bytes, spec.max_chars))
+        else:
+            corpus = load_corpus(cfg.data if not cfg.data.sources else spec.data_config(cfg.data))
     return build_tokenizer(cfg.tokenizer, corpus, cfg.data.cache_dir)
+
+
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that names a file or lies under one (before any work)."""
+    path = os.path.abspath(out)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                what = "is a file" if path == os.path.abspath(out) else f"lies under the file {path!r}"
+                raise ConfigError(f"--out: {out!r} {what}; give a directory (new, or one prepare-data wrote)")
+            return
+        path = os.path.dirname(path)
 
 
 def save_tokenizer(tok, out: str) -> str:
@@ -83,15 +108,37 @@ def save_tokenizer(tok, out: str) -> str:
 
 
 def _check_plan(out: str, plan: dict) -> None:
+    """Refuse an ``out`` that holds a prepare of another plan, unless that one failed before it
+    finished (``FAILED`` beside its plan, no manifest): what it wrote is removed."""
     path = os.path.join(out, PLAN)
     text = json.dumps(plan, indent=1, sort_keys=True)
-    if os.path.isfile(path):
-        with open(path) as fh:
-            if fh.read() != text:
-                raise ConfigError(f"--out: {out!r} holds a prepare of other inputs or settings ({path} differs); "
-                                  "give another --out or delete it")
+    if not os.path.isfile(path):
         return
-    atomic.write_text(path, text)
+    with open(path) as fh:
+        old = fh.read()
+    if old == text:
+        return
+    failed = os.path.isfile(os.path.join(out, FAILED)) and not os.path.isfile(os.path.join(out, shards.MANIFEST))
+    if not failed:
+        raise ConfigError(f"--out: {out!r} holds a prepare of other inputs or settings ({path} differs); "
+                          "give another --out or delete it")
+    _remove_attempt(out, json.loads(old))
+
+
+def _remove_attempt(out: str, plan: dict) -> None:
+    """Remove what the failed prepare of ``plan`` wrote in ``out`` (its shards, tokenizer and plan)."""
+    for src in plan.get("sources", []):
+        d = os.path.join(out, str(src.get("name", "")))
+        if src.get("name") and os.path.isdir(d):
+            for f in os.listdir(d):
+                if f.startswith("shard-") or atomic.TMP_MARK in f:
+                    os.remove(os.path.join(d, f))
+            if not os.listdir(d):
+                os.rmdir(d)
+    shutil.rmtree(os.path.join(out, shards.TOKENIZER_DIR), ignore_errors=True)
+    for name in (PLAN, FAILED):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def _remove_stale_temporaries(out: str, names: list[str]) -> None:
@@ -111,6 +158,10 @@ def _finalize(out: str, specs: list[SourceSpec], pieces: dict[int, list[Piece]],
         recs = [shards.shard_record(d, p.index) for p in pieces[si]]
         if any(r is None for r in recs):
             return False
+        if not sum(r["tokens"] for r in recs):
+            files = ", ".join(inputs[si][:3]) + (", ..." if len(inputs[si]) > 3 else "")
+            raise ConfigError(f"data.sources: source {spec.name!r} ({files}) holds no documents (0 tokens); give it "
+                              "files with text or leave it out")
         records[si] = recs
     root = {"format": shards.FORMAT, "version": shards.VERSION, "tokenizer": tok.fingerprint, "sources": {}}
     for si, spec in enumerate(specs):
@@ -159,11 +210,56 @@ class PrepareResult:
     seconds: float
 
 
-def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
-                log=print) -> PrepareResult:
-    """Prepare this task's pieces of every source of ``cfg`` into ``out``."""
+class Progress:
+    """Shards done of ``total``, input MB/s and tokens: a tqdm bar on a terminal, else a plain line
+    through ``log`` at most every ``every_s`` seconds (and at the last shard)."""
+
+    def __init__(self, total: int, log, every_s: float, bar: bool):
+        self.total, self.log, self.every_s = total, log, every_s
+        self.done, self.bytes, self.tokens = 0, 0, 0
+        self.started = self.last = time.perf_counter()
+        self.bar = None
+        if bar and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="shard", desc="prepare-data", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, nbytes: int, tokens: int) -> None:
+        self.done, self.bytes, self.tokens = self.done + 1, self.bytes + nbytes, self.tokens + tokens
+        now = time.perf_counter()
+        rate = self.bytes / 1e6 / max(now - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:.1f} MB/s, {self.tokens:,} tokens", refresh=False)
+            self.bar.update(1)
+        elif now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            self.log(f"prepare-data: {self.done}/{self.total} shards, {rate:.1f} MB/s, {self.tokens:,} tokens")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _piece_bytes(spec: SourceSpec, p: Piece, docs: list[str] | None) -> int:
+    """Input bytes of a piece (characters for documents in memory, the file's share for Parquet)."""
+    if docs is not None:
+        return sum(len(d) for d in docs)
+    if spec.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        groups = max(1, pq.ParquetFile(p.file).num_row_groups)
+        return os.path.getsize(p.file) * (p.end - p.start) // groups
+    return p.end - p.start
+
+
+def run_prepare(cfg, out: str, *, workers: int | None = None, task: int = 0, tasks: int = 1,
+                log=print, progress_every_s: float = 10.0) -> PrepareResult:
+    """Prepare this task's pieces of every source of ``cfg`` into ``out``. Every input is checked and
+    the tokenizer built before anything is written; a prepare that stops on an error leaves
+    ``FAILED`` beside its plan, so that a rerun with the input fixed may start over."""
     if not 0 <= task < tasks:
         raise ConfigError(f"--task: {task} must be in [0, --tasks={tasks})")
+    check_out(out)
     workers = workers or cfg.data.workers
     specs = source_specs(cfg.data)
     inputs: dict[int, list[str]] = {}
@@ -177,15 +273,35 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
             inputs[si] = [f"hub:{spec.dataset}/{spec.subset or ''}:{spec.split}"]
         else:
             inputs[si] = [os.path.abspath(f) for f in resolve_files(spec, where)]
-    tok = build_prepare_tokenizer(cfg, specs)
+    tok = build_prepare_tokenizer(cfg, specs, inputs[0])
     dtype = shards.dtype_for_vocab(len(tok))
     pieces = {si: plan_pieces(si, spec, inputs[si], docs.get(si), cfg.data.shard_bytes)
               for si, spec in enumerate(specs) if spec.kind != "hub"}
-    os.makedirs(out, exist_ok=True)
+    plan = {"sources": [asdict(s) for s in specs], "inputs": inputs, "tokenizer": tok.fingerprint,
+            "shard_bytes": cfg.data.shard_bytes, "dtype": dtype.name,
+            "pieces": {specs[si].name: [asdict(p) for p in ps] for si, ps in pieces.items()}}
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out: {out!r} cannot be made ({exc.strerror or exc}); give a writable directory") from None
+    _check_plan(out, plan)
     tok_dir = save_tokenizer(tok, out)
-    _check_plan(out, {"sources": [asdict(s) for s in specs], "inputs": inputs, "tokenizer": tok.fingerprint,
-                      "shard_bytes": cfg.data.shard_bytes, "dtype": dtype.name,
-                      "pieces": {specs[si].name: [asdict(p) for p in ps] for si, ps in pieces.items()}})
+    if not os.path.isfile(os.path.join(out, PLAN)):
+        atomic.write_text(os.path.join(out, PLAN), json.dumps(plan, indent=1, sort_keys=True))
+    try:
+        result = _write_shards(cfg, out, specs, pieces, docs, inputs, tok, tok_dir, dtype, workers, task, tasks,
+                               log, progress_every_s)
+    except Exception as exc:  # bad content found by a worker, a full disk: the plan no longer binds a rerun
+        atomic.write_text(os.path.join(out, FAILED), f"{exc}\n")
+        raise
+    if os.path.exists(os.path.join(out, FAILED)):
+        os.remove(os.path.join(out, FAILED))
+    return result
+
+
+def _write_shards(cfg, out, specs, pieces, docs, inputs, tok, tok_dir, dtype, workers, task, tasks, log,
+                  progress_every_s) -> PrepareResult:
+    """Tokenize this task's unfinished pieces into shards; write the manifests when all exist."""
     for spec in specs:
         os.makedirs(os.path.join(out, spec.name), exist_ok=True)
     if tasks == 1:  # an array task's neighbours may be writing theirs
@@ -196,33 +312,40 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
     todo = [p for p in mine if shards.shard_record(os.path.join(out, specs[p.source].name), p.index) is None]
     log(f"prepare-data: {len(ordered)} shards in {len(specs)} source(s); task {task}/{tasks} has {len(mine)}, "
         f"{len(mine) - len(todo)} already done; {workers} worker(s)")
+    sizes: dict[tuple[int, int], int] = {}  # input bytes of every piece handed out
 
     def tasks_iter():
         for p in todo:
             d = docs.get(p.source)
             part = d[p.start:p.end] if d is not None else None
+            sizes[p.source, p.index] = _piece_bytes(specs[p.source], p, part)
             yield specs[p.source], p, part, os.path.join(out, specs[p.source].name)
         for si, spec in enumerate(specs):
             if spec.kind == "hub" and task == 0:
                 for p, ds in _stream_hub(spec, si, cfg.data.shard_bytes):
                     if shards.shard_record(os.path.join(out, spec.name), p.index) is None:
+                        sizes[si, p.index] = _piece_bytes(spec, p, ds)
                         yield spec, p, ds, os.path.join(out, spec.name)
                     pieces.setdefault(si, []).append(p)
 
     tok_json = os.path.join(tok_dir, "tokenizer.json")
-    init = (tok_json, int(tok.eos_token_id), dtype.name)
-    done_tokens, started = 0, time.perf_counter()
-    if workers == 1:
-        init_worker(*init)
-        results = map(encode_piece, tasks_iter())
-        for _si, _idx, n in results:
-            done_tokens += n
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
-        with ctx.Pool(workers, initializer=init_worker, initargs=init) as pool:
-            for _si, _idx, n in pool.imap_unordered(encode_piece, tasks_iter()):
-                done_tokens += n
+    init = (tok_json, int(tok.eos_token_id), dtype.name, os.getpid())
+    progress = Progress(len(todo), log, progress_every_s, bar=sys.stderr.isatty() and progress_every_s > 0)
+    started = time.perf_counter()
+    try:
+        if workers == 1:
+            init_worker(*init)
+            for si, idx, n in map(encode_piece, tasks_iter()):
+                progress.update(sizes.get((si, idx), 0), n)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
+            with ctx.Pool(workers, initializer=init_worker, initargs=init) as pool:  # exit: workers terminated
+                for si, idx, n in pool.imap_unordered(encode_piece, tasks_iter()):
+                    progress.update(sizes.get((si, idx), 0), n)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - started
+    done_tokens = progress.tokens
     log(f"prepare-data: task {task} wrote {len(todo)} shard(s), {done_tokens:,} tokens in {seconds:.1f} s")
     finished = not (any(s.kind == "hub" for s in specs) and task != 0) and \
         _finalize(out, specs, pieces, tok, dtype, inputs)
@@ -234,6 +357,31 @@ def run_prepare(cfg: RunConfig, out: str, *, workers: int | None = None, task: i
     return PrepareResult(finished, len(todo), done_tokens, seconds)
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT reached prepare-data (``signum``): the workers are stopped, nothing finished
+    is lost (a rerun continues)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise :class:`Stopped` in the main thread (so the pool's exit terminates
+    the workers) instead of ending the process at once; the previous handlers come back after."""
+
+    def handler(signum, _frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _array_task() -> tuple[int, int]:
     """(task, tasks) of a SLURM array task, (0, 1) outside one."""
     if "SLURM_ARRAY_TASK_ID" not in os.environ:
@@ -242,7 +390,10 @@ def _array_task() -> tuple[int, int]:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - lo, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, load_config) -> int:
+    """``bigbatch prepare-data``; ``load_config(path, overrides, sections=...)``: the run config's loader
+    (:func:`bigbatch.training.config.load_config`, given by the command line's dispatcher)."""
+
     def body() -> int:
         p = argparse.ArgumentParser(prog="bigbatch prepare-data", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,18 +405,21 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = p.parse_known_args(argv)
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers: {args.workers} must be >= 1")
-        cfg = load_config(args.config, parse_overrides(rest), sections=PREPARE_SECTIONS)
+        cfg = load_config(args.config, rest, sections=PREPARE_SECTIONS)
         task, tasks = _array_task()
         task = task if args.task is None else args.task
         tasks = tasks if args.tasks is None else args.tasks
         if tasks < 1:
             raise ConfigError(f"--tasks: {tasks} must be >= 1")
-        run_prepare(cfg, args.out, workers=args.workers, task=task, tasks=tasks,
-                    log=lambda m: print(m, flush=True))
+        try:
+            with stop_on_signals():
+                run_prepare(cfg, args.out, workers=args.workers, task=task, tasks=tasks,
+                            log=lambda m: print(m, flush=True))
+        except Stopped as stop:
+            print(f"prepare-data: stopped by {signal.Signals(stop.signum).name}; its workers are stopped and "
+                  "a rerun continues from the finished shards", file=sys.stderr, flush=True)
+            return 128 + stop.signum
         return 0
 
     return command_main(body)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

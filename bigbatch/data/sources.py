@@ -36,10 +36,13 @@ def resolve_files(spec: SourceSpec, where: str) -> list[str]:
     for f in files:
         try:
             with open(f, "rb") as fh:
-                fh.read(1)
+                first = fh.read(1)
         except OSError as exc:
             raise ConfigError(f"{where}.files: {f!r} cannot be read ({exc.strerror or exc}); "
                               "give readable text/JSONL/parquet files") from None
+        if not first:
+            raise ConfigError(f"{where}.files: {f!r} of source {spec.name!r} is empty (0 bytes); give files that "
+                              "hold at least one document, or leave this one out")
     return files
 
 
@@ -108,18 +111,27 @@ def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) ->
     if spec.kind == "parquet":
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         pf = pq.ParquetFile(piece.file)
         if spec.text_field not in pf.schema_arrow.names:
             raise ConfigError(f"data.sources: {piece.file}: no column {spec.text_field!r} "
                               f"(columns: {pf.schema_arrow.names}); set text_field")
+        kind = pf.schema_arrow.field(spec.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ConfigError(f"data.sources: {piece.file}: column {spec.text_field!r} holds {kind}, the text "
+                              "must be a string column; set text_field")
         table = pf.read_row_groups(list(range(piece.start, piece.end)), columns=[spec.text_field])
         return [t or "" for t in table.column(0).to_pylist()]
+    def at(pos: int) -> str:  # where a bad line is, for its error
+        return f"data.sources: {piece.file} byte {pos} (source {spec.name!r})"
+
     out = []
     for pos, line in _lines(piece.file, piece.start, piece.end):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not UTF-8 text") from None
+            raise ConfigError(f"{at(pos)}: not UTF-8 text; the files must be UTF-8") from None
         if spec.kind == "text":
             out.append(text.rstrip("\r"))
             continue
@@ -129,7 +141,22 @@ def read_piece(spec: SourceSpec, piece: Piece, docs: list[str] | None = None) ->
             rec = json.loads(text)
             value = rec[spec.text_field]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError(f"data.sources: {piece.file} byte {pos}: not a JSON object with a string "
-                              f"{spec.text_field!r} field; set text_field or fix the line") from None
-        out.append(value if isinstance(value, str) else "" if value is None else str(value))
+            raise ConfigError(f"{at(pos)}: not a JSON object with a string {spec.text_field!r} field; set text_field "
+                              "or fix the line") from None
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{at(pos)}: {spec.text_field!r} is {type(value).__name__} {str(value)[:40]!r}, it must "
+                              "be a string (or null); fix the line") from None
+        out.append(value or "")
     return out
+
+
+def source_documents(spec: SourceSpec, files: list[str], shard_bytes: int, max_chars: int | None = None):
+    """The documents of a file source in order, read lazily piece by piece through :func:`read_piece`
+    (the same checks as the workers'); with ``max_chars``, up to the document that reaches it."""
+    total = 0
+    for piece in plan_pieces(0, spec, files, None, shard_bytes):
+        for doc in read_piece(spec, piece):
+            yield doc
+            total += len(doc)
+            if max_chars is not None and total >= max_chars:
+                return

@@ -25,7 +25,7 @@ from bigbatch.optim.registry import get_optimizer_class
 from bigbatch.scaling.batch_schedule import FixedBatchSchedule
 from bigbatch.scaling.planner import plan_batch
 from bigbatch.scaling.rescale import rescale_optimizer
-from bigbatch.scaling.rules import SECOND_MOMENTS, check_form, scale_steps
+from bigbatch.scaling.rules import ScalingRule, rule_for, scale_steps
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +51,16 @@ class ScalingRulesCallback(TrainerCallback):
     Args:
         optimizer: name or class; default ``args.bigbatch_optim`` (set by ``BigBatchTrainingArguments``).
         reference_batch_size: global batch the arguments were tuned at; default ``args.reference_batch_size``.
-        beta_form, bound_form, overrides: as for :func:`bigbatch.optim.scale_hparams`.
+        rule: a :class:`~bigbatch.scaling.rules.ScalingRule` whose forms to use (or ``forms``: ``beta_form``
+            and the others by name, for :func:`~bigbatch.scaling.rules.rule_for`); ``overrides``: values that
+            replace the scaled ones.
     """
 
-    def __init__(self, optimizer=None, reference_batch_size: int | None = None, *, beta_form: str = "paper",
-                 bound_form: str = "sqrt", overrides: dict | None = None):
+    def __init__(self, optimizer=None, reference_batch_size: int | None = None, *, rule: ScalingRule | None = None,
+                 overrides: dict | None = None, **forms):
         self.optimizer = optimizer
         self.reference_batch_size = reference_batch_size
-        self.beta_form = beta_form
-        self.bound_form = bound_form
+        self.forms = rule.forms() if rule is not None else forms
         self.overrides = overrides
         self.applied: AppliedScaling | None = None
 
@@ -83,7 +84,7 @@ class ScalingRulesCallback(TrainerCallback):
         plan = plan_batch(args.world_size, [per_device], reference_global_batch=ref, optimizer=cls,
                           hparams=reference, policy="scale",
                           per_device_batch=per_device * args.gradient_accumulation_steps,
-                          beta_form=self.beta_form, bound_form=self.bound_form, overrides=self.overrides)
+                          rule=rule_for(cls, **self.forms), overrides=self.overrides)
         scaled = plan.hparams
         extra = parse_optim_args(args.optim_args, cls)
         args.learning_rate = scaled["lr"]
@@ -119,8 +120,8 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
             the first at 0), as :class:`bigbatch.scaling.batch_schedule.FixedBatchSchedule`.
         optimizer: the scaling rule's optimizer (default: ``args.bigbatch_optim``, else the
             optimizer's class).
-        beta_form, bound_form: as for :func:`bigbatch.scaling.scale_hparams`.
-        second_moment: as for :func:`bigbatch.scaling.rescale.rescale_second_moments`.
+        forms: the scaling rule's choices by name (``beta_form`` and the others of
+            :class:`~bigbatch.scaling.rules.ScalingRule`), for :func:`~bigbatch.scaling.rules.rule_for`.
 
     Every batch must be ``world size x per_device_train_batch_size x accumulation``; the run must
     start at the schedule's first batch (set ``gradient_accumulation_steps`` to match). At a change
@@ -139,15 +140,10 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
     checkpoints (``ExportableState``).
     """
 
-    def __init__(self, schedule, optimizer=None, *, beta_form: str = "paper", bound_form: str = "sqrt",
-                 second_moment: str = "rescale"):
-
+    def __init__(self, schedule, optimizer=None, **forms):
         self.schedule = schedule if isinstance(schedule, FixedBatchSchedule) else FixedBatchSchedule(schedule, "samples")
         self.optimizer = optimizer
-        self.beta_form = beta_form
-        self.bound_form = bound_form
-        check_form("second_moment", second_moment, SECOND_MOMENTS)
-        self.second_moment = second_moment
+        self.forms = rule_for(optimizer or "adam", **forms).forms()  # checked now, applied to the run's optimizer
         self.samples = 0
         self.global_batch: int | None = None
         self.micro_in_epoch = 0
@@ -155,8 +151,7 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {"schedule": [list(e) for e in self.schedule.entries], "optimizer": self.optimizer,
-                         "beta_form": self.beta_form, "bound_form": self.bound_form,
-                         "second_moment": self.second_moment},
+                         **self.forms},
                 "attributes": {"samples": self.samples, "global_batch": self.global_batch}}
 
     def _unit(self, args) -> int:
@@ -195,9 +190,8 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
             return
         kappa = target / self.global_batch
         family = self.optimizer or getattr(args, "bigbatch_optim", None) or type(optimizer)
-        report = rescale_optimizer(optimizer, kappa, family=family, beta_form=self.beta_form,
-                                   bound_form=self.bound_form, second_moment=self.second_moment,
-                                   scheduler=lr_scheduler, scheduler_in_samples=True)
+        report = rescale_optimizer(optimizer, kappa, rule_for(family, **self.forms), scheduler=lr_scheduler,
+                                   scheduler_in_samples=True)
         self.changes.append({"step": state.global_step, "samples": self.samples, "old_global_batch": self.global_batch,
                              "global_batch": target, "kappa": kappa, "hparams": report["groups"][0]})
         args.gradient_accumulation_steps = new_accum

@@ -3,7 +3,7 @@ lone process), start workers, and submit jobs to SLURM.
 
 ``detect_topology()`` -> :class:`Topology` (``bigbatch.distributed.init_distributed`` starts the
 process group from it); ``expand_hostlist("gpu[01-03,07],cpu5")``; the ``bigbatch`` command
-(``launch``, ``submit``, ``env``) lives in :mod:`bigbatch.launcher.cli`.
+(``launch``, ``submit``, ``env``) lives in :mod:`bigbatch.cli`.
 """
 
 from bigbatch.launcher.env import (

@@ -44,11 +44,21 @@ class AdamFamily(Optimizer):
     DeepSpeed ZeRO's flat partitions and its checkpoints carry it like any other state.
 
     Subclasses define ``_kernel_name``, ``_body`` (the elementwise update of one tensor, taking
-    the per-step scalars as a float32 tensor), ``_scalars`` (those scalars for a step count) and
-    ``_foreach_update`` (the same update with torch's multi-tensor ops).
+    the per-step scalars as a float32 tensor), ``_scalars`` (those scalars for a step count),
+    ``_still`` (the scalars of an update that changes nothing) and ``_foreach_update`` (the same update
+    with torch's multi-tensor ops).
+
+    A step can be skipped on the device, as torch's fused optimizers do for a GradScaler: with
+    ``optimizer.found_inf`` set (a scalar tensor, nonzero when a gradient is not finite), the compiled
+    and single-tensor updates run with :meth:`_still`'s scalars where it is set (weights, moments and
+    AMSGrad's maximum unchanged, the gradient's NaN masked), so nothing is read. The host's step counters
+    still advance; the skips are counted on the device and taken off at :meth:`settle_steps` (the loop's
+    next sync point), so until then the bias corrections count the skipped step. The C kernel (CPU
+    tensors, no device to wait for) and the multi-tensor update read ``found_inf`` and skip outright.
     """
 
     _kernel_name: str
+    _step_supports_amp_scaling = True  # take found_inf as torch's fused optimizers do
 
     def _uses_max(self, group: dict) -> bool:
         return False
@@ -58,6 +68,9 @@ class AdamFamily(Optimizer):
         raise NotImplementedError
 
     def _scalars(self, group: dict, step: float) -> list[float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _still(self, s: list[float]) -> list[float]:  # pragma: no cover
         raise NotImplementedError
 
     def _foreach_update(self, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float]):
@@ -98,6 +111,10 @@ class AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            self._skipped = found_inf.detach().clone() if getattr(self, "_skipped", None) is None \
+                else self._skipped + found_inf
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
             if not params:
@@ -113,20 +130,32 @@ class AdamFamily(Optimizer):
                 s = self._scalars(group, t)
                 pick = (lambda xs: [xs[i] for i in idx]) if len(idx) != len(params) else (lambda xs: xs)
                 self._update(impl, group, pick(params), pick(grads), pick(exp_avgs),
-                             pick(exp_avg_sqs), pick(max_sqs), s)
+                             pick(exp_avg_sqs), pick(max_sqs), s, found_inf)
         return loss
+
+    def settle_steps(self) -> int:
+        """Take the steps skipped on the device since the last call off every step counter (one read);
+        returns how many."""
+        skipped, self._skipped = getattr(self, "_skipped", None), None
+        n = int(skipped) if skipped is not None else 0
+        if n:
+            for state in self.state.values():
+                if "step" in state:
+                    state["step"] -= n
+        return n
 
     def _native_kind(self, group: dict) -> str:
         return self._kernel_name
 
-    def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float]):
+    def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float], found_inf=None):
+        native = impl == "fused" and _native.enabled() and all(
+            _native.supports(ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, max_sqs))
+        if found_inf is not None and (impl == "foreach" or native) and bool(found_inf):
+            return  # host tensors (the C kernel) or no compiled update: read the flag and skip outright
         if impl == "foreach":
             self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s)
             return
-        if (impl == "fused" and _native.enabled()
-                and all(_native.supports(ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, max_sqs))
-                and _native.step(self._native_kind(group), params, grads, exp_avgs, exp_avg_sqs,
-                                 max_sqs, s)):
+        if native and _native.step(self._native_kind(group), params, grads, exp_avgs, exp_avg_sqs, max_sqs, s):
             return  # CPU float32: the whole group in one C call
         args = []
         for i, p in enumerate(params):
@@ -141,6 +170,8 @@ class AdamFamily(Optimizer):
             by_device.setdefault(t[0].device, []).append(i)
         for device, idx in by_device.items():
             scal = _fused.scalar_tensor(s, device)
+            if found_inf is not None:  # the still update where a gradient is not finite: nothing read
+                scal = torch.where(found_inf.to(device) > 0, _fused.scalar_tensor(self._still(s), device), scal)
             if impl == "single":
                 for i in idx:
                     type(self)._body(*args[i], scal)

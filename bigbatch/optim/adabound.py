@@ -73,6 +73,9 @@ class AdaBound(AdamFamily):
                         state_dtype=state_dtype)
         super().__init__(params, defaults)
 
+    #: a parameter group's keys besides the constructor's: the lr the bounds' ``final_lr`` belongs to
+    group_keys = ("base_lr",)
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -105,12 +108,17 @@ class AdaBound(AdamFamily):
                 0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0,
                 step_size, lower, upper]
 
+    def _still(self, s: list[float]) -> list[float]:
+        """Moments kept (beta 1, weight 0), no decay, a step clipped to [0, 0]."""
+        return [1.0, 0.0, 1.0, 0.0, s[4], 0.0, 1.0, 0.0, 0.0, 0.0]
+
     @torch.no_grad()
-    def bound_counts(self) -> tuple[int, int, int]:
+    def bound_counts(self) -> tuple[torch.Tensor | int, torch.Tensor | int, int]:
         """``(below, above, total)``: coordinates whose next step size ``step_size / (sqrt(v) + eps)``
-        lies below the lower bound, above the upper bound, and all coordinates with state (a
-        sharded optimizer counts its own shard). The clipped share tracks the passage from Adam
-        (none clipped) to SGD with momentum (all clipped at ``final_lr``). Costs one pass over v."""
+        lies below the lower bound, above the upper bound (counts left on the device: nothing is read),
+        and all coordinates with state (a sharded optimizer counts its own shard). The clipped share
+        tracks the passage from Adam (none clipped) to SGD with momentum (all clipped at ``final_lr``).
+        Costs one pass over v."""
         below = above = total = 0
         for group in self.param_groups:
             key = "max_exp_avg_sq" if self._uses_max(group) else "exp_avg_sq"
@@ -123,8 +131,8 @@ class AdaBound(AdamFamily):
                     continue
                 s = self._scalars(group, step)
                 rate = s[7] / (_local(state[key]).float().sqrt() + s[4])
-                below += int((rate < s[8]).sum())
-                above += int((rate > s[9]).sum())
+                below = below + (rate < s[8]).sum()
+                above = above + (rate > s[9]).sum()
                 total += rate.numel()
         return below, above, total
 
@@ -132,7 +140,7 @@ class AdaBound(AdamFamily):
     def _body(p, g, m, v, vmax, s):
         # float32 arithmetic whatever the storage (no-ops for float32 tensors)
         pf = p.float()
-        g = g.float() + s[5] * pf
+        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0) + s[5] * pf  # a skipped step's NaN
         m_new = m.float() * s[0] + g * s[1]
         v_new = v.float() * s[2] + g * g * s[3]
         if vmax is not None:

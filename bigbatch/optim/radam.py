@@ -88,10 +88,14 @@ class RAdam(AdamFamily):
                 lr / bias_correction1 if moves else 0.0,
                 rect * math.sqrt(bias_correction2), 1.0 if rectified else 0.0]
 
+    def _still(self, s: list[float]) -> list[float]:
+        """Moments kept (lerp weight 0, beta2 1), no decay, no move."""
+        return [1.0, 0.0, 1.0, 0.0, s[4], 0.0, 1.0, 0.0, s[8], s[9]]
+
     @staticmethod
     def _body(p, g, m, v, vmax, s):
         pf = p.float()  # float32 arithmetic whatever the storage
-        g = g.float() + s[5] * pf
+        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0) + s[5] * pf  # a skipped step's NaN
         m_new = torch.lerp(m.float(), g, s[1])  # torch.optim.RAdam's form of the EMA
         v_new = v.float() * s[2] + g * g * s[3]
         adaptive = torch.where(s[9] > 0, s[8] / (v_new.sqrt() + s[4]), 1.0)

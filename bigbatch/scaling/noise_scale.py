@@ -85,11 +85,16 @@ class GradSqNormHook:
         sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
         self._acc = sq if self._acc is None else self._acc + sq.to(self._acc.device)
 
-    def collect(self, scale: float = 1.0) -> float:
-        """Squared norm since the last call, times ``scale ** 2`` (e.g. scale = accumulation steps)."""
-        value = 0.0 if self._acc is None else float(self._acc) * scale * scale
+    def take(self, scale: float = 1.0) -> torch.Tensor:
+        """Squared norm since the last call, times ``scale ** 2`` (e.g. scale = accumulation steps), as a
+        float64 scalar tensor on the gradients' device: nothing is read from the device."""
+        value = torch.zeros((), dtype=torch.float64) if self._acc is None else self._acc * scale * scale
         self._acc = None
         return value
+
+    def collect(self, scale: float = 1.0) -> float:
+        """:meth:`take` read as a float."""
+        return float(self.take(scale))
 
     def reset(self) -> None:
         """Drop what was recorded since the last call (a step that is not measured)."""
@@ -109,6 +114,19 @@ class NoiseScaleEstimate:
     trace_sigma: float  # tr(Sigma), per-sample gradient covariance
     b_noise: float | None  # samples
     steps: int
+
+
+@dataclass
+class NoiseObservation:
+    """One optimizer step's measurement before it is read: ``local`` is this rank's squared norm of its
+    small-batch gradient (scalar tensor; averaged over the ranks when observed), ``big`` the squared norm
+    of the step's reduced gradient (tensor or float, the same on every rank), for batches of ``b_small``
+    and ``b_big`` samples."""
+
+    local: torch.Tensor
+    big: object
+    b_small: int
+    b_big: int
 
 
 class GradientNoiseScale:
@@ -159,6 +177,17 @@ class GradientNoiseScale:
         Every rank must call it (one scalar all-reduce); all ranks then hold the same estimate.
         """
         return self.observe(all_reduce_floats([local_sq_norm], "mean", group)[0], global_sq_norm, b_local, b_global)
+
+    def observe_all(self, observations: list[NoiseObservation], locals_: list[float], bigs: list[float]) -> int:
+        """Observe buffered steps in order, given each one's ``local`` averaged over the ranks and its
+        ``big``, as read at a sync point; a step whose reduced gradient was not finite is passed over.
+        Returns how many were observed."""
+        n = 0
+        for obs, local, big in zip(observations, locals_, bigs):
+            if math.isfinite(big) and math.isfinite(local):
+                self.observe(local, big, obs.b_small, obs.b_big)
+                n += 1
+        return n
 
     @property
     def estimate(self) -> NoiseScaleEstimate:
@@ -240,32 +269,42 @@ class NoiseScaleProbe:
 
     def micro_step_done(self) -> None:
         """Call after each backward pass."""
-        self._micro.append(self.hook.collect(self.micro_grad_scale))
+        self._micro.append(self.hook.take(self.micro_grad_scale))
 
     def skip_step(self) -> None:
         """Drop this step's micro-batch norms (its reduced gradient was not finite)."""
         self._micro.clear()
 
-    def step_done(self, global_sq_norm: float | None = None) -> NoiseScaleEstimate:
-        """Call once per optimizer step on every rank, after the gradients are reduced.
-
-        ``global_sq_norm``: squared norm of the step's averaged gradient; by default computed from
-        ``.grad`` (right when every rank holds the full reduced gradient, e.g. DDP or one process).
-        """
+    def observation(self, global_sq_norm) -> NoiseObservation:
+        """This optimizer step's measurement, left on the device (no read, no collective): this rank's
+        mean micro-batch squared norm against ``global_sq_norm``, the squared norm of the step's reduced
+        gradient (a float or a scalar tensor). Call once per optimizer step on every rank, after the
+        gradients are reduced; :meth:`GradientNoiseScale.observe_all` consumes it."""
         if not self._micro:
             raise RuntimeError("step_done: no micro_step_done() since the last step; call it after each backward")
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size(self.group) if distributed else 1
         b_global = self.micro_batch * len(self._micro) * world
-        local = sum(self._micro) / len(self._micro)
-        self._micro.clear()
-        big = grad_sq_norm(self.parameters) if global_sq_norm is None else float(global_sq_norm)
         if b_global == self.micro_batch:
+            self._micro.clear()
             raise ValueError(
                 "step_done: one micro batch on one rank gives only one batch size; the noise scale needs "
                 "gradient accumulation (>= 2 micro steps) or >= 2 data-parallel ranks"
             )
-        return self.estimator.observe_distributed(local, big, self.micro_batch, b_global, self.group)
+        local = self._micro[0]
+        for m in self._micro[1:]:
+            local = local + m
+        local = local / len(self._micro)
+        self._micro.clear()
+        return NoiseObservation(local, global_sq_norm, self.micro_batch, b_global)
+
+    def step_done(self, global_sq_norm: float | None = None) -> NoiseScaleEstimate:
+        """:meth:`observation` observed at once (one read and one scalar all-reduce over ``group``), for
+        loops that read every step. ``global_sq_norm`` by default is computed from ``.grad`` (right when
+        every rank holds the full reduced gradient, e.g. DDP or one process)."""
+        big = grad_sq_norm(self.parameters) if global_sq_norm is None else float(global_sq_norm)
+        obs = self.observation(big)
+        return self.estimator.observe_distributed(float(obs.local), big, obs.b_small, obs.b_big, self.group)
 
     def remove(self) -> None:
         self.hook.remove()
@@ -289,9 +328,9 @@ class FSDPNoiseProbe:
     def skip_step(self) -> None:
         self.comm.take()
 
-    def step_done(self, global_sq_norm: float):
+    def observation(self, global_sq_norm) -> NoiseObservation:
         world = dist.get_world_size() if dist.is_initialized() else 1
         # the loss was scaled by 1 / (micro batches x ranks) and FSDP sums: what a rank sent is its
         # local mean gradient / world
         local = self.comm.take() * world * world
-        return self.estimator.observe_distributed(local, global_sq_norm, self.local_batch, self.local_batch * world)
+        return NoiseObservation(local, global_sq_norm, self.local_batch, self.local_batch * world)

@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import (SECOND_MOMENTS, BetaForm, BoundForm, SecondMoment, check_form, resolve_family,
-                                    scale_hparams)
+from bigbatch.optim.registry import constructor_params
+from bigbatch.scaling.rules import ScalingRule, resolve_family, rule_for
 
 Policy = Literal["fixed", "scale"]
 
@@ -38,27 +37,27 @@ class BatchPlan:
     kappa: float
     optimizer: str  # the scaling rule's family (a short name such as "adabound")
     hparams: dict  # scaled constructor kwargs
-    beta_form: str = "paper"  # how betas were scaled; a resume on another batch scales the same way
-    bound_form: str = "sqrt"  # how AdaBound's final_lr was scaled; likewise
-    second_moment: str = "rescale"  # Adam's second moment at a change of batch (rules.SECOND_MOMENTS)
+    rule: ScalingRule = field(compare=False)  # how they were scaled; a later change of batch scales the same way
     reference_hparams: dict | None = None  # the constructor kwargs at the reference batch
-    optimizer_class: type | None = field(default=None, compare=False)  # the class planned for
+
+    @property
+    def optimizer_class(self) -> type:
+        """The optimizer class planned for."""
+        return self.rule.optimizer
 
     def scale_group(self, overrides: Mapping[str, Any]) -> dict:
         """A parameter group's overrides (given at the reference batch, like ``reference_hparams``)
         at this plan's batch: the reference hyperparameters with the overrides laid on top, scaled
         by the same rule; keys that are no constructor argument (``params``, ``name``, ``base_lr``)
         come back unchanged."""
-        cls = self.optimizer_class or self.optimizer
-        ctor = constructor_params(get_optimizer_class(cls))
+        ctor = constructor_params(self.rule.optimizer)
         given = {k: v for k, v in overrides.items() if k in ctor}
         if not given or self.kappa == 1:
             return dict(overrides)
         if self.reference_hparams is None:
             raise ValueError("reference_hparams: this plan has none, so parameter-group overrides "
                              f"{sorted(given)} cannot be scaled; make the plan with plan_batch")
-        scaled = scale_hparams(cls, {**self.reference_hparams, **given}, self.kappa, beta_form=self.beta_form,
-                               bound_form=self.bound_form)
+        scaled = self.rule.scale({**self.reference_hparams, **given}, self.kappa)
         return {k: (scaled[k] if k in given else v) for k, v in overrides.items()}
 
 
@@ -107,9 +106,7 @@ def plan_batch(
     policy: Policy = "fixed",
     global_batch: int | None = None,
     per_device_batch: int | None = None,
-    beta_form: BetaForm = "paper",
-    bound_form: BoundForm = "sqrt",
-    second_moment: SecondMoment = "rescale",
+    rule: ScalingRule | None = None,
     overrides: Mapping[str, Any] | None = None,
     min_micro_batches: int = 1,
 ) -> BatchPlan:
@@ -124,9 +121,9 @@ def plan_batch(
         policy: ``"fixed"`` or ``"scale"``.
         global_batch: ``"fixed"`` only: target global batch (default ``reference_global_batch``).
         per_device_batch: ``"scale"`` only (required): samples per device per optimizer step.
-        beta_form, bound_form, overrides: passed to ``scale_hparams``.
-        second_moment: what a later change of batch does to Adam's second moment
-            (:func:`bigbatch.scaling.rescale.rescale_second_moments`).
+        rule: the :class:`~bigbatch.scaling.rules.ScalingRule` (default: ``optimizer``'s with its default
+            forms); a later change of batch scales by the same rule. ``overrides``: values that replace
+            the scaled ones.
         min_micro_batches: at least this many micro batches per optimizer step over all devices
             (``world_size * grad_accum``): the gradient noise scale needs 2. A smaller micro batch is
             taken when the largest would give fewer; ValueError when none does.
@@ -137,10 +134,10 @@ def plan_batch(
         raise ValueError(
             f"world_size: expected an int >= 1, got {world_size!r}; no global batch is feasible without devices"
         )
-    check_form("second_moment", second_moment, SECOND_MOMENTS)
     sizes = _micro_sizes(micro_batch_sizes)
     ref = _positive_int("reference_global_batch", reference_global_batch)
     cls, family = resolve_family(optimizer)
+    rule = rule or rule_for(cls)
     min_accum = -(-_positive_int("min_micro_batches", min_micro_batches) // world_size)
 
     if policy == "fixed":
@@ -187,7 +184,7 @@ def plan_batch(
 
     micro, accum = split
     kappa = target / ref
-    scaled = scale_hparams(optimizer, hparams, kappa, beta_form=beta_form, bound_form=bound_form, overrides=overrides)
+    scaled = rule.scale(hparams, kappa, overrides)
     return BatchPlan(
         world_size=world_size,
         micro_batch=micro,
@@ -197,9 +194,6 @@ def plan_batch(
         kappa=kappa,
         optimizer=family,
         hparams=scaled,
-        beta_form=beta_form,
-        bound_form=bound_form,
-        second_moment=second_moment,
+        rule=rule,
         reference_hparams=dict(hparams),
-        optimizer_class=cls,
     )

@@ -19,16 +19,17 @@ from typing import Any
 
 import torch
 
-from bigbatch.optim.registry import constructor_params, get_optimizer_class
-from bigbatch.scaling.rules import SECOND_MOMENTS, check_form, scale_hparams
+from bigbatch.optim.registry import constructor_params
+from bigbatch.scaling.rules import ScalingRule, rule_for
 
 _NOT_SCALED = ("foreach", "fused")
 
 
-def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescale") -> int:
+def rescale_second_moments(optimizer, kappa: float, rule: ScalingRule) -> int:
     """Carry the Adam-family second moments of ``optimizer``'s state (``exp_avg_sq``, AMSGrad's
-    ``max_exp_avg_sq``) to a batch ``kappa`` times larger, in place, unless ``second_moment`` is
-    ``"keep"``; returns how many tensors moved. Call it before the betas and step counters move.
+    ``max_exp_avg_sq``: the rule's ``state_keys``) to a batch ``kappa`` times larger, in place, unless the
+    rule's ``second_moment`` is ``"keep"``; returns how many tensors moved. Call it before the betas and
+    step counters move.
 
     ``exp_avg_sq`` estimates ``mean^2 + noise variance / B`` per coordinate. A batch ``kappa`` times
     larger keeps the first and divides the second by ``kappa``. With the bias-corrected moments
@@ -42,7 +43,8 @@ def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescal
 
     ``optimizer``: anything with torch's ``param_groups`` (``betas``) and ``state`` (``step``,
     ``exp_avg``, ``exp_avg_sq``), such as a torch optimizer or the one inside a ZeRO engine."""
-    check_form("second_moment", second_moment, SECOND_MOMENTS)
+    second_moment = rule.second_moment
+    moment, peak_key = rule.state_keys
     if second_moment == "keep":
         return 0
     moved = 0
@@ -50,7 +52,7 @@ def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescal
         beta1, beta2 = group.get("betas", (0.0, 0.0))
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            v, m = state.get("exp_avg_sq"), state.get("exp_avg")
+            v, m = state.get(moment), state.get("exp_avg")
             if v is None or m is None:
                 continue
             if second_moment == "divide":
@@ -62,7 +64,7 @@ def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescal
                 # the noise part of v (in v's own, uncorrected, scale): v - debias2 * m_hat^2
                 noise = (v - m.square().mul_(debias2 / debias1**2)).clamp_(min=0)
                 new = v - noise.mul_(1 - 1 / kappa)
-            peak = state.get("max_exp_avg_sq")
+            peak = state.get(peak_key)
             if peak is not None:
                 # the same factor per coordinate (1 where v is 0)
                 peak.mul_(torch.where(v > 0, new / v, torch.ones_like(v)))
@@ -72,15 +74,14 @@ def rescale_second_moments(optimizer, kappa: float, second_moment: str = "rescal
     return moved
 
 
-def rescale_param_groups(param_groups: list[dict], kappa: float, *, optimizer: str | type,
-                         beta_form: str = "paper", bound_form: str = "sqrt") -> dict[str, Any]:
-    """Rescale the hyperparameters of ``param_groups`` in place; returns ``{"groups": [the new
-    constructor kwargs of each group], "lr_ratios": [new / old lr of each group]}``."""
-    names = constructor_params(get_optimizer_class(optimizer))
+def rescale_param_groups(param_groups: list[dict], kappa: float, rule: ScalingRule) -> dict[str, Any]:
+    """Rescale the hyperparameters of ``param_groups`` in place by ``rule``; returns ``{"groups": [the
+    new constructor kwargs of each group], "lr_ratios": [new / old lr of each group]}``."""
+    names = constructor_params(rule.optimizer)
     report: dict[str, Any] = {"kappa": kappa, "groups": [], "lr_ratios": []}
     for group in param_groups:
         hp = {k: group[k] for k in names if k in group and k not in _NOT_SCALED}
-        new = scale_hparams(optimizer, hp, kappa, beta_form=beta_form, bound_form=bound_form)
+        new = rule.scale(hp, kappa)
         ratio = new["lr"] / hp["lr"] if hp.get("lr") else 1.0
         report["lr_ratios"].append(ratio)
         for key in ("base_lr", "initial_lr"):
@@ -108,16 +109,15 @@ def rescale_scheduler(scheduler, lr_ratios: list[float], param_groups: list[dict
     return old, scheduler.last_epoch
 
 
-def rescale_optimizer(optimizer, kappa: float, *, family: str | type | None = None, beta_form: str = "paper",
-                      bound_form: str = "sqrt", second_moment: str = "rescale", scheduler=None,
+def rescale_optimizer(optimizer, kappa: float, rule: ScalingRule | None = None, *, scheduler=None,
                       scheduler_in_samples: bool = False) -> dict[str, Any]:
     """:func:`rescale_param_groups` for a torch optimizer, its per-parameter ``step`` counters
     divided by ``kappa``, its second moments by :func:`rescale_second_moments`, and its scheduler's
     base lrs (its step count too unless the schedule is ``scheduler_in_samples``: one that knows the
-    batch itself). ``family``: the scaling rule's optimizer (default: the optimizer's class)."""
-    moved = rescale_second_moments(optimizer, kappa, second_moment)  # first: it validates, reads old betas
-    report = rescale_param_groups(optimizer.param_groups, kappa, optimizer=family or type(optimizer),
-                                  beta_form=beta_form, bound_form=bound_form)
+    batch itself). ``rule``: default, the optimizer class's with the default forms."""
+    rule = rule or rule_for(type(optimizer))
+    moved = rescale_second_moments(optimizer, kappa, rule)  # first: it reads the old betas
+    report = rescale_param_groups(optimizer.param_groups, kappa, rule)
     report["second_moments"] = moved
     for state in optimizer.state.values():
         step = state.get("step")

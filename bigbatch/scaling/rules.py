@@ -46,6 +46,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -219,6 +220,27 @@ def scale_hparams(
     return out
 
 
+def describe_rule(optimizer: str | type, key: str, hparams: Mapping[str, Any], *, beta_form: BetaForm = "paper",
+                  bound_form: BoundForm = "sqrt") -> str:
+    """How :func:`scale_hparams` moves constructor kwarg ``key`` of ``optimizer`` (given the reference
+    ``hparams``) with kappa, in words such as ``"x sqrt(kappa)"``; ``"unchanged"`` for a key it keeps."""
+    cls, family = resolve_family(optimizer)
+    if family in LINEAR_RULE:
+        return "x kappa (linear rule)" if key == "lr" else "unchanged"
+    paper = "1 - kappa (1 - beta)"
+    betas = {"paper": paper, "power": "beta^kappa", "keep": "unchanged",
+             "keep_beta1": f"beta1 unchanged, beta2 {paper}"}
+    rules = {"lr": "x sqrt(kappa)", "eps": "/ sqrt(kappa)", "betas": betas[beta_form],
+             "alpha": betas[beta_form] if beta_form != "keep_beta1" else paper}
+    if family in ADABOUND_RULE:
+        rules.update(final_lr="x kappa" if bound_form == "linear" else "x sqrt(kappa)", gamma="x kappa")
+    if _decoupled(family, {**constructor_defaults(cls), **hparams}):
+        rules["weight_decay"] = "x sqrt(kappa) (decoupled: lr x wd per sample kept)"
+    elif key == "weight_decay":
+        return "unchanged (L2 in the gradient)"
+    return rules.get(key, "unchanged")
+
+
 def _check_radam(hp: Mapping[str, Any], defaults: Mapping[str, Any], kappa: float) -> None:
     beta2 = _real("beta2", hp["betas"][1])
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
@@ -257,6 +279,68 @@ def noise_lr_factor(optimizer: str | type, global_batch: float, reference_batch:
     if family in LINEAR_RULE or b_noise is None or not math.isfinite(b_noise) or b_noise <= 0:
         return 1.0
     return math.sqrt((1.0 + global_batch / b_noise) / (1.0 + reference_batch / b_noise))
+
+
+@dataclass(frozen=True)
+class ScalingRule:
+    """The batch-size scaling rule of one optimizer class, with its choices: how the betas move
+    (``beta_form``), how AdaBound's ``final_lr`` moves (``bound_form``), and what a change of batch does
+    to Adam's second moments (``second_moment``: :data:`SECOND_MOMENTS`). Built by :func:`rule_for`; a
+    batch plan, the engines and the loop carry this object, never its settings."""
+
+    optimizer: type
+    beta_form: BetaForm = "paper"
+    bound_form: BoundForm = "sqrt"
+    second_moment: SecondMoment = "rescale"
+
+    #: optimizer state the rule moves at a change of batch (Adam's second moments, AMSGrad's maximum)
+    state_keys = ("exp_avg_sq", "max_exp_avg_sq")
+
+    def __post_init__(self):
+        check_form("beta_form", self.beta_form, BETA_FORMS)
+        check_form("bound_form", self.bound_form, BOUND_FORMS)
+        check_form("second_moment", self.second_moment, SECOND_MOMENTS)
+        resolve_family(self.optimizer)
+
+    @property
+    def family(self) -> str:
+        """The short name whose rule applies (``adabound``, ``adamw``, ``sgd``, ...)."""
+        return resolve_family(self.optimizer)[1]
+
+    def forms(self) -> dict[str, str]:
+        """The rule's choices by name (for the resolved config and records)."""
+        return {"beta_form": self.beta_form, "bound_form": self.bound_form, "second_moment": self.second_moment}
+
+    def scale(self, hparams: Mapping[str, Any], kappa: float, overrides: Mapping[str, Any] | None = None) -> dict:
+        """:func:`scale_hparams` of this optimizer with this rule's forms."""
+        return scale_hparams(self.optimizer, hparams, kappa, beta_form=self.beta_form, bound_form=self.bound_form,
+                             overrides=overrides)
+
+    def describe(self, key: str, hparams: Mapping[str, Any]) -> str:
+        """:func:`describe_rule` of this optimizer with this rule's forms."""
+        return describe_rule(self.optimizer, key, hparams, beta_form=self.beta_form, bound_form=self.bound_form)
+
+    def noise_lr_factor(self, global_batch: float, reference_batch: float, b_noise: float | None) -> float:
+        """:func:`noise_lr_factor` for this optimizer."""
+        return noise_lr_factor(self.optimizer, global_batch, reference_batch, b_noise)
+
+    def noise_free(self, group: Mapping[str, Any]) -> dict[str, float]:
+        """The values of a parameter group that the noise scale's lr factor must leave at the rule's:
+        AdaBound's ``base_lr`` (its bounds, ``final_lr x lr / base_lr``: a clipped step is SGD's, for which
+        the factor is not derived) and a decoupled ``weight_decay`` (``lr x wd`` per step does not involve
+        Adam's second moment)."""
+        out = {}
+        if self.family in ADABOUND_RULE and "base_lr" in group:
+            out["base_lr"] = group["base_lr"]
+        if decoupled_decay(self.optimizer, group):
+            out["weight_decay"] = group["weight_decay"]
+        return out
+
+
+def rule_for(optimizer: str | type, **forms) -> ScalingRule:
+    """The :class:`ScalingRule` of an optimizer name, class path or class, with ``forms`` (``beta_form``,
+    ``bound_form``, ``second_moment``; the defaults otherwise)."""
+    return ScalingRule(get_optimizer_class(optimizer), **forms)
 
 
 def scale_steps(steps: int, kappa: float) -> int:

@@ -180,8 +180,7 @@ def _load_tag(engine, ckpt_dir: str, tag: str, plan) -> dict:
     _load_full(engine, fs)
     tags.restore_rng(path, rank)
     if plan is not None and plan.global_batch != meta["global_batch"]:
-        st.rescale_engine(engine, plan.global_batch / meta["global_batch"], optimizer=meta["optimizer"],
-                       beta_form=plan.beta_form, bound_form=plan.bound_form, second_moment=plan.second_moment)
+        st.rescale_engine(engine, plan.global_batch / meta["global_batch"], plan.rule)
     bbdist.barrier()
     return meta["client_state"]
 

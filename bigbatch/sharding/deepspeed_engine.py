@@ -7,18 +7,20 @@ micro batches, the global gradient norm, a change of layout in place, resharding
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable
 
 import torch
 
 from bigbatch.distributed import init_distributed
+from bigbatch.errors import ConfigError
 from bigbatch.scaling.noise_scale import NoiseScaleProbe
 from bigbatch.sharding import deepspeed_state as st
 from bigbatch.sharding.deepspeed_checkpoint import load_checkpoint, save_checkpoint
-from bigbatch.sharding.deepspeed_config import DSConfigError, resolve_ds_config
-from bigbatch.sharding.optimizer import optimizer_groups
-from bigbatch.sharding.training_engine import TrainingEngine
+from bigbatch.sharding.deepspeed_config import DSConfigError, load_ds_config, resolve_ds_config
+from bigbatch.sharding.optimizer import optimizer_groups, param_groups, step_if_finite
+from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +73,21 @@ def skip_non_finite_steps(optimizer) -> None:
     saying so, as DeepSpeed's ZeRO and bf16 optimizers already do: the engine then counts the step
     in ``skipped_steps`` and ``was_step_applied()`` is False; no state changes (weights, moments,
     step counters). For a DeepSpeed engine without ZeRO in fp32, where every rank holds the same
-    reduced gradient, so all ranks decide alike."""
+    reduced gradient, so all ranks decide alike (:func:`~bigbatch.sharding.optimizer.step_if_finite`)."""
     step = optimizer.step
 
     def guarded(closure=None):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        if optimizer.overflow:
+        if not grads:
+            optimizer.overflow = False
             return None
-        return step(closure) if closure is not None else step()
+        optimizer.step = step  # step_if_finite calls the optimizer's own step
+        try:
+            applied = step_if_finite(optimizer, torch.nn.utils.get_total_norm(grads))
+        finally:
+            optimizer.step = guarded
+        optimizer.overflow = not applied if isinstance(applied, bool) else ~applied
+        return None
 
     optimizer.overflow = False
     optimizer.step = guarded
@@ -104,11 +112,11 @@ def reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
-def step_with_grad_norm(engine) -> float:
+def step_with_grad_norm(engine) -> torch.Tensor:
     """``engine.step()`` at a gradient-accumulation boundary, returning the L2 norm of the step's
-    reduced gradient (averaged over ranks and micro steps, before clipping).
+    reduced gradient (averaged over ranks and micro steps, before clipping) as a scalar tensor.
 
-    This is the large-batch norm that :class:`bigbatch.optim.NoiseScaleProbe` needs under DeepSpeed:
+    This is the large-batch norm that :class:`bigbatch.scaling.NoiseScaleProbe` needs under DeepSpeed:
     ZeRO reduces (and partitions) the gradient inside ``step()``, so its norm exists only there
     (``engine.get_global_grad_norm()`` afterwards); a stage-0 fp32 engine computes none, but has
     already all-reduced the full ``.grad`` on every rank before its step. NaN if neither is there.
@@ -118,11 +126,11 @@ def step_with_grad_norm(engine) -> float:
     norm = None
     if not reports_grad_norm(engine):
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     engine.step()
     if norm is None:
         reported = engine.get_global_grad_norm()
-        norm = float(reported) if reported is not None else float("nan")
+        norm = torch.as_tensor(float("nan") if reported is None else reported)
     return norm
 
 
@@ -164,14 +172,14 @@ class DeepSpeedEngine(TrainingEngine):
         return NoiseScaleProbe(self.module.parameters(), plan.micro_batch, micro_grad_scale=plan.grad_accum,
                                estimator=estimator)
 
-    def train_step(self, micro_batches, device, after_backward=None, poison=False, weights=None):
-        """DeepSpeed averages over accumulation and ranks and steps at the last micro batch."""
-        total, gnorm = 0.0, float("nan")
+    def train_step(self, micro_batches, device, after_backward=None, weights=None) -> StepOutput:
+        """DeepSpeed averages over accumulation and ranks and steps at the last micro batch. Its ZeRO
+        and bf16 optimizers and fp16 loss scaler skip a non-finite step (DeepSpeed reads their overflow
+        flag itself), and :func:`skip_non_finite_steps` does for the rest."""
+        losses, gnorm = [], None
         for i, x in enumerate(micro_batches):
             x = x.to(device)
             loss = self.ds_engine(input_ids=x, labels=x).loss
-            if poison:
-                loss = loss * float("nan")
             self.ds_engine.backward(loss if weights is None else loss * weights[i])
             if after_backward is not None:
                 after_backward()
@@ -179,13 +187,8 @@ class DeepSpeedEngine(TrainingEngine):
                 gnorm = step_with_grad_norm(self.ds_engine)
             else:
                 self.ds_engine.step()
-            total += float(loss.detach())
-        return total / len(micro_batches), gnorm
-
-    def step_applied(self) -> bool:
-        """DeepSpeed's ZeRO and bf16 optimizers and fp16 loss scaler skip a non-finite step, and
-        :func:`skip_non_finite_steps` does for the rest."""
-        return bool(self.ds_engine.was_step_applied())
+            losses.append(loss)
+        return StepOutput({"loss": mean_loss(losses), "grad_norm": gnorm}, self.ds_engine.was_step_applied())
 
     def state_bytes(self) -> int:
         """Per parameter the fp32 master and two or three moments, stored once (the low-precision
@@ -205,9 +208,56 @@ class DeepSpeedEngine(TrainingEngine):
         accumulation boundary."""
         set_engine_batch(self.ds_engine, plan.micro_batch, plan.grad_accum)
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
-        return st.rescale_engine(self.ds_engine, kappa, optimizer=optimizer, beta_form=beta_form,
-                                 bound_form=bound_form, second_moment=second_moment, log=False)  # the loop reports it
+    def rescale(self, kappa, rule):
+        return st.rescale_engine(self.ds_engine, kappa, rule, log=False)  # the loop reports it
 
     def export_full_state(self) -> dict:
         return st.gather_full_state(self.ds_engine)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg, plan) -> dict:
+    """The DeepSpeed config dict: JSON file <- run-config fields <- ``deepspeed.extra``. The batch
+    fields come from the plan; the optimizer is the run config's (built by bigbatch), so the JSON
+    may only leave its ``"optimizer"`` block to it (``"type": "auto"``)."""
+    ds: dict = {}
+    if cfg.deepspeed.config:
+        try:
+            ds = load_ds_config(cfg.deepspeed.config)
+        except DSConfigError as exc:
+            raise ConfigError(f"deepspeed.config: {exc}") from None
+    ds = _merge(ds, cfg.deepspeed.extra)
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    precision = cfg.deepspeed.precision
+    if precision is not None:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["train_batch_size"] = plan.global_batch
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def build(cfg, model: torch.nn.Module, plan) -> DeepSpeedEngine:
+    """The run config's DeepSpeed engine for ``model`` (``train.engine: deepspeed``): parameter groups
+    without decay on vectors, bigbatch's optimizer from ``plan`` as DeepSpeed's client optimizer."""
+    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
+    ds = deepspeed_config(cfg, plan)
+    try:
+        engine, _, _ = build_engine(model, ds, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
+    except (ValueError, TypeError, KeyError) as exc:  # DSConfigError is a ValueError
+        raise ConfigError(f"deepspeed: {exc}") from None
+    return DeepSpeedEngine(engine, ds)

@@ -254,15 +254,15 @@ def scale_step_counters(engine, kappa: float) -> dict:
     return report
 
 
-def rescale_engine(engine, kappa: float, *, optimizer: str, beta_form: str = "paper", bound_form: str = "sqrt",
-                   second_moment: str = "rescale", log: bool = True) -> dict:
-    """Move a restored run to a global batch ``kappa`` times the saved one: hyperparameters, base
+def rescale_engine(engine, kappa: float, rule, *, log: bool = True) -> dict:
+    """Move a restored run to a global batch ``kappa`` times the saved one by ``rule`` (a
+    :class:`~bigbatch.scaling.rules.ScalingRule`): hyperparameters, base
     lrs, the scheduler's base lrs and the second moments of ZeRO's partitions as
     :mod:`bigbatch.scaling.rescale` describes, then :func:`scale_step_counters`. Returns the new
     values (``lr_ratios``: new / old lr per group) and, with ``log``, logs them."""
     groups = engine.basic_optimizer.param_groups
-    moved = rescale_second_moments(engine.basic_optimizer, kappa, second_moment)  # first: validates, old betas
-    report = rescale_param_groups(groups, kappa, optimizer=optimizer, beta_form=beta_form, bound_form=bound_form)
+    moved = rescale_second_moments(engine.basic_optimizer, kappa, rule)  # first: it reads the old betas
+    report = rescale_param_groups(groups, kappa, rule)
     report["second_moments"] = moved
     rescale_scheduler(engine.lr_scheduler, report["lr_ratios"], groups, kappa=None)
     report.update(scale_step_counters(engine, kappa))

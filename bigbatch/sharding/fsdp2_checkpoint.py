@@ -140,22 +140,23 @@ class PendingSave:
         return self.save.path
 
 
-def load_checkpoint(model, optimizer, ckpt_dir: str, *, tag: str | None = None, fallback: bool = False) -> dict:
+def load_checkpoint(model, optimizer, ckpt_dir: str, *, tag: str | None = None, fallback: bool = False,
+                    engine: str = "fsdp2") -> dict:
     """Restore a ``fully_shard`` model and its optimizer from ``ckpt_dir`` on any world size
     (collective); return the saved meta (``client_state`` inside). Tags are verified and chosen as
     :func:`bigbatch.sharding.tags.load_first_good` says."""
-    return tags.load_first_good(ckpt_dir, tag, fallback, lambda t: _load_tag(model, optimizer, ckpt_dir, t))
+    return tags.load_first_good(ckpt_dir, tag, fallback, lambda t: _load_tag(model, optimizer, ckpt_dir, t, engine))
 
 
-def _load_tag(model, optimizer, ckpt_dir: str, tag: str) -> dict:
+def _load_tag(model, optimizer, ckpt_dir: str, tag: str, engine: str) -> dict:
     path = os.path.join(ckpt_dir, tag)
     try:
         meta = tags.read_meta(ckpt_dir, tag)
-        if saved_engine(meta) != "fsdp2":  # another engine's tag: from its by-name full state
+        if saved_engine(meta) == "deepspeed":  # DeepSpeed's parts: from the tag's by-name full state
             fs = read_full_state(ckpt_dir, tag, meta=meta)
             names = {id(p): n for n, p in model.named_parameters()}
             check_compatible(fs, [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
-                             canonical_name(type(optimizer)), "fsdp2")
+                             canonical_name(type(optimizer)), engine)
             load_full_state(model, optimizer, fs)
         else:
             msd, osd = get_state_dict(model, optimizer)  # templates: the current sharding

@@ -13,8 +13,6 @@ they are DTensors placed like the parameters); checkpoints in :mod:`bigbatch.sha
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -26,7 +24,9 @@ from bigbatch.optim.registry import canonical_name
 from bigbatch.scaling.rescale import rescale_optimizer
 from bigbatch.sharding import tags
 from bigbatch.sharding.fsdp2_checkpoint import ReusedBufferStager, full_state, load_checkpoint, save_checkpoint
-from bigbatch.sharding.training_engine import TrainingEngine
+from bigbatch.errors import ConfigError
+from bigbatch.sharding.optimizer import build_optimizer, param_groups, step_if_finite
+from bigbatch.sharding.training_engine import StepOutput, TrainingEngine, mean_loss
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -74,8 +74,9 @@ class NormedReduceScatter(_ReduceScatter or object):
         self.sq = sq if self.sq is None else self.sq + sq
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
-    def take(self) -> float:
-        value = 0.0 if self.sq is None else float(self.sq)
+    def take(self) -> torch.Tensor:
+        """The squared norm sent since the last call (float64 scalar tensor; nothing is read)."""
+        value = torch.zeros((), dtype=torch.float64) if self.sq is None else self.sq
         self.sq = None
         return value
 
@@ -100,7 +101,6 @@ class FSDP2Engine(TrainingEngine):
         self.module, self.optimizer = model, optimizer
         self.precision = precision
         self.grad_clip = grad_clip
-        self._applied = True
         self.comm = install_normed_reduce_scatter(model)
         # saves that complete in the background talk over a group of their own (collective: made here,
         # where every rank builds its engine)
@@ -115,38 +115,31 @@ class FSDP2Engine(TrainingEngine):
     def noise_probe(self, plan, estimator):
         return FSDPNoiseProbe(self.comm, plan.micro_batch, plan.grad_accum, estimator)
 
-    def train_step(self, micro_batches, device, after_backward=None, poison=False, weights=None):
+    def train_step(self, micro_batches, device, after_backward=None, weights=None) -> StepOutput:
         """Gradients of the micro batches accumulate unreduced (no sync) and are reduce-scattered with
         the last; the loss is scaled by 1 / (micro batches x ranks) and FSDP sums, so the shards hold
-        the global mean gradient. Clipping on the DTensor gradients; a non-finite global norm skips
-        the step on every rank (they all see the same norm)."""
+        the global mean gradient. Clipping on the DTensor gradients (the global norm is torch's one
+        all-reduce); a non-finite norm skips the step on every rank (they all see the same norm)."""
         n = len(micro_batches)
         scale = 1.0 / (n * bbdist.world_size())
-        total = 0.0
+        losses = []
         for i, x in enumerate(micro_batches):
             self.module.set_requires_gradient_sync(i == n - 1)
             x = x.to(device)
             loss = self.module(input_ids=x, labels=x).loss
-            if poison:
-                loss = loss * float("nan")
             (loss * (scale if weights is None else scale * weights[i])).backward()
             if after_backward is not None:
                 after_backward()
-            total += float(loss.detach())
+            losses.append(loss)
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self._applied = math.isfinite(gnorm)
-        if self._applied:
-            self.optimizer.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        applied = step_if_finite(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n, gnorm
-
-    def step_applied(self) -> bool:
-        return self._applied
+        return StepOutput({"loss": mean_loss(losses), "grad_norm": norm}, applied)
 
     def state_bytes(self) -> int:
         """float32 weights and two or three moments."""
@@ -183,9 +176,33 @@ class FSDP2Engine(TrainingEngine):
     def set_layout(self, plan) -> None:
         pass  # the loop feeds plan.grad_accum micro batches; FSDP2 has no batch configuration
 
-    def rescale(self, kappa, *, optimizer, beta_form="paper", bound_form="sqrt", second_moment="rescale"):
-        return rescale_optimizer(self.optimizer, kappa, family=optimizer, beta_form=beta_form, bound_form=bound_form,
-                                 second_moment=second_moment)
+    def rescale(self, kappa, rule):
+        return rescale_optimizer(self.optimizer, kappa, rule)
 
     def export_full_state(self) -> dict:
         return full_state(self.module, self.optimizer)
+
+
+def build(cfg, model: torch.nn.Module, plan) -> FSDP2Engine:
+    """The run config's FSDP2 engine (``train.engine: fsdp2``): ``fully_shard`` the model (blocks and
+    root), then the plan's optimizer on its shards."""
+    f = cfg.fsdp2
+    device_type = "cuda" if bbdist.default_backend() == "nccl" else "cpu"
+    if device_type == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if f.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard_model(model, device_type=device_type, precision=f.precision, reshard_after_forward=f.reshard_after_forward)
+    optimizer = build_optimizer(model, plan=plan, optimizer_kwargs=cfg.optim.kwargs,
+                                param_groups=param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
+                                                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases))
+    return FSDP2Engine(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip,
+                       async_save=cfg.checkpoint.async_save)
+
+
+def check(cfg, world_size: int) -> None:
+    """FSDP2 measures the noise scale across ranks only: an automatic batch schedule needs >= 2."""
+    if cfg.batch.schedule == "auto" and world_size < 2:
+        raise ConfigError("batch.schedule: auto needs the gradient noise scale, which train.engine fsdp2 measures "
+                          "only across >= 2 processes (one process: use the deepspeed or ddp engine, which split a "
+                          "step into micro batches)")

@@ -10,8 +10,8 @@ an FSDP2 tag from it, the FSDP2 engine a DeepSpeed tag, and ``bigbatch export`` 
 
 * DeepSpeed tags (:mod:`~bigbatch.sharding.deepspeed_checkpoint`): the parts
   ``bigbatch_full_state_part<r>.pt`` (memory-mapped), with steps and groups from the meta;
-* FSDP2 tags (:mod:`~bigbatch.sharding.fsdp2_checkpoint`): torch.distributed.checkpoint's files,
-  read into full tensors by DCP's own planner without a process group.
+* FSDP2 and DDP tags (:mod:`~bigbatch.sharding.fsdp2_checkpoint`): torch.distributed.checkpoint's
+  files, read into full tensors by DCP's own planner without a process group.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from bigbatch.sharding import tags
 
 FULL = "bigbatch_full_state_part{}.pt"  # DeepSpeed tags: rank r's share of the by-name full state
-ENGINES = ("deepspeed", "fsdp2")
+ENGINES = ("deepspeed", "fsdp2", "ddp")
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -46,7 +46,7 @@ class FullState:
         extras: ``{"buffer:<name>" | "frozen:<name>" | "state:<key>": tensor}``: buffers, frozen
             weights, and (FSDP2 tags) the other keys of the model's state dict.
         meta: the tag's meta (``client_state``, ``global_batch``, ``optimizer``, ...).
-        engine: "deepspeed" or "fsdp2", the engine that saved it.
+        engine: the engine that saved it (``deepspeed``, ``fsdp2``, ``ddp``).
     """
 
     params: dict[str, torch.Tensor]
@@ -79,7 +79,7 @@ def read_full_state(ckpt_dir: str, tag: str, *, meta: dict | None = None, weight
     path = os.path.join(ckpt_dir, tag)
     if saved_engine(meta) == "deepspeed":
         return _read_deepspeed(path, meta)  # memory-mapped: the states cost nothing unless touched
-    return _read_fsdp2(path, meta, weights_only)
+    return _read_dcp(path, meta, weights_only)
 
 
 def read_parts(path: str, parts: int) -> tuple[dict, dict]:
@@ -118,7 +118,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     callable: DCP's own reader uses ``pickle.load``, which runs whatever the file names."""
 
     def find_class(self, module, name):
-        if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name}")
 
@@ -222,11 +223,11 @@ def causes(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _read_fsdp2(path: str, meta: dict, weights_only: bool = False) -> FullState:
+def _read_dcp(path: str, meta: dict, weights_only: bool = False) -> FullState:
     if weights_only:
         model = read_dcp(path, {"model"})["model"]
         return FullState(params={k: v.float() for k, v in model.items() if torch.is_tensor(v)}, optim={},
-                         steps_by_name={}, groups=[], meta=meta, engine="fsdp2")
+                         steps_by_name={}, groups=[], meta=meta, engine=saved_engine(meta))
     state = read_dcp(path)
     model, optim = state["model"], state["optim"]
     groups = []
@@ -241,7 +242,7 @@ def _read_fsdp2(path: str, meta: dict, weights_only: bool = False) -> FullState:
         steps[n] = float(st["step"]) if "step" in st else None
     extras = {f"state:{k}": v for k, v in model.items() if k not in params and torch.is_tensor(v)}
     return FullState(params=params, optim=moments, steps_by_name=steps, groups=groups, meta=meta,
-                     engine="fsdp2", extras=extras)
+                     engine=saved_engine(meta), extras=extras)
 
 
 def check_compatible(fs: FullState, group_names: list[list[str]], optimizer: str | None, engine: str) -> None:

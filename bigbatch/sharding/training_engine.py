@@ -9,10 +9,31 @@ are mean cross-entropies in nats per predicted token; gradient norms are L2 norm
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 
 from bigbatch.sharding import tags
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step gave, left on the device: ``metrics`` by name (``loss``: mean
+    cross-entropy over this rank's micro batches, nats/token, a float64 scalar tensor; ``grad_norm``:
+    global L2 norm of the gradient before clipping, a scalar tensor) and ``applied``: whether the
+    step changed the weights (a bool, or a bool scalar tensor where the engine decided on the
+    device without reading the gradient norm)."""
+
+    metrics: dict
+    applied: object
+
+
+def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of micro-batch losses as a float64 scalar tensor, added in order (no read)."""
+    total = losses[0].detach().double()
+    for loss in losses[1:]:
+        total = total + loss.detach().double()
+    return total / len(losses)
 
 
 class TrainingEngine(abc.ABC):
@@ -35,18 +56,13 @@ class TrainingEngine(abc.ABC):
         return self.optimizer.param_groups
 
     @abc.abstractmethod
-    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None, poison: bool = False,
-                   weights: list[float] | None = None) -> tuple[float, float]:
+    def train_step(self, micro_batches: list[torch.Tensor], device, after_backward=None,
+                   weights: list[float] | None = None) -> StepOutput:
         """One optimizer step over this rank's micro batches; the gradient is the mean over every
         micro batch of every rank. ``after_backward()`` runs after each backward pass (the noise-scale
-        probe); ``poison`` multiplies the loss by NaN (fault injection); ``weights``: a multiplier per
-        micro batch of the differentiated loss (the reported loss is not weighted). Returns (mean loss
-        on this rank, global gradient norm before clipping). A step whose gradient is not finite
-        changes nothing (:meth:`step_applied` is then False)."""
-
-    @abc.abstractmethod
-    def step_applied(self) -> bool:
-        """Whether the last optimizer step changed the weights."""
+        probe); ``weights``: a multiplier per micro batch of the differentiated loss (the reported loss
+        is not weighted). Reads nothing from the device beyond what the engine's own library does. A
+        step whose gradient is not finite changes nothing (``applied`` is then False)."""
 
     @abc.abstractmethod
     def noise_measurable(self, plan) -> bool:
@@ -62,10 +78,9 @@ class TrainingEngine(abc.ABC):
         """Micro batch and accumulation of ``plan`` from the next step on."""
 
     @abc.abstractmethod
-    def rescale(self, kappa: float, *, optimizer, beta_form: str = "paper", bound_form: str = "sqrt",
-                second_moment: str = "rescale") -> dict:
-        """Every group's hyperparameters by the scaling rule of ``optimizer`` for a batch ``kappa``
-        times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), the second moments by
+    def rescale(self, kappa: float, rule) -> dict:
+        """Every group's hyperparameters by ``rule`` (a :class:`~bigbatch.scaling.rules.ScalingRule`) for a
+        batch ``kappa`` times larger (:func:`bigbatch.scaling.rescale.rescale_param_groups`), the second moments by
         :func:`~bigbatch.scaling.rescale.rescale_second_moments` and the step counters by samples
         (``step / kappa``). Returns the report (``lr_ratios``: new / old lr per group,
         ``groups``: the new hyperparameters)."""
@@ -99,20 +114,27 @@ class TrainingEngine(abc.ABC):
 
     # ------------------------------------------------------------------ shared by every engine
 
+    def settle(self) -> None:
+        """At the loop's sync point: an optimizer that skipped steps on the device (``found_inf``) takes them
+        off its step counters (:meth:`~bigbatch.optim._base.AdamFamily.settle_steps`)."""
+        settle = getattr(self.optimizer, "settle_steps", None)
+        if settle is not None:
+            settle()
+
     @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor], device) -> tuple[float, int]:
         """(summed cross-entropy in nats, predicted positions) over this rank's batches."""
         model = self.module
         model.eval()
-        total, count = 0.0, 0
+        total, count = None, 0
         for x in batches:
             x = x.to(device)
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=x).loss.double()
             n = x.numel() - x.shape[0]  # predicted positions
-            total += float(loss) * n
+            total = loss * n if total is None else total + loss * n
             count += n
         model.train()
-        return total, count
+        return (0.0 if total is None else float(total)), count  # one read per evaluation
 
     def load(self, ckpt_dir: str, *, if_unusable: str = "fail", tag: str | None = None) -> tuple[dict | None, str | None]:
         """``(client state, note)`` of the newest good checkpoint in ``ckpt_dir`` (collective); the

@@ -8,21 +8,16 @@ of ``cfg.optim`` into this world size's micro batch, accumulation and scaled hyp
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from bigbatch.distributed import default_backend
 from bigbatch.scaling.planner import plan_batch
 from bigbatch.scaling.schedules import SampleSchedule
-from bigbatch.sharding.deepspeed_config import DSConfigError, load_ds_config
-from bigbatch.sharding.deepspeed_engine import DeepSpeedEngine, build_engine
-from bigbatch.sharding.fsdp2_engine import FSDP2Engine, shard_model
-from bigbatch.sharding.optimizer import build_optimizer
+from bigbatch.sharding.engines import ENGINES
 from bigbatch.sharding.training_engine import TrainingEngine
 from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.model import build_model, padded_vocab, param_groups
+from bigbatch.training.model import build_model, compile_model, padded_vocab
 
 
 def _tuples(hparams: dict) -> dict:
@@ -52,7 +47,7 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, 
                           optimizer=cfg.optim.name, hparams=_tuples(cfg.optim.hparams),
                           policy=policy, global_batch=global_batch if global_batch is not None else b.global_batch,
                           per_device_batch=None if policy == "fixed" else b.per_device_batch,
-                          beta_form=b.beta_form, bound_form=b.bound_form, second_moment=b.second_moment,
+                          rule=b.scaling_rule(cfg.optim.name),
                           min_micro_batches=2 if needs_noise_scale(cfg) else 1)
     except (ValueError, TypeError) as exc:
         hint = ""
@@ -72,6 +67,7 @@ def check_batch(cfg: RunConfig, world_size: int) -> None:
     if cfg.batch.noise_lr and cfg.train.noise_scale_every == 0:
         raise ConfigError("batch.noise_lr: true moves the lr with the gradient noise scale, which "
                           "train.noise_scale_every=0 turns off; remove one of the two")
+    ENGINES[cfg.train.engine].check(cfg, world_size)
     schedule = cfg.batch.batch_schedule()
     if schedule is None:
         make_plan(cfg, world_size)
@@ -82,51 +78,12 @@ def check_batch(cfg: RunConfig, world_size: int) -> None:
         if cfg.train.noise_scale_every == 0:
             raise ConfigError("batch.schedule: auto grows the batch on the gradient noise scale, which "
                               "train.noise_scale_every=0 turns off; remove that override or use a fixed schedule")
-        if cfg.train.engine == "fsdp2" and world_size < 2:
-            raise ConfigError("batch.schedule: auto needs the gradient noise scale, which train.engine fsdp2 measures "
-                              "only across >= 2 processes (one process: use the deepspeed engine, which splits a "
-                              "step into micro batches)")
         for batch in schedule.batches():
             make_plan(cfg, world_size, batch, where=f"batch.schedule: auto grows to {batch} (min_global_batch "
                                                     f"{schedule.start} x growth_factor {schedule.factor}^k)")
     else:
         for i, (tokens, batch) in enumerate(schedule.entries):
             make_plan(cfg, world_size, batch, where=f"batch.schedule[{i}]: [{tokens}, {batch}]")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def deepspeed_config(cfg: RunConfig, plan) -> dict:
-    """The DeepSpeed config dict: JSON file <- run-config fields <- ``deepspeed.extra``. The batch
-    fields come from the plan; the optimizer is the run config's (built by bigbatch), so the JSON
-    may only leave its ``"optimizer"`` block to it (``"type": "auto"``)."""
-    ds: dict = {}
-    if cfg.deepspeed.config:
-        try:
-            ds = load_ds_config(cfg.deepspeed.config)
-        except DSConfigError as exc:
-            raise ConfigError(f"deepspeed.config: {exc}") from None
-    ds = _merge(ds, cfg.deepspeed.extra)
-    zero = ds.setdefault("zero_optimization", {})
-    if cfg.deepspeed.zero_stage is not None:
-        zero["stage"] = cfg.deepspeed.zero_stage
-    zero.setdefault("stage", 0)
-    precision = cfg.deepspeed.precision
-    if precision is not None:
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["train_batch_size"] = plan.global_batch
-    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
-    ds["gradient_accumulation_steps"] = plan.grad_accum
-    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 def lr_schedule(cfg: RunConfig):
@@ -151,38 +108,13 @@ class RunSetup:
 
 def setup(cfg: RunConfig, world_size: int, tokenizer, seq_len: int, *, global_batch: int | None = None,
           init_weights: bool = True) -> RunSetup:
-    """Plan -> model (seeded, identical on every rank) -> parameter groups (no decay on vectors,
-    overrides at the reference batch) -> DeepSpeed engine with the optimizer built from the plan."""
+    """Plan -> model (seeded, identical on every rank; its blocks compiled with ``train.compile``) -> the
+    engine ``train.engine`` names (:data:`~bigbatch.sharding.engines.ENGINES`), with the optimizer built from
+    the plan."""
     check_batch(cfg, world_size)
     plan = make_plan(cfg, world_size, global_batch)
     model = build_model(cfg.model, padded_vocab(cfg.model, len(tokenizer)), seq_len, seed=cfg.train.seed,
                         eos_token_id=tokenizer.eos_token_id, init_weights=init_weights)
-    if cfg.train.engine == "fsdp2":
-        return RunSetup(plan, model, _fsdp2(cfg, model, plan))
-    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
-                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
-    ds = deepspeed_config(cfg, plan)
-    try:
-        engine, _, _ = build_engine(model, ds, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
-    except (ValueError, TypeError, KeyError) as exc:  # DSConfigError is a ValueError
-        raise ConfigError(f"deepspeed: {exc}") from None
-    return RunSetup(plan, model, DeepSpeedEngine(engine, ds))
-
-
-def _fsdp2(cfg: RunConfig, model, plan) -> FSDP2Engine:
-    """``fully_shard`` the model (blocks and root), then the plan's optimizer on its shards."""
-    f = cfg.fsdp2
-    device_type = "cuda" if default_backend() == "nccl" else "cpu"
-    if device_type == "cuda":
-        model.to(torch.device("cuda", torch.cuda.current_device()))
-    if f.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shard_model(model, device_type=device_type, precision=f.precision, reshard_after_forward=f.reshard_after_forward)
-    groups = param_groups(model, float(cfg.optim.hparams.get("weight_decay", 0.0)),
-                          no_decay_norms_and_biases=cfg.optim.no_decay_norms_and_biases)
-    try:
-        optimizer = build_optimizer(model, plan=plan, optimizer_kwargs=cfg.optim.kwargs, param_groups=groups)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"optim: {exc}") from None
-    return FSDP2Engine(model, optimizer, precision=f.precision, grad_clip=cfg.optim.grad_clip,
-                       async_save=cfg.checkpoint.async_save)
+    if cfg.train.compile:  # before the engine wraps or shards the blocks
+        compile_model(model)
+    return RunSetup(plan, model, ENGINES[cfg.train.engine].build(cfg, model, plan))

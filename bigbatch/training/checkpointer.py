@@ -13,16 +13,19 @@ from bigbatch.training.run_state import RunStopped
 class Checkpointer:
     """Saves and restores ``engine`` in ``ckpt_dir`` with a client state made of ``states``: named
     objects with ``state_dict()`` / ``load_state_dict()`` (the Trainer's run state, the noise meter,
-    callbacks with a ``state_key``). The Trainer's state is stored flat (step, samples, tokens,
-    global_batch, ...), every other one under its name."""
+    callbacks with a ``state_key``). The state named ``trainer`` is stored flat (step, samples, tokens,
+    global_batch, ...), every other one under its name. ``beat(what)``: progress for the watchdog;
+    ``warn(record, text)``: a record of the run and a line for the user."""
 
-    def __init__(self, engine, ckpt_dir: str, *, keep: int, on_save_error: str, if_unusable: str):
-        self.engine, self.ckpt_dir = engine, ckpt_dir
+    def __init__(self, engine, ckpt_dir: str, states: dict, *, keep: int, on_save_error: str, if_unusable: str,
+                 beat=lambda what: None, warn=lambda record, text: None):
+        self.engine, self.ckpt_dir, self.states = engine, ckpt_dir, states
         self.keep, self.on_save_error, self.if_unusable = keep, on_save_error, if_unusable
+        self.beat, self.warn = beat, warn
 
-    def restore(self, source: str, states: dict, *, tag: str | None = None) -> tuple[dict | None, str | None]:
-        """Load the newest good checkpoint of ``source`` (or ``tag``; collective) into the engine and ``states``:
-        ``(client state, note)``; None to start from step 0. None usable is a ConfigError naming
+    def restore(self, source: str, *, tag: str | None = None) -> tuple[dict | None, str | None]:
+        """Load the newest good checkpoint of ``source`` (or ``tag``; collective) into the engine and the
+        states: ``(client state, note)``; None to start from step 0. None usable is a ConfigError naming
         every tag and why, unless ``checkpoint.if_unusable`` is ``restart``."""
         try:
             client, note = self.engine.load(source, if_unusable=self.if_unusable, tag=tag)
@@ -34,48 +37,46 @@ class Checkpointer:
         except IncompatibleCheckpoint as exc:  # another engine's tag that this run cannot take
             raise ConfigError(f"--resume: {exc}") from None
         if client is not None:
-            for name, obj in states.items():
+            for name, obj in self.states.items():
                 if name == "trainer":
                     obj.load_state_dict(client)
                 elif client.get(name):
                     obj.load_state_dict(client[name])
         return client, note
 
-    def save(self, trainer, *, periodic: bool = False) -> bool:
-        """Save at ``trainer.step`` (collective). False: a periodic save failed and
-        ``checkpoint.on_save_error`` is ``continue`` (recorded); otherwise a failed save stops the run."""
+    def save(self, step: int, *, periodic: bool = False) -> bool:
+        """Save at ``step`` (collective). False: a periodic save failed and ``checkpoint.on_save_error``
+        is ``continue`` (recorded); otherwise a failed save stops the run."""
         warning = tags.space_warning(self.ckpt_dir, tags.expected_bytes(self.ckpt_dir) or self.engine.state_bytes())
         if warning:
-            trainer.logger.log({"kind": "warning", "step": trainer.step, "tokens": trainer.tokens, "message": warning})
-            trainer.progress.write(f"warning: {warning}")
-        trainer.watchdog.beat("checkpoint save", trainer.step)
+            self.warn({"kind": "warning", "message": warning}, f"warning: {warning}")
+        self.beat("checkpoint save")
         client = {}
-        for name, obj in trainer.states().items():
+        for name, obj in self.states.items():
             if name == "trainer":
                 client.update(obj.state_dict())
             else:
                 client[name] = obj.state_dict()
         try:  # a periodic save may complete in the background (FSDP2's checkpoint.async_save)
-            self.engine.save(self.ckpt_dir, tag=f"step{trainer.step:08d}", client_state=client, keep=self.keep,
+            self.engine.save(self.ckpt_dir, tag=f"step{step:08d}", client_state=client, keep=self.keep,
                              background=periodic)
         except CheckpointSaveError as exc:
-            return self._failed(trainer, exc, periodic)
-        trainer.watchdog.beat("checkpoint saved", trainer.step)
+            return self._failed(exc, periodic)
+        self.beat("checkpoint saved")
         return True
 
-    def wait(self, trainer) -> bool:
+    def wait(self) -> bool:
         """Until a save completing in the background is done (collective); False when it failed and
         ``checkpoint.on_save_error`` is ``continue``."""
         try:
             self.engine.wait_saves()
         except CheckpointSaveError as exc:
-            return self._failed(trainer, exc, periodic=True)
+            return self._failed(exc, periodic=True)
         return True
 
-    def _failed(self, trainer, exc: CheckpointSaveError, periodic: bool) -> bool:
+    def _failed(self, exc: CheckpointSaveError, periodic: bool) -> bool:
         if periodic and self.on_save_error == "continue":
-            trainer.logger.log({"kind": "checkpoint_error", "step": trainer.step, "tokens": trainer.tokens,
-                                "message": str(exc)})
-            trainer.progress.write(f"warning: {exc} Training continues (checkpoint.on_save_error: continue).")
+            self.warn({"kind": "checkpoint_error", "message": str(exc)},
+                      f"warning: {exc} Training continues (checkpoint.on_save_error: continue).")
             return False
         raise RunStopped(exit_codes.SAVE_FAILED, f"error: {exc}") from None

@@ -1,42 +1,26 @@
-"""Typed run configuration: YAML file + ``--section.key value`` overrides -> :class:`RunConfig`.
-
-One dataclass per section. Unknown keys are errors that name the key and list the valid ones;
-values are coerced to the field's type (PyYAML reads ``6e-4`` as a string, so floats are parsed
-here rather than trusted to YAML). Free-form mappings (``optim.hparams``, ``deepspeed.extra``)
-accept any key; their numeric-looking strings become numbers.
+"""The run configuration: :class:`RunConfig`, one dataclass per YAML section (the data and tokenizer
+sections live in :mod:`bigbatch.data.config`), loaded from a file and ``--section.key value`` overrides by
+:mod:`bigbatch.config_loader`. Unknown keys are errors that name the key and list the valid ones.
+Free-form mappings (``optim.hparams``, ``optim.kwargs``, ``deepspeed.extra``) accept any key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
 
-from bigbatch import atomic, exit_codes
-from bigbatch.data.entries import prepared_entries, source_specs
-from bigbatch.errors import ConfigError
-from bigbatch.training.init_from import apply_init_from
+from bigbatch import exit_codes
+from bigbatch.config_loader import apply_key, dump_yaml, parse_overrides  # noqa: F401 (the run config's API)
+from bigbatch.data.config import DataConfig, TokenizerConfig
+from bigbatch.errors import ConfigError, check_choice as _choice, check_positive as _positive
 from bigbatch.optim.registry import check_kwargs, get_optimizer_class
 from bigbatch.scaling.batch_schedule import AutoBatchSchedule, BatchScheduleError, FixedBatchSchedule
-from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, LINEAR_RULE, SECOND_MOMENTS, resolve_family
-
-
-def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{section}.{key}: {value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _positive(section: str, key: str, value: Any, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{key}: {value!r} must be {bound}")
+from bigbatch.sharding.engines import ENGINES
+from bigbatch.training.init_from import apply_init_from
+from bigbatch.scaling.rules import BETA_FORMS, BOUND_FORMS, LINEAR_RULE, SECOND_MOMENTS, resolve_family, rule_for
 
 
 @dataclass
@@ -78,78 +62,6 @@ class ModelConfig:
                               f"model.num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: {self.dropout!r} must be in [0, 1)")
-
-
-@dataclass
-class TokenizerConfig:
-    """``bpe``: byte-level BPE trained on the corpus and cached; ``pretrained``: a local
-    directory or (with a network) a hub name, loaded with ``AutoTokenizer``."""
-
-    kind: str = "bpe"  # bpe | pretrained
-    path: str | None = None  # local dir or hub name, for kind=pretrained
-    vocab_size: int = 2048  # for kind=bpe, including special tokens
-    train_chars: int = 4_000_000  # BPE trains on at most this many characters of the corpus
-
-    def validate(self) -> None:
-        _choice("tokenizer", "kind", self.kind, ("bpe", "pretrained"))
-        if self.kind == "pretrained" and not self.path:
-            raise ConfigError("tokenizer.path: required when tokenizer.kind is 'pretrained' "
-                              "(a local tokenizer directory or a hub name)")
-        if self.kind == "bpe" and self.vocab_size < 260:
-            raise ConfigError(f"tokenizer.vocab_size: {self.vocab_size} is too small for a "
-                              "byte-level BPE; use >= 260 (256 bytes + special tokens)")
-        _positive("tokenizer", "train_chars", self.train_chars)
-
-
-@dataclass
-class DataConfig:
-    """Where text comes from and how it is packed.
-
-    ``source``: ``embedded`` (text shipped with Python itself, no download; see
-    bigbatch.training.data), ``text`` / ``json`` / ``parquet`` (local ``files``), ``hub``
-    (``name``/``subset`` loaded with ``datasets.load_dataset``; needs a network once), or
-    ``prepared``: token shards written by ``bigbatch prepare-data``, listed in ``prepared`` as
-    ``{path, weight}`` (a mixture when several; bigbatch.data). ``sources``: what
-    ``prepare-data`` reads, a list of ``{name, kind, files, weight, ...}`` (bigbatch.data.sources);
-    empty = the single source above. ``workers`` / ``shard_bytes``: its processes and input bytes
-    per shard.
-    """
-
-    source: str = "embedded"  # embedded | text | json | parquet | hub | prepared
-    embedded: str = "stdlib"  # stdlib (docs + sources) | pydoc | kjv
-    files: list[str] = field(default_factory=list)
-    name: str | None = None
-    subset: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    seq_len: int = 128  # tokens per packed block
-    val_fraction: float = 0.05  # of blocks, the held-out tail of the corpus
-    max_chars: int | None = None  # truncate the corpus (characters), None = all
-    cache_dir: str = "~/.cache/bigbatch"
-    num_proc: int = 1  # datasets.map workers; the fast tokenizer already uses all cores
-    sources: list[dict] = field(default_factory=list)  # prepare-data inputs
-    prepared: list[dict] = field(default_factory=list)  # source: prepared
-    workers: int = 1  # prepare-data tokenizer processes
-    shard_bytes: int = 64_000_000  # prepare-data input bytes (characters) per shard
-
-    def validate(self) -> None:
-        _choice("data", "source", self.source, ("embedded", "text", "json", "parquet", "hub", "prepared"))
-        if self.source == "prepared":
-            prepared_entries(self)
-        if self.sources:
-            source_specs(self)
-        _positive("data", "workers", self.workers)
-        _positive("data", "shard_bytes", self.shard_bytes)
-        _choice("data", "embedded", self.embedded, ("stdlib", "pydoc", "kjv"))
-        if self.source in ("text", "json", "parquet") and not self.files:
-            raise ConfigError(f"data.files: required when data.source is {self.source!r}")
-        if self.source == "hub" and not self.name:
-            raise ConfigError("data.name: required when data.source is 'hub'")
-        _positive("data", "seq_len", self.seq_len)
-        _positive("data", "max_chars", self.max_chars)
-        _positive("data", "num_proc", self.num_proc)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction: {self.val_fraction!r} must be in (0, 1)")
 
 
 @dataclass
@@ -254,6 +166,11 @@ class BatchConfig:
     # auto: tokens before the first growth and between two; None: the lr warmup (schedule.warmup_tokens),
     # whose first steps measure the noise scale of a model still at its initialisation (large, misleading)
     growth_min_tokens: int | None = None
+    # auto: steps between the sync points at which measurements are judged (each one in order) and the lr
+    # follows the noise scale; a growth takes effect up to decide_every - 1 steps after the measurement
+    # that called for it. 1 (every step, one read and one all-gather a step) is the measured behaviour;
+    # on a GPU, 10 keeps the step free of reads
+    decide_every: int = 1
 
     def batch_schedule(self):
         """The :mod:`bigbatch.scaling.batch_schedule` object of ``schedule`` (None without one)."""
@@ -268,6 +185,11 @@ class BatchConfig:
             return FixedBatchSchedule([list(e) for e in self.schedule], unit="tokens")
         except BatchScheduleError as exc:
             raise ConfigError(f"batch.{exc}") from None
+
+    def scaling_rule(self, optimizer: str | type):
+        """The :class:`~bigbatch.scaling.rules.ScalingRule` of ``optimizer`` with this section's forms."""
+        return rule_for(optimizer, beta_form=self.beta_form, bound_form=self.bound_form,
+                        second_moment=self.second_moment)
 
     def noise_lr_on(self, optimizer: str | type) -> bool:
         """Whether the lr of ``optimizer`` follows the measured noise scale: ``noise_lr``, or by default with
@@ -286,6 +208,7 @@ class BatchConfig:
         _choice("batch", "bound_form", self.bound_form, BOUND_FORMS)
         _choice("batch", "second_moment", self.second_moment, SECOND_MOMENTS)
         _positive("batch", "reference_global_batch", self.reference_global_batch)
+        _positive("batch", "decide_every", self.decide_every)
         _positive("batch", "global_batch", self.global_batch)
         _positive("batch", "per_device_batch", self.per_device_batch)
         if not self.micro_batch_sizes or any(m <= 0 for m in self.micro_batch_sizes):
@@ -343,7 +266,7 @@ class TrainConfig:
     # config 0.95 gave 2x larger values than 0.99 late in a run.
     noise_scale_ema: float = 0.99
     threads: int | None = None  # torch intra-op threads per process; None = cores / local procs
-    engine: str = "deepspeed"  # deepspeed | fsdp2 (settings in the deepspeed / fsdp2 sections)
+    engine: str = "deepspeed"  # deepspeed | fsdp2 | ddp (bigbatch.sharding.engines; settings in their sections)
     # Hangs: a collective waits at most collective_timeout_s for the other ranks, and a watchdog ends
     # a rank that makes no progress (a step, an evaluation, a save) for step_timeout_s (0: off).
     collective_timeout_s: float = 300.0
@@ -355,6 +278,12 @@ class TrainConfig:
     # average (0: off); large-batch runs often announce divergence this way.
     grad_spike_factor: float = 0.0
     eval_at_start: bool = False  # evaluate before the first step (e.g. a model.init_from's starting loss)
+    # dense peak TFLOP/s of one device for the mfu field; None: from the GPU's name (bigbatch.training.flops)
+    peak_tflops: float | None = None
+    # torch.compile each Transformer block (Inductor: C++ on CPU, Triton on CUDA); the first steps compile
+    compile: bool = False
+    # [a, b]: a torch profiler trace of steps a..b (inclusive, from 1) per rank in OUT/profile/rank{R}.json
+    profile_steps: list[int] | None = None
 
     def validate(self) -> None:
         _positive("train", "tokens", self.tokens)
@@ -367,12 +296,17 @@ class TrainConfig:
         if not 0.0 <= self.noise_scale_ema < 1.0:
             raise ConfigError(f"train.noise_scale_ema: {self.noise_scale_ema!r} must be in [0, 1)")
         _positive("train", "threads", self.threads)
-        _choice("train", "engine", self.engine, ("deepspeed", "fsdp2"))
+        _choice("train", "engine", self.engine, tuple(ENGINES))
         _positive("train", "collective_timeout_s", self.collective_timeout_s)
         _positive("train", "step_timeout_s", self.step_timeout_s, allow_zero=True)
         _positive("train", "max_skipped_steps", self.max_skipped_steps)
+        _positive("train", "peak_tflops", self.peak_tflops)
         if self.grad_spike_factor and self.grad_spike_factor <= 1:
             raise ConfigError(f"train.grad_spike_factor: {self.grad_spike_factor!r} must be 0 (off) or > 1")
+        p = self.profile_steps
+        if p is not None and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+            raise ConfigError(f"train.profile_steps: {p!r} must be [first, last] steps with 1 <= first <= last "
+                              "(or null: no profile)")
 
 
 @dataclass
@@ -397,6 +331,8 @@ class CheckpointConfig:
     if_unusable: str = "fail"  # fail | restart
     on_save_error: str = "stop"  # stop | continue
     signal_grace_s: float = 20.0  # under torchrun's 30 s between SIGTERM and SIGKILL
+    # steps between the ranks' agreements on a signal; None: about every 2 s of step time (measured)
+    signal_every_steps: int | None = None
     export_hf: bool = False  # at the end, the final checkpoint as a Hugging Face model in OUT/hf
     async_save: bool = True
 
@@ -404,6 +340,7 @@ class CheckpointConfig:
         _positive("checkpoint", "every_steps", self.every_steps, allow_zero=True)
         _positive("checkpoint", "keep", self.keep)
         _positive("checkpoint", "signal_grace_s", self.signal_grace_s)
+        _positive("checkpoint", "signal_every_steps", self.signal_every_steps)
         _choice("checkpoint", "if_unusable", self.if_unusable, ("fail", "restart"))
         _choice("checkpoint", "on_save_error", self.on_save_error, ("stop", "continue"))
         if not 1 <= self.preempt_exit_code <= 255:
@@ -536,168 +473,16 @@ class RunConfig:
                 if after < before:
                     out.append(f"batch.schedule[{i}]: [{tokens}, {after}] shrinks the global batch from {before}; "
                                f"the rules then scale by kappa {after / before:g} < 1 (smaller lr and 1 - beta)")
-        if self.train.engine == "fsdp2":
+        if self.train.engine != "deepspeed":
             ds, default = dataclasses.asdict(self.deepspeed), dataclasses.asdict(DeepSpeedConfig())
             ignored = [f"deepspeed.{k}" for k in ds if ds[k] != default[k]]
             if ignored:
-                out.append(f"{', '.join(ignored)}: ignored, train.engine is 'fsdp2' (its settings are the fsdp2 "
-                           "section's)")
+                out.append(f"{', '.join(ignored)}: ignored, train.engine is {self.train.engine!r} (its settings are "
+                           f"the {self.train.engine} section's)")
         return out
 
 
-# ---------------------------------------------------------------- parsing and coercion
-
-_FREE_FORM = {("optim", "hparams"), ("optim", "kwargs"), ("deepspeed", "extra")}
-
-
-def _numeric(value: Any) -> Any:
-    """'6e-4' -> 0.0006, '3' -> 3, nested containers recursively; other values unchanged."""
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-        return value
-    if isinstance(value, list):
-        return [_numeric(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _numeric(v) for k, v in value.items()}
-    return value
-
-
-def _yaml_value(where: str, text: str) -> Any:
-    """``text`` (a command-line value) read as YAML, or a ConfigError naming ``where``."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {text!r} is not valid YAML ({problem}); quote the value and close "
-                          "every bracket") from None
-
-
-def _coerce(where: str, tp: Any, value: Any) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        first_error = None
-        for arg in args[:-1]:  # the first type that takes the value
-            try:
-                return _coerce(where, arg, value)
-            except ConfigError as exc:
-                first_error = first_error or exc
-        if first_error and isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
-            raise first_error  # a list or mapping that does not parse: say why, not "not allowed"
-        return _coerce(where, args[-1], value)
-    if value is None:
-        raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):  # CLI: "8,16" or "[8, 16]"
-            parsed = _yaml_value(where, value)
-            value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if isinstance(value, str):
-            value = _yaml_value(where, value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _numeric(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        raise ConfigError(f"{where}: {value!r} is not a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not an integer")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {value!r} is not an integer") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{where}: {value!r} is not an integer")
-        return int(as_float) if not isinstance(value, int) else value
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {value!r} is not a number") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"{where}: unsupported annotation {tp!r}")
-
-
-def _section_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _apply(cfg: RunConfig, path: list[str], value: Any, source: str) -> None:
-    """Set ``cfg.<path>`` = value with validation of every key along the path."""
-    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
-    dotted = ".".join(path)
-    if path[0] not in sections:
-        raise ConfigError(f"{source}: unknown section {path[0]!r} (in {dotted!r}); "
-                          f"valid sections are {sorted(sections)}")
-    section = getattr(cfg, path[0])
-    hints = _section_types(type(section))
-    if len(path) == 1:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {dotted!r} is a section; give a mapping or "
-                              f"{dotted}.<key>, keys are {sorted(hints)}")
-        for key, sub in value.items():
-            _apply(cfg, path + [str(key)], sub, source)
-        return
-    key = path[1]
-    if key not in hints:
-        raise ConfigError(f"{source}: unknown key {dotted!r}; valid keys in {path[0]!r} are "
-                          f"{sorted(hints)}")
-    if (path[0], key) in _FREE_FORM:
-        current = getattr(section, key)
-        if len(path) == 2:
-            setattr(section, key, _coerce(dotted, dict, value))
-        else:  # --optim.hparams.lr 1e-3 sets one entry of the mapping
-            node = current
-            for part in path[2:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{source}: {dotted!r} goes through a non-mapping value")
-            node[path[-1]] = _numeric(_yaml_value(dotted, value) if isinstance(value, str) else value)
-        return
-    if len(path) > 2:
-        raise ConfigError(f"{source}: {dotted!r} is too deep; {path[0]}.{key} is a plain value")
-    setattr(section, key, _coerce(dotted, hints[key], value))
-
-
-def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """``["--model.hidden_size", "64", "--optim.hparams.lr=1e-3"]`` -> [(key, value), ...]."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"override {arg!r}: expected --section.key VALUE or --section.key=VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"override {arg!r}: missing value")
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        pairs.append((key, value))
-    return pairs
+_FREE_FORM = {("optim", "hparams"), ("optim", "kwargs"), ("deepspeed", "extra")}  # any key, numbers coerced
 
 
 def load_config(path: str | os.PathLike | None = None,
@@ -717,19 +502,19 @@ def load_config(path: str | os.PathLike | None = None,
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {path}: expected a mapping of sections at the top level")
         for name, value in data.items():
-            _apply(cfg, [str(name)], value, str(path))
+            apply_key(cfg, [str(name)], value, str(path), _FREE_FORM)
     if overrides:
         if isinstance(overrides[0], str):
             overrides = parse_overrides(list(overrides))  # type: ignore[arg-type]
         for key, value in overrides:  # type: ignore[misc]
-            _apply(cfg, key.split("."), value, f"--{key}")
+            apply_key(cfg, key.split("."), value, f"--{key}", _FREE_FORM)
     return cfg.validate(sections)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConfig:
     """Apply (dotted key, value) pairs to ``cfg`` in place and validate it."""
     for key, value in overrides:
-        _apply(cfg, key.split("."), value, f"--{key}")
+        apply_key(cfg, key.split("."), value, f"--{key}", _FREE_FORM)
     return cfg.validate()
 
 
@@ -738,12 +523,7 @@ def config_from_dict(data: dict, run_files=None) -> RunConfig:
     it before validation (a saved run's own model files)."""
     cfg = RunConfig()
     for name, value in data.items():
-        _apply(cfg, [str(name)], value, "dict")
+        apply_key(cfg, [str(name)], value, "dict", _FREE_FORM)
     if run_files is not None:
         run_files(cfg)
     return cfg.validate()
-
-
-def dump_yaml(data: dict, path: str | os.PathLike) -> None:
-    """Write YAML atomically."""
-    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))

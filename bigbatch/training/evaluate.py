@@ -9,9 +9,9 @@ import json
 import os
 
 from bigbatch import atomic
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.training.config import ConfigError
-from bigbatch.training.run_dir import command_main
 
 
 def evaluate(model_dir: str, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         return 0
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)

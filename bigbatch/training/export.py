@@ -24,15 +24,17 @@ import tempfile
 
 import torch
 
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch import atomic
+from bigbatch import distributed as bbdist
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.sharding import tags
 from bigbatch.sharding.full_state import read_full_state
 from bigbatch.sharding.tags import CheckpointError
 from bigbatch.training.config import ConfigError
-from bigbatch.training.corpus import load_corpus
+from bigbatch.data.corpus import load_corpus
 from bigbatch.training.model import hf_config
-from bigbatch.training.run_dir import HF_CONFIG, RESOLVED, TOKENIZER_DIR, command_main, saved_config
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.training.run_dir import HF_CONFIG, RESOLVED, TOKENIZER_DIR, saved_config
+from bigbatch.data.tokenizer import build_tokenizer
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -163,6 +165,13 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     load_weights(model, os.path.join(ckpt_dir, chosen), meta)
 
+    return write_model_dir(out, model, tokenizer, max_shard_size=max_shard_size)
+
+
+def write_model_dir(out: str, model, tokenizer, *, max_shard_size) -> str:
+    """``model`` (safetensors) and ``tokenizer`` as the Hugging Face directory ``out``, written beside
+    it and renamed (whole or not at all; an existing ``out`` goes once the new one is whole), with
+    the modes the umask gives."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}-export-")
@@ -171,6 +180,7 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
         if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic.honour_umask(tmp)
         if os.path.isdir(out):  # --overwrite (or an empty directory): the old one goes once the new is whole
             old = tempfile.mkdtemp(dir=parent, prefix=".old-export-")
             os.replace(out, os.path.join(old, "x"))
@@ -208,4 +218,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {args.run_dir} to {path}", flush=True)
         return 0
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)

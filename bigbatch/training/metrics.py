@@ -43,6 +43,17 @@ def format_hparams(hparams: dict) -> str:
     return ", ".join(f"{k} {format_value(v)}" for k, v in hparams.items())
 
 
+def hparam_fields(hparams: dict) -> dict:
+    """The scaled constants beside lr, as flat record fields (``betas`` -> ``beta1``, ``beta2``)."""
+    out = {}
+    for k, v in hparams.items():
+        if isinstance(v, (list, tuple)):
+            out.update({f"beta{i + 1}" if k == "betas" else f"{k}_{i}": x for i, x in enumerate(v)})
+        elif k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a ``metrics.jsonl``; a last line cut short by a kill is skipped."""
     with open(path) as fh:
@@ -90,6 +101,17 @@ def truncate_metrics(path: str, last_step: int) -> None:
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _usage(record: dict, short: bool = False) -> dict:
+    """MFU and peak memory of a train record for the progress display (where the record has them)."""
+    out = {}
+    mfu, mem = record.get("mfu"), record.get("mem_gb")
+    if isinstance(mfu, float) and math.isfinite(mfu):
+        out["mfu"] = f"{100 * mfu:.1f}%"
+    if isinstance(mem, float) and math.isfinite(mem):
+        out["mem" if short else "mem_gb"] = f"{mem:.2f}{'G' if short else ''}"
+    return out
+
+
 class Progress:
     """A tqdm bar on a terminal, else one plain line per logged step (or nothing)."""
 
@@ -108,11 +130,12 @@ class Progress:
             self.bar.update(step - self.bar.n)
             if record is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                                     tok_s=f"{record['tokens_per_s']:.0f}", **_usage(record, short=True))
         elif self.mode == "lines" and record is not None:
+            usage = "".join(f" | {k} {v}" for k, v in _usage(record).items())
             print(f"step {record['step']:>6} | tokens {record['tokens']:>11,} | loss {record['loss']:.4f}"
                   f" | lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f}"
-                  f" | {record['tokens_per_s']:,.0f} tok/s", flush=True)
+                  f" | {record['tokens_per_s']:,.0f} tok/s{usage}", flush=True)
 
     def set_total(self, total_steps: int) -> None:
         """The run's step count changed (a batch change)."""

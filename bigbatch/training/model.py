@@ -70,21 +70,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, seed: int = 
     return model.to(device) if device is not None else model
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` each decoder block in place (Llama ``model.layers``, GPT-2 ``transformer.h``),
+    or the whole model when it has none; returns ``model``. In place (``Module.compile``), so parameter
+    names, state dicts and checkpoints are those of the eager model, and hooks registered later (FSDP2's,
+    DeepSpeed's, tensor hooks on the parameters) see the same modules and parameters. The identical
+    blocks share one compiled graph (parameters are graph inputs); a new micro-batch shape recompiles
+    once, then runs with dynamic shapes. Call before ``fully_shard`` or ``deepspeed.initialize``."""
+    from bigbatch.sharding.fsdp2_engine import decoder_blocks
+
+    for module in decoder_blocks(model) or [model]:
+        module.compile()
+    return model
+
+
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once); a ZeRO-3 partitioned parameter by its full
     size (``ds_numel``: its local tensor is empty)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
-
-
-def param_groups(model, weight_decay: float, *, no_decay_norms_and_biases: bool = True) -> list[dict]:
-    """Two groups: matrices with ``weight_decay``, vectors (norm gains, biases) without, as GPT-2 /
-    Llama pretraining does. One group when ``no_decay_norms_and_biases`` is false."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norms_and_biases:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
-    return groups

@@ -18,6 +18,7 @@ class NoiseMeter:
         self.engine, self.every_cfg, self.ema, self.warn_factor = engine, every, ema, warn_factor
         self.probe = None
         self._saved: dict | None = None
+        self.pending: list[tuple[int, int, int, int]] = []  # (step, tokens, b_small, b_big) not yet observed
 
     def every(self, plan) -> int:
         """Steps between measurements at ``plan`` (0: none)."""
@@ -45,15 +46,29 @@ class NoiseMeter:
             return measure, None
         return measure, lambda: self.probe.after_backward(measure)
 
-    def end(self, measure: bool, grad_norm: float) -> bool:
-        """Feed the step's reduced gradient norm; whether a measurement was taken."""
+    def end(self, measure: bool, grad_norm, step: int, tokens: int, sync) -> None:
+        """Buffer the step's measurement in ``sync`` (nothing is read): this rank's small-batch squared
+        norm and the step's reduced gradient norm; :meth:`observe` takes them at the sync point."""
         if not measure:
-            return False
-        if math.isfinite(grad_norm):
-            self.probe.step_done(global_sq_norm=grad_norm**2)
-            return True
-        self.probe.skip_step()
-        return False
+            return
+        obs = self.probe.observation(None)
+        self.pending.append((step, tokens, obs.b_small, obs.b_big))
+        sync.add("noise/local", obs.local, "each", log=False)
+        sync.add("noise/grad_norm", grad_norm, "each_same", log=False)
+
+    def observe(self, values: dict) -> list[tuple[int, int, float | None]]:
+        """Feed the buffered measurements, averaged over the ranks at the sync point (``values`` from
+        :meth:`~bigbatch.training.step_sync.StepSync.collect`), to the EMA in step order; a step whose
+        reduced gradient was not finite is passed over. Returns ``(step, tokens, B_noise after it)`` of
+        each measurement taken."""
+        pending, self.pending = self.pending, []
+        taken = []
+        for (step, tokens, b_small, b_big), local, norm in zip(pending, values.get("noise/local", []),
+                                                                values.get("noise/grad_norm", [])):
+            if math.isfinite(norm):
+                self.probe.estimator.observe(local, norm**2, b_small, b_big)
+                taken.append((step, tokens, self.b_noise))
+        return taken
 
     @property
     def b_noise(self) -> float | None:

@@ -115,19 +115,6 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
     return apply_overrides(cfg, overrides)
 
 
-def command_main(body: Callable[[], int]) -> int:
-    """An entry point's exit code: ``body()``'s, or 2 with one ``error:`` line for a ConfigError; the
-    process group is torn down either way."""
-
-    try:
-        return body()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exit_codes.BAD_INPUT
-    finally:
-        bbdist.destroy()
-
-
 def clear_run(out: str) -> None:
     """--overwrite: remove only what a run writes (never other files in the directory). A directory
     that is a mount point is emptied and kept."""
@@ -221,7 +208,7 @@ def write_resolved(trainer) -> dict:
     resolved = {
         "world_size": info.world_size, "backend": info.backend,
         "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan).items()
-                 if k not in ("hparams", "reference_hparams", "optimizer_class")},
+                 if k not in ("hparams", "reference_hparams", "rule")} | plan.rule.forms(),
         "scaled_hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.hparams.items()},
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps(),
         "parameters": count_parameters(trainer.model), "vocab_size": trainer.model.config.vocab_size,
@@ -248,6 +235,7 @@ def save_model_files(out: str, tokenizer, model_config) -> None:
     tmp = tempfile.mkdtemp(dir=out, prefix=".tokenizer-")
     try:
         tokenizer.save_pretrained(tmp)
+        atomic.honour_umask(tmp)
         if os.path.isdir(target):  # a resume or --overwrite: the same or a newer tokenizer
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -18,11 +18,11 @@ import time
 
 import yaml
 
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.sharding import tags
 from bigbatch.training.config import ConfigError
 from bigbatch.training.metrics import read_metrics
-from bigbatch.training.run_dir import RESOLVED, command_main
+from bigbatch.training.run_dir import RESOLVED
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -107,7 +107,8 @@ def status_lines(run_dir: str, *, records: int = 5, hashes: bool = False, now: f
     out = [f"run {os.path.abspath(run_dir)}"]
 
     finished = bool(total) and last_step >= total
-    state = f"finished: step {last_step:,} of {total:,}" if finished else f"not finished: step {last_step:,} of {_num(total)}"
+    state = (f"finished: step {last_step:,} of {total:,}" if finished
+             else f"not finished: step {last_step:,} of {_num(total)}")
     if os.path.isfile(metrics_path):
         age = now - os.path.getmtime(metrics_path)
         times = [r["time"] for r in train[-2:] if isinstance(r.get("time"), (int, float))]

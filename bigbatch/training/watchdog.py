@@ -73,6 +73,10 @@ class Watchdog:
 
     def close(self) -> None:
         self._closed.set()
+        try:
+            os.write(self._write, b"\0")  # wake the thread from its wait: the run's end does not wait a poll
+        except OSError:
+            pass
         self._thread.join(timeout=2 * self.poll_s + 1)
         signal.set_wakeup_fd(self._old_wakeup)
         for fd in (self._read, self._write):

@@ -7,25 +7,31 @@ from dataclasses import dataclass
 
 @dataclass
 class StepResult:
-    """What one optimizer step gave: ``loss`` (mean cross-entropy on this rank, nats/token),
-    ``grad_norm`` (global L2 norm before clipping), ``measured`` (the noise scale was measured),
-    ``last`` (the run's budget is reached with this step)."""
+    """What one optimizer step gave, left on the device: ``metrics`` by name (``loss``, ``grad_norm``,
+    scalar tensors: :class:`~bigbatch.sharding.training_engine.StepOutput`), ``applied`` (the step changed
+    the weights: a bool, or a bool tensor), ``last`` (the run's budget is reached with this step)."""
 
-    loss: float
-    grad_norm: float
-    measured: bool
+    metrics: dict
+    applied: object
     last: bool
 
 
 class Callback:
     """A behaviour of the training loop. Every hook does nothing by default; the Trainer calls each
-    hook on its callbacks in list order.
+    hook on its callbacks in ``priority`` order (lower first; equal priorities keep list order).
+
+    A callback acts through the Trainer's commands (``record``, ``log``, ``say``, ``request_stop``,
+    ``request_batch``, ``limit_batch``, ``save_checkpoint``, ...), never by writing its fields. A step
+    reads nothing from the device: values a callback needs are added with ``trainer.record`` (or
+    ``trainer.agree``) and come back reduced over the ranks in :meth:`on_sync`, at the next sync point
+    (a step at which some callback's :meth:`wants_sync` is true, and the last).
 
     A callback whose state must survive a resume sets ``state_key`` and implements
     :meth:`state_dict` / :meth:`load_state_dict`: the checkpoint holds that state under the key.
     """
 
     state_key: str | None = None
+    priority: int = 50
 
     def on_restore(self, trainer) -> None:
         """After the checkpoint (if any) is restored and its batch moved to the one in force, before
@@ -36,21 +42,24 @@ class Callback:
         return planned
 
     def on_start(self, trainer) -> None:
-        """Outputs exist (logger, progress); the first step comes next."""
+        """Outputs exist (logger, progress, watchdog); the first step comes next."""
 
     def pre_step(self, trainer) -> None:
         """Before the lr is set and the step runs."""
 
     def post_step(self, trainer, result: StepResult) -> None:
-        """After each step. ``trainer.stop(code)`` ends the run after this hook."""
+        """After each step, before the sync point if this step is one. Reads nothing."""
 
-    def record_sums(self, trainer) -> list[float]:
-        """Numbers to add up over ranks for the next train record (one all-reduce for every callback)."""
-        return []
+    def wants_sync(self, trainer) -> bool:
+        """Whether the step just taken must be a sync point for this callback."""
+        return False
 
-    def record_fields(self, trainer, sums: list[float]) -> dict:
-        """Fields of the train record from this callback's summed :meth:`record_sums`."""
-        return {}
+    def on_measure(self, trainer, step: int, tokens: int, b_noise: float | None) -> None:
+        """At a sync point, once per noise-scale measurement taken since the last one, in step order:
+        the smoothed ``b_noise`` after the measurement of ``step`` (ending at ``tokens``)."""
+
+    def on_sync(self, trainer, values: dict) -> None:
+        """At a sync point: ``values`` are the recorded names reduced over the steps and the ranks."""
 
     def eval_fields(self, trainer) -> dict:
         """More fields for the eval record being made (collective: every rank calls it)."""

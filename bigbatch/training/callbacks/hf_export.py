@@ -13,6 +13,8 @@ class HFExport(Callback):
     :func:`bigbatch.training.export.export_run` (``checkpoint.export_hf``). The other ranks wait at
     the run's final barrier."""
 
+    priority = 65
+
     def __init__(self, subdir: str = "hf"):
         self.subdir = subdir
 

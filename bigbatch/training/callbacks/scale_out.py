@@ -21,7 +21,7 @@ import os
 from bigbatch import atomic, exit_codes
 from bigbatch import distributed as bbdist
 from bigbatch.training.builders import make_plan
-from bigbatch.training.callbacks.base import Callback, StepResult
+from bigbatch.training.callbacks.base import Callback
 from bigbatch.training.config import ConfigError, RunConfig
 
 #: the largest node count the launcher allows (``bigbatch submit --max-nodes``); caps the config's
@@ -100,6 +100,7 @@ class ScaleOut(Callback):
     launcher resubmits on."""
 
     state_key = "scale_out"
+    priority = 90
 
     def __init__(self, cfg: RunConfig, exit_code: int = exit_codes.SCALE_OUT, environ=os.environ):
         self.cfg, self.exit_code = cfg, exit_code
@@ -125,7 +126,7 @@ class ScaleOut(Callback):
         limit = largest_fitting(self.cfg, batches, nodes, per_node, max(batches))
         if limit is None:  # nothing fits the limit here: keep the batch, with more accumulation
             return planned
-        trainer.batch_limit = limit
+        trainer.limit_batch(limit)
         return min(planned, limit)
 
     def on_restore(self, trainer) -> None:
@@ -139,21 +140,29 @@ class ScaleOut(Callback):
             return
         reason = "nodes_lost" if self.nodes < before else "scale_out" if self.saved_move else "nodes_added"
         plan = trainer.plan
-        trainer.logger.log({"kind": "nodes_change", "reason": reason, "step": trainer.step,
-                            "samples": trainer.loader.samples_seen, "tokens": trainer.tokens, "nodes_from": before,
-                            "nodes": self.nodes, "world_size": trainer.info.world_size,
-                            "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
-                            "grad_accum": plan.grad_accum, "batch_limit": trainer.batch_limit,
-                            "noise_scale": trainer.noise.b_noise})
+        trainer.log({"kind": "nodes_change", "reason": reason, "step": trainer.step,
+                     "samples": trainer.loader.samples_seen, "tokens": trainer.tokens, "nodes_from": before,
+                     "nodes": self.nodes, "world_size": trainer.info.world_size,
+                     "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
+                     "grad_accum": plan.grad_accum, "batch_limit": trainer.batch_limit,
+                     "noise_scale": trainer.noise.b_noise})
         rest = (f"; the batch stays at most {trainer.batch_limit} on these nodes" if trainer.batch_limit else "")
         trainer.say(f"--resume: nodes {before} -> {self.nodes} ({reason.replace('_', ' ')}) at step {trainer.step}: "
                     f"global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
                     f"{trainer.info.world_size}{rest}")
 
-    def post_step(self, trainer, result: StepResult) -> None:
-        plan = trainer.plan
-        if result.last or trainer.batch_limit is not None or plan.grad_accum <= self.cfg.scale_out.max_grad_accum:
+    def _outgrown(self, trainer) -> bool:
+        """The batch in force needs more accumulation here than the policy allows."""
+        return (trainer.batch_limit is None and not trainer.done()
+                and trainer.plan.grad_accum > self.cfg.scale_out.max_grad_accum)
+
+    def wants_sync(self, trainer) -> bool:
+        return self._outgrown(trainer) and trainer.step % self.cfg.batch.decide_every == 0
+
+    def on_sync(self, trainer, values: dict) -> None:
+        if not self._outgrown(trainer):
             return
+        plan = trainer.plan
         nodes, per_node = self._layout(trainer)
         target = target_nodes(self.cfg, plan.global_batch, nodes, per_node, self.max_nodes)
         if target is None:
@@ -167,13 +176,12 @@ class ScaleOut(Callback):
                             f"{'is not measured' if noise is None else f'{noise:.1f}'} < scale_out.noise_margin "
                             f"{margin:g} x {plan.global_batch}")
             return
-        trainer.watchdog.reached_save_point()
         self.moving_to = target
-        trainer.checkpointer.save(trainer)
-        trainer.logger.log({"kind": "scale_out", "step": trainer.step, "samples": trainer.loader.samples_seen,
-                            "tokens": trainer.tokens, "nodes_from": nodes, "nodes_to": target,
-                            "global_batch": plan.global_batch, "grad_accum": plan.grad_accum,
-                            "max_grad_accum": self.cfg.scale_out.max_grad_accum, "noise_scale": noise})
+        trainer.save_checkpoint("scale_out")
+        trainer.log({"kind": "scale_out", "step": trainer.step, "samples": trainer.loader.samples_seen,
+                     "tokens": trainer.tokens, "nodes_from": nodes, "nodes_to": target,
+                     "global_batch": plan.global_batch, "grad_accum": plan.grad_accum,
+                     "max_grad_accum": self.cfg.scale_out.max_grad_accum, "noise_scale": noise})
         if trainer.info.is_main and self.target_file:
             atomic.write_text(self.target_file, f"{target}\n")
         bbdist.barrier()  # the target file exists before any rank exits
@@ -182,7 +190,7 @@ class ScaleOut(Callback):
                     f"{self.cfg.scale_out.max_grad_accum}), B_noise "
                     f"{'not asked' if noise is None else f'{noise:.1f}'}; checkpoint saved, exiting with code "
                     f"{self.exit_code} to continue on {target} nodes")
-        trainer.stop(self.exit_code)
+        trainer.request_stop(self.exit_code)
 
     def state_dict(self) -> dict:
         return {"nodes": self.nodes, "moving_to": self.moving_to}

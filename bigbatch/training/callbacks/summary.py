@@ -12,6 +12,8 @@ class FinalSummary(Callback):
     """On the main rank at the end: ``final eval: ...``, ``loss.png`` (``plot``, titled ``title``
     and the batch) and the metrics path."""
 
+    priority = 100
+
     def __init__(self, plot: bool, title: str, batch_schedule: str | None = None):
         self.plot, self.title, self.batch_schedule = plot, title, batch_schedule
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bigbatch import atomic
 from bigbatch.data import shards
 from bigbatch.data.encode import encode_documents
 from bigbatch.data.prepare import source_manifest
-from bigbatch.training.config import ConfigError, DataConfig
-from bigbatch.training.corpus import Corpus
+from bigbatch.data.config import DataConfig
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus
 
 CACHE_VERSION = 2  # 2: the prepared-data shard format (bigbatch.data.shards)
 
@@ -77,6 +79,7 @@ def _tokenize_and_pack(corpus: Corpus, tokenizer, cfg: DataConfig, out_dir: str)
         man = source_manifest(corpus.fingerprint, "in-job", [corpus.description], 1.0, tokenizer, dtype, [record], None)
         with open(os.path.join(tmp, shards.MANIFEST), "w") as fh:
             json.dump(man, fh, indent=1, sort_keys=True)
+        atomic.honour_umask(tmp)
         os.replace(tmp, out_dir)  # the directory appears complete or not at all
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +180,10 @@ class GlobalBatchLoader:
 def eval_batches(blocks: np.ndarray, *, micro_batch: int, rank: int, world_size: int,
                  max_blocks: int) -> list[torch.Tensor]:
     """This rank's validation micro batches: the first ``max_blocks`` validation blocks, block
-    ``i`` on rank ``i % world``; the evaluated set does not depend on the world size."""
+    ``i`` on rank ``i % world``; the evaluated set does not depend on the world size. None for
+    blocks evaluated per source (a mixture of several prepared sources: bigbatch.data.mixture)."""
+    if getattr(blocks, "evaluated_per_source", False):
+        return []
     mine = np.arange(rank, min(max_blocks, len(blocks)), world_size)
     return [torch.from_numpy(blocks[mine[i:i + micro_batch]].astype(np.int64))
             for i in range(0, len(mine), micro_batch)]

@@ -8,10 +8,10 @@ import torch.distributed as dist
 
 from bigbatch.data.mixture import open_prepared
 from bigbatch.distributed import long_wait_group
-from bigbatch.training.config import ConfigError, RunConfig
-from bigbatch.training.corpus import Corpus, load_corpus
-from bigbatch.training.data import build_packed_data
-from bigbatch.training.tokenizer import build_tokenizer
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus, load_corpus
+from bigbatch.data.blocks import build_packed_data
+from bigbatch.data.tokenizer import build_tokenizer
 
 
 def on_local_rank0(info, work):
@@ -34,7 +34,7 @@ def on_local_rank0(info, work):
     return result
 
 
-def prepare_data(cfg: RunConfig, info):
+def load_run_data(cfg, info):
     """``(tokenizer, packed data, corpus)`` for a run."""
     if cfg.data.source == "prepared":
         # nothing is tokenized; a damaged shard stops every rank before any training

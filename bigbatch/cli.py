@@ -1,6 +1,6 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
-(:mod:`bigbatch.training.check_rules`; it runs in this process, which any launcher may start),
+(:mod:`bigbatch.check_rules`; it runs in this process, which any launcher may start),
 ``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness,
 ``status`` of a run directory.
 
@@ -8,11 +8,12 @@
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
     bigbatch submit --dry-run --nodes 2 --gpus-per-node 8 --template torchrun -- train.py
     bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4 --tokens 200000 --out runs/check
-    bigbatch launch --nproc-per-node 2 -m bigbatch.training.check_rules --from runs/tiny ...
+    bigbatch launch --nproc-per-node 2 -m bigbatch.check_rules --from runs/tiny ...
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
     bigbatch status runs/tiny                            # checkpoints, batch, last records, finished?
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
+    bigbatch plan --config configs/1.3b.yaml --nodes 4 --gpus-per-node 8 --gpu h100   # before you queue
 """
 
 from __future__ import annotations
@@ -223,7 +224,10 @@ def _cmd_submit(args) -> int:
     cfg = submit_config(args)
     cfg.validate()
     check_submission(cfg)
-    for note in _submit_notes(args, cfg):
+    from bigbatch.training.plan import submit_summary  # the training stack: see _cmd_check_rules
+
+    summary = submit_summary(cfg.command, cfg.workdir, cfg.nodes, cfg.workers_per_node, cfg.gpus_per_node > 0)
+    for note in _submit_notes(args, cfg) + ([summary] if summary else []):
         print(f"bigbatch submit: {note}", file=sys.stderr, flush=True)
     if args.dry_run:
         sys.stdout.write(render_sbatch(cfg))
@@ -245,20 +249,27 @@ def _cmd_env(args) -> int:
 # The training commands import torch, DeepSpeed and transformers (seconds): imported when one runs, so
 # that `bigbatch launch`, `submit` and `env` start at once.
 def _cmd_check_rules(args) -> int:
-    from bigbatch.training.check_rules import main as check_rules_main
+    from bigbatch.check_rules import main as check_rules_main
 
     return check_rules_main(args.args)
 
 
 def _cmd_prepare_data(args) -> int:
     from bigbatch.data.prepare import main as prepare_main
+    from bigbatch.training.config import load_config
 
-    return prepare_main(args.args)
+    return prepare_main(args.args, load_config=load_config)
 
 def _cmd_export(args) -> int:
     from bigbatch.training.export import main as export_main
 
     return export_main(args.args)
+
+
+def _cmd_plan(args) -> int:
+    from bigbatch.training.plan import main as plan_main
+
+    return plan_main(args.args)
 
 
 def _cmd_status(args) -> int:
@@ -278,6 +289,7 @@ _OWN_PARSERS = {
     "check-rules": (_cmd_check_rules, "branch a run at larger batches (and SVAG) and report where the scaling rules hold"),
     "export": (_cmd_export, "write a run's checkpoint as a Hugging Face model directory"),
     "eval": (_cmd_eval, "lm-evaluation-harness on a Hugging Face model directory"),
+    "plan": (_cmd_plan, "what a config needs and does on N nodes: memory per GPU, batch plan, schedule, cost"),
     "status": (_cmd_status, "a run directory on one screen: checkpoints, batch, last records, finished or running"),
     "prepare-data": (_cmd_prepare_data,
                      "tokenize the config's data sources once into token shards (restartable, SLURM arrays)"),

@@ -12,8 +12,10 @@ import os
 import shutil
 import tempfile
 
-from bigbatch.training.config import ConfigError, TokenizerConfig
-from bigbatch.training.corpus import Corpus
+from bigbatch import atomic
+from bigbatch.data.config import TokenizerConfig
+from bigbatch.errors import ConfigError
+from bigbatch.data.corpus import Corpus
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -57,6 +59,7 @@ def train_bpe(texts, vocab_size: int, out_dir: str):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tok-")
     tok.save_pretrained(tmp)
+    atomic.honour_umask(tmp)
     try:
         os.replace(tmp, out_dir)
     except OSError:  # another process won the race; theirs is identical
@@ -92,13 +95,12 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: str, *, tra
 
         def texts():
             seen = 0
-            for batch in corpus.dataset.iter(batch_size=256):
-                for t in batch["text"]:
-                    if seen >= cfg.train_chars:
-                        return
-                    t = (t or "")[: cfg.train_chars - seen]
-                    seen += len(t)
-                    yield t
+            for t in corpus.texts():
+                if seen >= cfg.train_chars:
+                    return
+                t = t[: cfg.train_chars - seen]
+                seen += len(t)
+                yield t
 
         train_bpe(texts(), cfg.vocab_size, out_dir)
     return _finish(AutoTokenizer.from_pretrained(out_dir))

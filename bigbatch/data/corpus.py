@@ -16,19 +16,57 @@ import importlib
 import os
 import random
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from bigbatch.training.config import ConfigError, DataConfig
+from bigbatch.data.config import DataConfig
+from bigbatch.errors import ConfigError
+
+
+class Documents:
+    """Documents in memory, read as a one-column ``datasets.Dataset`` is: ``docs["text"]`` (every
+    document), ``docs[i]`` (``{"text": ...}``), ``docs.iter(batch_size)`` (``{"text": [...]}`` batches).
+    The embedded corpus needs nothing more, so a run on it does not import ``datasets``."""
+
+    column_names = ["text"]
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key):
+        if key == "text":
+            return self.texts
+        if isinstance(key, int):
+            return {"text": self.texts[key]}
+        raise KeyError(key)
+
+    def iter(self, batch_size: int):
+        for i in range(0, len(self.texts), batch_size):
+            yield {"text": self.texts[i:i + batch_size]}
 
 
 @dataclass
 class Corpus:
-    """``dataset``: a ``datasets.Dataset`` with a string column ``text`` (one document per row).
-    ``fingerprint``: changes whenever the text may have changed (keys the caches)."""
+    """``dataset``: a ``datasets.Dataset`` with a string column ``text`` (one document per row), or the
+    embedded corpus's :class:`Documents`. ``fingerprint``: changes whenever the text may have changed
+    (keys the caches)."""
 
     dataset: object
     fingerprint: str
     description: str
+    documents: Callable[[], Iterable[str]] | None = None  # the texts, read lazily instead of from ``dataset``
+
+    def texts(self) -> Iterator[str]:
+        """Every document in order (``None`` rows as empty strings)."""
+        if self.documents is not None:
+            yield from self.documents()
+            return
+        for batch in self.dataset.iter(batch_size=256):
+            for t in batch["text"]:
+                yield t or ""
 
 
 def _offline_env() -> None:
@@ -110,7 +148,7 @@ def _hash_docs(docs: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_files(files: list[str]) -> str:
+def hash_files(files: list[str]) -> str:
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
@@ -119,15 +157,14 @@ def _hash_files(files: list[str]) -> str:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Load the configured text source as a ``datasets.Dataset`` (column ``text``)."""
-    import datasets
-
+    """Load the configured text source as a ``datasets.Dataset`` (column ``text``); the embedded one
+    as :class:`Documents`."""
     if cfg.source == "embedded":
         _offline_env()
         docs = embedded_documents(cfg.embedded, cfg.max_chars)
-        ds = datasets.Dataset.from_dict({"text": docs})
-        return Corpus(ds, f"embedded-{cfg.embedded}-{_hash_docs(docs)}",
+        return Corpus(Documents(docs), f"embedded-{cfg.embedded}-{_hash_docs(docs)}",
                       f"embedded '{cfg.embedded}' ({sum(map(len, docs)) / 1e6:.1f}M chars, {len(docs)} docs)")
+    import datasets
 
     if cfg.source in ("text", "json", "parquet"):
         _offline_env()
@@ -147,7 +184,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                     raise ConfigError(f"data.files: {pattern!r} does not exist")
                 files += matched
         ds = datasets.load_dataset(cfg.source, data_files=files, split="train")
-        fingerprint = f"{cfg.source}-{_hash_files(files)}"
+        fingerprint = f"{cfg.source}-{hash_files(files)}"
         desc = f"{cfg.source} files ({len(files)})"
     else:  # hub
         try:

@@ -3,7 +3,7 @@ up to which batch the scaling rules hold (branched runs) and whether the SDE beh
 
     bigbatch check-rules --config configs/tiny.yaml --kappas 1,2,4,8 --tokens 200000 --out DIR
     bigbatch check-rules --from runs/tiny --kappas 1,2,4 --tokens 200000 --svag 2,4 --out DIR
-    torchrun --nproc_per_node 2 -m bigbatch.training.check_rules --from runs/tiny ...   # any launcher
+    torchrun --nproc_per_node 2 -m bigbatch.check_rules --from runs/tiny ...   # any launcher
     bigbatch check-rules --from runs/125m ... --submit '--nodes 2 --gpus-per-node 8 --time 02:00:00'
 
 From one starting point (the newest good checkpoint of ``--from RUN_DIR``, or the initialisation
@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 from bigbatch import distributed as bbdist
 from bigbatch.atomic import write_text
-from bigbatch.cli_parser import ArgumentParser
+from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.launcher.submit import SubmitError, parse_submit, render_sbatch, submit, submit_config
 from bigbatch.scaling.noise_scale import GradientNoiseScale
 from bigbatch.scaling.svag import check_l, micro_weights
@@ -59,10 +59,10 @@ from bigbatch.sharding import tags
 from bigbatch.training.builders import make_plan, setup
 from bigbatch.training.callbacks import Callback, Evaluation, default_callbacks
 from bigbatch.training.config import ConfigError, RunConfig, apply_overrides, load_config, parse_overrides
-from bigbatch.training.run_data import prepare_data
+from bigbatch.data.run_data import load_run_data
 from bigbatch.training.loop import Trainer
 from bigbatch.training.metrics import pyplot, save_png
-from bigbatch.training.run_dir import command_main, out_problem, prepare, saved_config
+from bigbatch.training.run_dir import out_problem, prepare, saved_config
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "eval_loss.png"
 
@@ -293,12 +293,12 @@ class BranchRun(Callback):
     def on_restore(self, trainer) -> None:
         l = self.branch.l
         self.origin, self.origin_step = trainer.tokens, trainer.step
-        trainer.stop_tokens, trainer.max_steps = self.origin + int(l * self.tokens), None
-        trainer.lr_clock = lambda tokens: self.origin + (tokens - self.origin) / l
+        trainer.set_budget(self.origin + int(l * self.tokens), None)
+        trainer.set_lr_clock(lambda tokens: self.origin + (tokens - self.origin) / l)
         if l != 1:
             trainer.rescale(1 / l)
-            trainer.loss_weights = micro_weights(l, rank=trainer.info.rank, world_size=trainer.info.world_size,
-                                                 grad_accum=trainer.plan.grad_accum)
+            trainer.set_loss_weights(micro_weights(l, rank=trainer.info.rank, world_size=trainer.info.world_size,
+                                                   grad_accum=trainer.plan.grad_accum))
 
     def post_eval(self, trainer, record: dict) -> None:
         self.evals.append([(trainer.tokens - self.origin) / self.branch.l, record["eval_loss"]])
@@ -445,7 +445,7 @@ def check_rules(args, overrides) -> dict | None:
         return write_report(args, cfg, start, collect(args.out, branches), tokens, eval_every, world_size=None)
 
     info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
-    tok, data, corpus = prepare_data(cfg, info)
+    tok, data, corpus = load_run_data(cfg, info)
     start = find_start(cfg, args.source, info.world_size)
     branches, tokens, eval_every = plan_branches(args, cfg, start, data.seq_len)
     check_reachable(cfg, branches, start, info.world_size)
@@ -520,7 +520,7 @@ def submit_branches(args, cfg: RunConfig) -> None:
     every branch job has ended (``afterany``: a failed branch is named in the report job's error)."""
 
     options = shlex.split(args.submit)
-    base = ["-m", "bigbatch.training.check_rules", *_without(_without(args.argv, "--submit"), "--branches")]
+    base = ["-m", "bigbatch.check_rules", *_without(_without(args.argv, "--submit"), "--branches")]
     probe = parse_submit(options, base)
     world = probe.nodes * (probe.ntasks_per_node or probe.gpus_per_node or 1)
     start = find_start(cfg, args.source, world)
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
         check_rules(*parse_args(argv))
         return 0
 
-    return command_main(body)
+    return command_main(body, teardown=bbdist.destroy)
 
 
 if __name__ == "__main__":
