@@ -4,6 +4,9 @@
     torchrun --standalone --nproc_per_node 2 train.py --config configs/tiny.yaml --out runs/tiny
     python train.py --resume runs/tiny [--section.key VALUE ...]   # latest good checkpoint, any world size
 
+A resume runs on the run's saved config (config.resolved.yaml) with the overrides on top; --config
+with --resume only starts a directory that holds no run yet (a requeue-safe command line).
+
 Flow: YAML + overrides -> RunConfig -> tokenizer, packed data -> batch plan (global batch and
 hyperparameters scaled from the reference batch), model, engine (DeepSpeed or FSDP2) -> training
 loop with its callbacks (bigbatch.training). Outputs in --out: metrics.jsonl, config.resolved.yaml, checkpoints/,
@@ -32,7 +35,7 @@ from bigbatch.training.callbacks.scale_out import check_scale_out
 from bigbatch.training.loop import Trainer
 from bigbatch.training.plan import announce, check_peak
 from bigbatch.training.run_dir import (has_checkpoint, parse_args, prepare, resolve_run,
-                                      save_model_files)
+                                      resume_config_note, save_model_files)
 
 
 def main(argv=None) -> int:
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
         cfg, out, resuming = resolve_run(args.config, args.out, args.resume, args.overwrite, overrides)
         info = bbdist.init_training_process(cfg.train.threads, timeout_s=cfg.train.collective_timeout_s)
         check_batch(cfg, info.world_size)  # before any work
-        for note in cfg.notes() if info.is_main else []:
+        notes = [n for n in (resume_config_note(args.config, args.resume), *cfg.notes()) if n]
+        for note in notes if info.is_main else []:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         start = check_scale_out(cfg, info.world_size, info.local_world_size, fresh=not resuming)
         prepare(cfg, out, info, overwrite=args.overwrite, resuming=resuming)

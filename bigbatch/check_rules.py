@@ -172,6 +172,8 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
         try:
             tags.verify_tag_together(ckpt, tag)
             break
+        except tags.UnsafeCheckpoint as exc:  # planted to run code: refused, not passed over
+            raise ConfigError(f"--from: {exc}") from None
         except tags.CheckpointError as exc:
             refused.append((tag, str(exc)))
     else:
@@ -180,7 +182,10 @@ def find_start(cfg: RunConfig, source: str | None, world_size: int) -> Start:
     if refused:
         print(f"check-rules: starting from {tag}; passed over: " + "; ".join(f"{t}: {w}" for t, w in refused),
               flush=True)
-    meta = tags.read_meta(ckpt, tag)
+    try:
+        meta = tags.read_meta(ckpt, tag)
+    except tags.CheckpointError as exc:
+        raise ConfigError(f"--from: {exc}") from None
     client = meta.get("client_state") or {}
     noise = None
     if client.get("noise_scale"):
@@ -234,21 +239,43 @@ def plan_branches(args, cfg: RunConfig, start: Start, seq_len: int) -> tuple[lis
     return branches, every * evals, every
 
 
+def svag_micro_sizes(cfg: RunConfig, world_size: int, batch: int) -> list[int] | None:
+    """``batch.micro_batch_sizes`` for a SVAG branch at global ``batch`` on ``world_size`` processes, whose
+    steps must have an even number of micro batches (two equal halves): the config's when its plan
+    has one, else the largest micro batch (of the config's sizes, then halvings of the plan's) that
+    gives one; None when none does."""
+    plan = make_plan(cfg, world_size, batch)
+    if world_size * plan.grad_accum % 2 == 0:
+        return list(cfg.batch.micro_batch_sizes)
+    halvings = [plan.micro_batch >> k for k in range(1, plan.micro_batch.bit_length())]
+    for m in sorted({*cfg.batch.micro_batch_sizes, *halvings}, reverse=True):
+        if m >= plan.micro_batch:
+            continue
+        c = copy.deepcopy(cfg)
+        c.batch.micro_batch_sizes = [m]
+        try:
+            if world_size * make_plan(c, world_size, batch).grad_accum % 2 == 0:
+                return [m]
+        except ConfigError:
+            continue
+    return None
+
+
 def check_reachable(cfg: RunConfig, branches: list[Branch], start: Start, world_size: int) -> None:
     """Every branch's batch must be reachable on ``world_size`` (and split into two equal halves for
-    SVAG): ConfigError naming --kappas or --svag."""
+    SVAG, :func:`svag_micro_sizes`): ConfigError naming --kappas or --svag."""
     for b in branches:
         batch = int(b.kappa * start.global_batch)
         try:
             plan = make_plan(cfg, world_size, batch)
-            if b.l != 1:
-                micro_weights(b.l, rank=0, world_size=world_size, grad_accum=plan.grad_accum)
         except ConfigError as exc:
             raise ConfigError(f"--kappas: kappa {b.kappa:g} (global batch {batch} on {world_size} process(es)) cannot "
                               f"be run: {exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"--svag: l={b.l:g} at global batch {batch}: {exc}; run on an even number of "
-                              f"processes or give --batch.micro_batch_sizes {max(1, plan.micro_batch // 2)}") from None
+        if b.l != 1 and svag_micro_sizes(cfg, world_size, batch) is None:
+            raise ConfigError(f"--svag: l={b.l:g} at global batch {batch} on {world_size} process(es): no micro batch "
+                              f"(batch.micro_batch_sizes {list(cfg.batch.micro_batch_sizes)} or a halving of "
+                              f"{plan.micro_batch}) gives a step an even number of micro batches (two equal halves); "
+                              "run on an even number of processes or at an even global batch")
 
 
 class BranchRun(Callback):
@@ -285,14 +312,18 @@ def branch_callbacks(cfg: RunConfig, branch: Branch, tokens: int, eval_every: in
     return run, [*default_callbacks(cfg, evaluation=evaluation), run]
 
 
-def branch_config(cfg: RunConfig, branch: Branch, start: Start) -> RunConfig:
+def branch_config(cfg: RunConfig, branch: Branch, start: Start, world_size: int = 1) -> RunConfig:
     """The branch's run config: no checkpoints or plot; no noise scale under SVAG (its micro-batch
-    gradients are weighted); without the rule, the branch's batch is its own reference."""
+    gradients are weighted) and micro batches that split a step into two equal halves on
+    ``world_size`` processes; without the rule, the branch's batch is its own reference."""
     c = copy.deepcopy(cfg)
     pairs = [("checkpoint.every_steps", "0"), ("checkpoint.at_end", "false"), ("logging.plot", "false"),
              ("logging.tensorboard", "false"), ("train.eval_every", "0")]
     if branch.l != 1:
         pairs.append(("train.noise_scale_every", "0"))
+        sizes = svag_micro_sizes(cfg, world_size, int(branch.kappa * start.global_batch))
+        if sizes is not None and sizes != list(cfg.batch.micro_batch_sizes):
+            pairs.append(("batch.micro_batch_sizes", str(sizes)))
     if not branch.rules and start.checkpoint is None:
         pairs.append(("batch.reference_global_batch", str(int(branch.kappa * start.global_batch))))
     return apply_overrides(c, pairs)
@@ -300,7 +331,7 @@ def branch_config(cfg: RunConfig, branch: Branch, start: Start) -> RunConfig:
 
 def run_branch(cfg, out, info, tok, data, corpus, branch: Branch, start: Start, tokens: int,
                eval_every: int) -> BranchResult:
-    bcfg = branch_config(cfg, branch, start)
+    bcfg = branch_config(cfg, branch, start, info.world_size)
     bdir = os.path.join(out, "branches", branch.name)
     prepare(bcfg, bdir, info, overwrite=True, resuming=False)
     batch = int(branch.kappa * start.global_batch)
@@ -341,13 +372,16 @@ def judge(results: list[BranchResult], tolerance: float) -> dict:
             r.gap, r.max_gap = gaps(r, ref)
             # Only a loss that is worse breaks the rule; a branch that ends better still kept up.
             r.verdict = "holds" if r.gap <= tol else "breaks"
-    critical = ref.global_batch
+    critical, every_kappa_held = ref.global_batch, True
     for r in sorted((r for r in results if r.rules and r.l == 1 and r.kappa > 1), key=lambda r: r.kappa):
         if r.verdict != "holds":
+            every_kappa_held = False
             break
         critical = r.global_batch
     svag = [r for r in results if r.l != 1]
+    # when the largest kappa held too, the critical batch lies at or beyond it: a lower bound
     return {"tolerance": tol, "tolerance_floor": tolerance, "seed_gap": seed_gap, "critical_batch": critical,
+            "critical_batch_is_lower_bound": every_kappa_held,
             "sde_holds": all(r.verdict == "holds" for r in svag) if svag else None}
 
 
@@ -380,8 +414,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['name']} | {r['global_batch']} | {rule} | {r['steps']} | {r['final_loss']:.4f} | "
                      f"{r['gap']:+.2%} | {r['max_gap']:.2%} | {r['verdict'] or '-'} |")
     b_end = next(r["noise_scale"] for r in report["branches"] if r["name"] == "k1")
-    lines += ["", f"**Measured critical batch: {s['critical_batch']}** (the largest kappa x B0 up to which every "
-              f"kappa holds). Gradient noise scale B_noise at the start: {noise}; at the end of k1: "
+    bound = s.get("critical_batch_is_lower_bound")
+    lines += ["", f"**Measured critical batch: {'at least ' if bound else ''}{s['critical_batch']}** (the largest kappa "
+              f"x B0 up to which every kappa holds{'; every kappa held, so it may lie beyond' if bound else ''}). "
+              f"Gradient noise scale B_noise at the start: {noise}; at the end of k1: "
               + (f"{b_end:.1f}." if b_end is not None else "not measured.")]
     if s["sde_holds"] is not None:
         lines.append(f"SDE approximation (SVAG): {'holds' if s['sde_holds'] else 'breaks'} (k1 against every l >= 2; "

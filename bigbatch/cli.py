@@ -1,7 +1,8 @@
 """``bigbatch`` command line: ``launch`` workers here or in an allocation, ``submit`` to SLURM,
 ``env`` to print the detected topology, ``check-rules`` to measure where the scaling rules hold
 (:mod:`bigbatch.check_rules`; it runs in this process, which any launcher may start),
-``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness.
+``export`` a run's checkpoint as a Hugging Face model and ``eval`` one with lm-evaluation-harness,
+``status`` of a run directory.
 
     bigbatch launch --nproc-per-node 2 train.py --config configs/tiny.yaml
     bigbatch submit --nodes 2 --gpus-per-node 4 --time 04:00:00 -- train.py --config c.yaml
@@ -10,6 +11,7 @@
     bigbatch launch --nproc-per-node 2 -m bigbatch.check_rules --from runs/tiny ...
     bigbatch export runs/tiny --out models/tiny          # the run's checkpoint as a Hugging Face model
     bigbatch eval models/tiny --tasks hellaswag --limit 100   # lm-evaluation-harness on it
+    bigbatch status runs/tiny                            # checkpoints, batch, last records, finished?
     bigbatch prepare-data --config data.yaml --out /data/prep --workers 8   # token shards (bigbatch.data)
     bigbatch plan --config configs/1.3b.yaml --nodes 4 --gpus-per-node 8 --gpu h100   # before you queue
 """
@@ -27,8 +29,9 @@ import time
 
 from bigbatch.cli_parser import ArgumentParser
 from bigbatch.launcher.env import LauncherEnvError, Topology, detect_topology, free_port
-from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, SubmitConfig, SubmitError, add_submit_arguments,
-                                      render_sbatch, strip_separator, submit, submit_config, train_out_dir)
+from bigbatch.launcher.submit import (DEFAULT_EXIT_GRACE_S, MAX_NODES_ENV, SubmitConfig, SubmitError,
+                                      add_submit_arguments, render_sbatch, strip_separator, submit, submit_config,
+                                      train_out_dir)
 
 __all__ = ["main", "launch_local", "worker_command"]
 
@@ -174,15 +177,22 @@ def check_submission(cfg: SubmitConfig) -> None:
         problem = dir_problem(out_dir)
         if problem:
             raise SubmitError(f"--output: directory {out_dir!r} {problem}")
-    problem = train_command_problem(cfg.command, cfg.workdir)
+    environ = {**os.environ, **cfg.env}  # sbatch exports this environment to the job
+    if cfg.scales_out:
+        environ[MAX_NODES_ENV] = str(cfg.max_nodes)
+    problem = train_command_problem(cfg.command, cfg.workdir, nodes=cfg.nodes, per_node=cfg.workers_per_node,
+                                    environ=environ)
     if problem:
         raise SubmitError(problem)
 
 
-def train_command_problem(command: list[str], workdir: str) -> str | None:
+def train_command_problem(command: list[str], workdir: str, *, nodes: int | None = None, per_node: int = 1,
+                          environ: dict | None = None) -> str | None:
     """Why train.py would refuse ``command`` (its arguments after ``train.py``) at start, resolved in
     ``workdir`` as it will be (bad config or value, --out holding a run or a file, ...), or None; for
-    launchers to say it once, before starting anything."""
+    launchers to say it once, before starting anything. With ``nodes``: also train.py's checks of the
+    batch, its schedule and the scale-out policy on ``nodes`` x ``per_node`` processes (with the
+    job's ``environ``)."""
     from bigbatch.training.config import ConfigError  # the training stack: see _cmd_check_rules
     from bigbatch.training.run_dir import parse_args, resolve_run
 
@@ -190,12 +200,21 @@ def train_command_problem(command: list[str], workdir: str) -> str | None:
     if not starts:
         return None
     here = os.getcwd()
+    where = ""
     try:
         os.chdir(workdir)
         targs, overrides = parse_args(command[starts[0] + 1:])
-        resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+        cfg, _, resuming = resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+        if nodes is not None:
+            from bigbatch.training.builders import check_batch
+            from bigbatch.training.callbacks.scale_out import check_scale_out
+
+            where = f" on {nodes} node(s) x {per_node} process(es)"
+            check_batch(cfg, nodes * per_node)
+            check_scale_out(cfg, nodes * per_node, per_node, fresh=not resuming,
+                            environ=os.environ if environ is None else environ)
     except ConfigError as exc:
-        return f"train.py would refuse this command at start: {exc}"
+        return f"train.py would refuse this command at start{where}: {exc}"
     finally:
         os.chdir(here)
     return None
@@ -253,6 +272,12 @@ def _cmd_plan(args) -> int:
     return plan_main(args.args)
 
 
+def _cmd_status(args) -> int:
+    from bigbatch.training.status import main as status_main
+
+    return status_main(args.args)
+
+
 def _cmd_eval(args) -> int:
     from bigbatch.training.evaluate import main as eval_main
 
@@ -265,6 +290,7 @@ _OWN_PARSERS = {
     "export": (_cmd_export, "write a run's checkpoint as a Hugging Face model directory"),
     "eval": (_cmd_eval, "lm-evaluation-harness on a Hugging Face model directory"),
     "plan": (_cmd_plan, "what a config needs and does on N nodes: memory per GPU, batch plan, schedule, cost"),
+    "status": (_cmd_status, "a run directory on one screen: checkpoints, batch, last records, finished or running"),
     "prepare-data": (_cmd_prepare_data,
                      "tokenize the config's data sources once into token shards (restartable, SLURM arrays)"),
 }

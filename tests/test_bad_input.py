@@ -136,6 +136,23 @@ def _old_run(tmp: Path, last_step: int) -> Path:
     return run
 
 
+def test_resume_runs_on_the_saved_config_and_says_so(tmp_path):
+    """``--config C --resume DIR`` (the requeue-safe command): C starts a directory that holds no run;
+    once DIR holds one, its saved config is used (overrides on top), never C, and the note says so."""
+    from bigbatch.training.run_dir import resume_config_note
+
+    run = tmp_path / "run"
+    other = tmp_path / "other.yaml"
+    dump_yaml({**load_config(CFG).to_dict(), "model": {"hidden_size": 64}}, other)
+    cfg, _, resuming = resolve_run(str(other), None, str(run), False, [])
+    assert resuming and cfg.model.hidden_size == 64 and resume_config_note(str(other), str(run)) is None
+    run = _old_run(tmp_path, 0)  # saved: the tiny config, hidden size 128
+    cfg, _, _ = resolve_run(str(other), None, str(run), False, [("train.seed", "7")])
+    assert cfg.model.hidden_size == 128 and cfg.train.seed == 7
+    note = resume_config_note(str(other), str(run))
+    assert note.startswith(f"--resume: {run} continues on its saved config (config.resolved.yaml); --config {other}")
+
+
 def test_resume_without_checkpoints_keeps_history(tmp_path):
     """checkpoints/ emptied after steps were logged: --resume refuses (naming both), unless
     checkpoint.if_unusable restart, which then keeps the old metrics aside; a requeue before the
@@ -216,3 +233,64 @@ def test_submit_turns_out_into_resume_on_requeue(tmp_path, capfd):
     path = tmp_path / "t.sbatch"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+class Planted:
+    """A pickle that creates a directory when it is loaded: a stand-in for any code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_sharded_checkpoint_files_never_run_code(tmp_path):
+    """FSDP2's DCP files: ``.metadata`` is a plain pickle and non-tensor entries are pickled; both are
+    refused, naming the file, when they would call anything (DCP's own reader would run them)."""
+    import pickle
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from bigbatch.sharding import tags
+    from bigbatch.sharding.full_state import read_dcp
+
+    good = {"model": {"w": torch.ones(2)}, "optim": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
+    dcp.save(good, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    assert read_dcp(str(tmp_path / "ok"))["optim"] == good["optim"]
+    dcp.save({"model": {"w": torch.ones(2)}, "optim": {"x": Planted(str(tmp_path / "m1"))}},
+             checkpoint_id=str(tmp_path / "entry"), no_dist=True)
+    with pytest.raises(tags.CheckpointError, match=r"/entry \(entry optim.x\): refused, loading it would run code") as exc:
+        read_dcp(str(tmp_path / "entry"))
+    assert exc.type.__name__ == "UnsafeCheckpoint"  # never passed over for an older tag
+    shutil.copytree(tmp_path / "ok", tmp_path / "meta")
+    metadata = tmp_path / "meta" / ".metadata"
+    md = pickle.loads(metadata.read_bytes())
+    md.planted = Planted(str(tmp_path / "m2"))
+    metadata.write_bytes(pickle.dumps(md))
+    with pytest.raises(tags.CheckpointError, match=rf"{metadata}: refused, loading it would run code .*mkdir"):
+        read_dcp(str(tmp_path / "meta"))
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_third_party_noise_is_filtered_unless_debug():
+    """DeepSpeed's accelerator guess and torch's deprecation warnings for DeepSpeed's collectives say
+    nothing to a user: not printed once bigbatch.training is imported; BIGBATCH_LOG_LEVEL=debug keeps them."""
+    import sys
+
+    code = ("import warnings, bigbatch.training.builders\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "get_accelerator()\n"
+            "warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated', FutureWarning)\n"
+            "print('done')\n")
+    env = {k: v for k, v in os.environ.items() if k != "BIGBATCH_LOG_LEVEL"}
+    for level, shown in [(None, False), ("debug", True)]:
+        e = {**env, "BIGBATCH_LOG_LEVEL": level} if level else env
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                              timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "done" in out, out
+        assert ("Setting accelerator to CPU" in out) == shown, (level, out)
+        assert ("all_gather_into_tensor` is deprecated" in out) == shown, (level, out)

@@ -74,6 +74,46 @@ def test_svag_hyperparameters_are_the_rule_at_one_over_l():
     assert radam["lr"] == 1e-3 and radam["betas"] == (0.9, 0.999)  # l = 1: the plain optimizer
 
 
+def test_svag_chooses_micro_batches_that_split_a_step_into_halves():
+    """The shipped config on one process: a step of one micro batch of 16 cannot split, two of 8 can."""
+    from bigbatch.check_rules import svag_micro_sizes
+    from bigbatch.training.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"))
+    assert list(cfg.batch.micro_batch_sizes) == [16, 8, 4]
+    assert svag_micro_sizes(cfg, 1, 16) == [8]
+    assert svag_micro_sizes(cfg, 2, 16) == [16, 8, 4]  # 2 processes: already two halves
+    assert svag_micro_sizes(load_config(str(REPO / "configs" / "tiny.yaml"), ["--batch.micro_batch_sizes", "[7]",
+                                                                           "--batch.reference_global_batch", "7"]),
+                            1, 7) is None
+
+
+def _result(name: str, kappa: float, loss: float, l: float = 1.0, batch: int = 8):
+    from bigbatch.check_rules import BranchResult
+
+    return BranchResult(name, kappa, l, True, int(batch * kappa), 0, evals=[[0, 5.0], [100, loss]], final_loss=loss)
+
+
+def test_critical_batch_is_a_lower_bound_when_every_kappa_held():
+    from bigbatch.check_rules import judge, markdown
+
+    def report(results):
+        summary = judge(results, 0.01)
+        branches = [{**r.__dict__, "noise_scale": None} for r in results]
+        start = {"tag": None, "tokens": 0, "global_batch": 8, "noise_scale": None}
+        return summary, markdown({"summary": summary, "start": start, "branches": branches, "optimizer": "adamw",
+                                  "tokens": 100, "eval_every": 50, "eval_blocks": 4})
+
+    held = [_result("k1", 1, 4.0), _result("k1_seed2", 1, 4.0), _result("k2", 2, 4.01), _result("k4", 4, 4.02)]
+    summary, md = report(held)
+    assert summary["critical_batch"] == 32 and summary["critical_batch_is_lower_bound"]
+    assert "**Measured critical batch: at least 32**" in md and "B_noise at the start: not measured;" in md
+    broke = [_result("k1", 1, 4.0), _result("k1_seed2", 1, 4.0), _result("k2", 2, 4.01), _result("k4", 4, 4.5)]
+    summary, md = report(broke)
+    assert summary["critical_batch"] == 16 and not summary["critical_batch_is_lower_bound"]
+    assert "**Measured critical batch: 16**" in md
+
+
 # ------------------------------------------------------------------ check-rules, end to end
 
 
@@ -119,6 +159,8 @@ def test_check_rules_from_a_checkpoint_on_two_processes(tmp_path, cache):
     # the SVAG branch ran at the rule for kappa 1/2 (first train record of its metrics)
     first = json.loads((out / "branches" / "svag2" / "metrics.jsonl").read_text().splitlines()[1])
     assert first["beta2"] == pytest.approx(1 - (1 - 0.99) / 2)
+    banners = [ln for ln in proc.stdout.splitlines() if ln.startswith("bigbatch: ") and "params |" in ln]
+    assert len(banners) == 5 and sum("betas (0.95, 0.995)" in ln for ln in banners) == 1, banners  # svag2's
     # AdaBound's clipped shares are logged, summed over the ZeRO partitions of both ranks
     assert 0 <= first["clipped_lower"] <= 1 and 0 <= first["clipped_upper"] <= 1
     assert first["clipped_lower"] + first["clipped_upper"] > 0
@@ -170,9 +212,9 @@ def test_check_rules_bad_inputs(tmp_path, cache, capsys, monkeypatch):
         assert "--tokens: 1000 is shorter than one step at the largest batch (32 sequences x 64 tokens" in \
             capsys.readouterr().err
 
-        assert main([*base, "--svag", "2", "--tokens", "40960", "--batch.micro_batch_sizes", "8",
-                     "--out", str(tmp_path / "e")]) == 2  # 1 process x 1 micro batch: no halves
-        assert "--svag: l=2 at global batch 8" in capsys.readouterr().err
+        assert main([*base, "--svag", "2", "--tokens", "40960", "--batch.micro_batch_sizes", "7",
+                     "--batch.reference_global_batch", "7", "--out", str(tmp_path / "e")]) == 2  # 7 is odd: no halves
+        assert "--svag: l=2 at global batch 7 on 1 process(es): no micro batch" in capsys.readouterr().err
 
         assert main([*base, "--svag", "0.5", "--tokens", "40960", "--out", str(tmp_path / "f")]) == 2
         assert "--svag: svag l" in capsys.readouterr().err

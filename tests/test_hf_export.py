@@ -52,9 +52,10 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
                                      "--checkpoint.export_hf", "true", "--logging.wandb", "true",
                                      "--logging.wandb_project", "bb-test"], wandb_dir=root)
     fsdp = _popen([PY, *common, "--out", str(root / "fsdp"), "--train.engine", "fsdp2"])
-    check_ok(_wait(z3))
-    check_ok(_wait(fsdp))
-    return {"root": root, "z3": root / "z3", "fsdp": root / "fsdp"}
+    z3, fsdp = _wait(z3), _wait(fsdp)
+    check_ok(z3)
+    check_ok(fsdp)
+    return {"root": root, "z3": root / "z3", "fsdp": root / "fsdp", "stdout": {"z3": z3.stdout, "fsdp": fsdp.stdout}}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,15 @@ def test_zero3_and_fsdp2_exports_agree_and_load_without_bigbatch(runs, exports):
 
 
 @pytest.mark.slow
+def test_the_banner_counts_zero3_partitioned_parameters(runs):
+    """ZeRO-3 partitions every parameter (its local tensor is empty): the banner counts them whole."""
+    def params(name: str) -> str:
+        return next(ln for ln in runs["stdout"][name].splitlines() if ln.startswith("bigbatch: ")).split(" | ")[0]
+
+    assert params("z3") == params("fsdp") and params("z3") != "bigbatch: 0.00M params", params("z3")
+
+
+@pytest.mark.slow
 def test_run_dir_carries_tokenizer_and_exports_anywhere(runs, tmp_path):
     from bigbatch.training.export import export_run
 
@@ -139,7 +149,8 @@ def test_run_dir_carries_tokenizer_and_exports_anywhere(runs, tmp_path):
 @pytest.fixture(scope="module")
 def continued(runs, cache) -> dict:
     """A 1-process FSDP2 run initialised from a copy of the ZeRO-3 export (eval at step 0), then the
-    copy's weights removed and the run resumed: a resume must not read them."""
+    copy moved away and the run resumed: the run directory is self-contained (its checkpoint, model
+    config and tokenizer), a resume never reads init_from."""
     init = runs["root"] / "init"
     shutil.copytree(runs["z3"] / "hf", init)
     out = runs["root"] / "cont"
@@ -148,10 +159,11 @@ def continued(runs, cache) -> dict:
     first = run([PY, *args, "--out", str(out), "--train.max_steps", "4"])
     check_ok(first)
     evals_first = records(out, "eval")
-    (init / "model.safetensors").unlink()
+    resolved_first = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    init.rename(runs["root"] / "init-moved")
     resumed = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "6"])
     check_ok(resumed)
-    return {"out": out, "evals_first": evals_first, "init": init}
+    return {"out": out, "evals_first": evals_first, "init": init, "resolved_first": resolved_first}
 
 
 @pytest.mark.slow
@@ -162,12 +174,14 @@ def test_init_from_an_export_continues_where_the_source_ended(runs, continued):
     assert evals[0]["eval_loss"] == pytest.approx(source_last, rel=1e-5)
     assert evals[-1]["step"] == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     # the run took the export's architecture and tokenizer
-    import yaml
-
+    first = continued["resolved_first"]
+    assert first["model"]["init_from"] == str(continued["init"])
+    assert first["tokenizer"] == {**first["tokenizer"], "kind": "pretrained", "path": str(continued["init"])}
+    # the resume (init_from moved away) took the run's own model config and tokenizer
     resolved = yaml.safe_load((continued["out"] / "config.resolved.yaml").read_text())
-    assert resolved["model"]["init_from"] == str(continued["init"])
-    assert resolved["tokenizer"] == {**resolved["tokenizer"], "kind": "pretrained", "path": str(continued["init"])}
-    # the resume loaded its checkpoint (the init weights are gone) and went on to step 6
+    assert resolved["model"] == first["model"]  # init_from is still recorded
+    assert resolved["tokenizer"]["path"] == str(continued["out"] / "tokenizer")
+    # the resume loaded its checkpoint and went on to step 6
     steps = [r["step"] for r in records(continued["out"])]
     assert steps == list(range(1, 7))
 
@@ -301,7 +315,8 @@ def test_export_refuses_a_tag_that_is_not_good_and_overwrites(runs, exports, tmp
     from bigbatch.training.export import main as export_main
 
     assert export_main([str(runs["z3"]), "--out", str(tmp_path / "o"), "--tag", "step99"]) == 2
-    assert capsys.readouterr().err.startswith("error: --tag: 'step99'")
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tag: 'step99'") and f"complete tags: step{STEPS:08d} (" in err, err
     out = tmp_path / "o"
     out.mkdir()
     (out / "old").write_text("x")

@@ -268,8 +268,30 @@ def test_topology_validation_and_export_round_trip():
 # ---------------------------------------------------------------- sbatch rendering
 
 
+def test_submit_refuses_a_batch_or_scale_out_policy_train_py_would(tmp_path, capsys):
+    """The world size submit starts (nodes x tasks per node) gets train.py's batch and scale-out checks."""
+    policy = ["train.py", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "r"), "--batch.schedule", "auto",
+              "--batch.max_global_batch", "64", "--scale_out.max_nodes", "2", "--scale_out.max_grad_accum", "1"]
+    sub = ["submit", "--dry-run", "--chdir", str(REPO)]
+    assert cli_main([*sub, "--", *policy]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bigbatch submit: train.py would refuse this command at start on 1 node(s) x 1 "
+                          "process(es): scale_out.max_grad_accum: 1 micro batches") and "global batch 64" in err, err
+    assert len(err.splitlines()) == 1
+    # on up to 4 nodes the schedule's 64 fits (16 per node): accepted
+    assert cli_main([*sub, "--nodes", "2", "--max-nodes", "4", "--", *policy, "--scale_out.max_nodes", "4"]) == 0
+    assert capsys.readouterr().out.startswith("#!/bin/bash")
+    # a fixed batch that 3 processes cannot form
+    assert cli_main([*sub, "--nodes", "3", "--", "train.py", "--config", "configs/tiny.yaml",
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "on 3 node(s) x 1 process(es): batch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_render_srun_template(tmp_path, capsys):
-    (tmp_path / "x y.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())  # submit checks train.py's
+    # submit checks train.py's config, and its batch on 2 nodes x 4 processes: micro batches of 2 form 16
+    (tmp_path / "x y.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text().replace(
+        "micro_batch_sizes: [16, 8, 4]", "micro_batch_sizes: [2, 1]"))
     rc = cli_main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
                    "--account", "proj", "--time", "04:00:00", "--signal-seconds", "300", "--env", "A=b c",
                    "--srun-arg=--mpi=pmix", "--chdir", str(tmp_path), "--", "train.py", "--config", "x y.yaml",

@@ -8,6 +8,7 @@ half-written is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -93,10 +94,16 @@ def test_space_warning_and_write_errors(tmp_path):
 # ------------------------------------------------------------------ damaged checkpoints
 
 
-def test_bit_rot_is_refused_and_the_previous_tag_used(base, tmp_path):
+def test_bit_rot_is_refused_and_the_previous_tag_used(base, tmp_path, capsys):
+    from bigbatch.training.export import main as export_main
+
     out = copy_run(base, tmp_path / "rot")
     victim = out / "checkpoints" / "step00000010" / "bigbatch_full_state_part0.pt"
     flip_bytes(victim)
+    assert export_main([str(out), "--out", str(tmp_path / "hf")]) == 0
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("export:")]
+    assert said[0].startswith(f"export: passed over step00000010: {victim}: content hash"), said
+    assert said[1] == f"export: checkpoint 'step00000005' of {out}", said
     proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
     check_ok(proc)
     assert "loaded checkpoint 'step00000005'" in proc.stderr and str(victim) in proc.stderr
@@ -142,6 +149,58 @@ def test_damaged_latest_still_finds_the_newest_good_tag(base, tmp_path):
     proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
     check_ok(proc)
     assert "loaded checkpoint 'step00000011'" in proc.stderr and "latest: missing" in proc.stderr
+
+
+class Planted:
+    """A pickle that creates a directory when it is loaded: a stand-in for any code a planted
+    checkpoint would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def plant(tag_dir: Path, marker: Path) -> Path:
+    """Put a :class:`Planted` into the tag's meta and re-sign its manifest (sizes and content hashes
+    recomputed), as someone with write access to a shared file system could; returns the file."""
+    victim = tag_dir / tags.META
+    meta = torch.load(victim, weights_only=False)
+    meta["client_state"]["planted"] = Planted(str(marker))
+    torch.save(meta, victim)
+    old = json.loads((tag_dir / tags.MANIFEST).read_text())
+    files = tags.tag_files(str(tag_dir))
+    tags.write_manifest(str(tag_dir.parent), tag_dir.name, {f: tags.file_hash(str(tag_dir / f)) for f in files},
+                        samples=old["samples"], steps=old.get("steps"))
+    new = json.loads((tag_dir / tags.MANIFEST).read_text())["files"]
+    assert all(new[f][tags.HASH] == tags.file_hash(str(tag_dir / f)) for f in files)  # the hash check passes
+    return victim
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(base, tmp_path, capsys):
+    from bigbatch.training.export import main as export_main
+
+    out = copy_run(base, tmp_path / "planted")
+    marker = tmp_path / "code-ran"
+    victim = plant(out / "checkpoints" / "step00000010", marker)
+    assert export_main([str(out), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: RUN_DIR:") and str(victim) in err and "would run code" in err, err
+    assert len(err.splitlines()) == 1 and not marker.exists() and not (tmp_path / "hf").exists()
+    proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "12"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and str(victim) in line[0] and "would run code" in line[0], proc.stderr[-3000:]
+    assert not marker.exists() and "Traceback" not in proc.stderr
+    assert [r["step"] for r in records(out)] == list(range(1, 11))  # the run is untouched
+    # the planted tag gone, latest on the previous one: a resume says which tag it loaded
+    shutil.rmtree(out / "checkpoints" / "step00000010")
+    (out / "checkpoints" / "latest").write_text("step00000005")
+    proc = run([PY, "train.py", "--resume", str(out), "--train.max_steps", "6"])
+    check_ok(proc)
+    loaded = [ln for ln in proc.stdout.splitlines() if "loaded checkpoint" in ln]
+    assert loaded == [f"bigbatch: loaded checkpoint 'step00000005' from {out / 'checkpoints'}"], proc.stdout
 
 
 # ------------------------------------------------------------------ non-finite steps

@@ -27,6 +27,8 @@ _FIELD = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^UNLIMITED$|^INFINITE$")
 #: seconds the other workers get once one has exited (srun --wait; bigbatch launch)
 DEFAULT_EXIT_GRACE_S = 60
+#: the job's node limit for the scale-out policy (bigbatch.training.callbacks.scale_out reads it)
+MAX_NODES_ENV = "BIGBATCH_MAX_NODES"
 
 
 class SubmitError(ValueError):
@@ -226,7 +228,7 @@ def render_sbatch(cfg: SubmitConfig) -> str:
     env = {"PYTHONUNBUFFERED": "1", **cfg.env}
     scale_out = cfg.scales_out
     if scale_out:
-        env["BIGBATCH_MAX_NODES"] = str(cfg.max_nodes)
+        env[MAX_NODES_ENV] = str(cfg.max_nodes)
     worker, run_dir_lines = _requeue_safe(cfg, _worker_argv(cfg))
     if not cfg.requeue:
         requeue_test = "false"

@@ -140,15 +140,7 @@ def verify_checkpoint(ckpt_dir: str, tag: str) -> dict:
 def list_checkpoints(ckpt_dir: str) -> list[str]:
     """Complete tags whose files are all present with their sizes, newest first (contents are hashed
     when a tag is loaded)."""
-    good = []
-    for t in reversed(tags.scan(ckpt_dir)):
-        if t.complete:
-            try:
-                tags.verify_tag(ckpt_dir, t.tag, hashes=False)
-            except CheckpointError:
-                continue
-            good.append(t.tag)
-    return good
+    return tags.good_tags(ckpt_dir)
 
 
 def load_checkpoint(engine, ckpt_dir: str, *, tag: str | None = None, plan=None, fallback: bool = False) -> dict:

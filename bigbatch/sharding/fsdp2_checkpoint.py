@@ -19,6 +19,7 @@ import threading
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -27,8 +28,8 @@ from bigbatch import distributed as bbdist
 from bigbatch.rng import rng_state
 from bigbatch.sharding import tags
 from bigbatch.optim.registry import canonical_name
-from bigbatch.sharding.full_state import (FullState, IncompatibleCheckpoint, check_compatible, read_full_state,
-                                          saved_engine)
+from bigbatch.sharding.full_state import (FullState, IncompatibleCheckpoint, causes, check_compatible,
+                                          read_full_state, safe_planner, safe_reader, saved_engine)
 
 
 class ReusedBufferStager(AsyncStager):
@@ -160,11 +161,14 @@ def _load_tag(model, optimizer, ckpt_dir: str, tag: str, engine: str) -> dict:
         else:
             msd, osd = get_state_dict(model, optimizer)  # templates: the current sharding
             state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except (tags.CheckpointError, IncompatibleCheckpoint):
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper of every rank's failure is a BaseException
+        for inner in causes(exc):
+            if isinstance(inner, tags.CheckpointError):
+                raise inner from None
         raise tags.CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from None
     tags.restore_rng(path, bbdist.rank())
     if dist.is_initialized():

@@ -17,6 +17,8 @@ an FSDP2 tag from it, the FSDP2 engine a DeepSpeed tag, and ``bigbatch export`` 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -102,22 +104,123 @@ def _read_deepspeed(path: str, meta: dict) -> FullState:
                      groups=groups, meta=meta, engine="deepspeed", extras=extras)
 
 
+# What a DCP ``.metadata`` pickle may name: DCP's own metadata classes and the torch types they hold.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {(_DCP_METADATA, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                             "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                             "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file with nothing but :data:`_DCP_GLOBALS` and torch dtypes
+    callable: DCP's own reader uses ``pickle.load``, which runs whatever the file names."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+DCP_METADATA = ".metadata"  # DCP's index of a sharded checkpoint (a plain pickle)
+
+
+def dcp_metadata_globals(file: str) -> list[str]:
+    """What a DCP ``.metadata`` file names beyond its own classes (empty when it loads as plain data)."""
+    try:
+        with open(file, "rb") as fh:
+            _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        return [str(exc) or "a function"]
+    except Exception:  # unreadable: its load says why
+        return []
+    return []
+
+
+def safe_reader(path: str):
+    """A ``FileSystemReader`` of the DCP directory ``path`` whose ``.metadata`` is unpickled with only
+    DCP's metadata classes allowed (CheckpointError naming the file otherwise)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            file = os.path.join(str(self.path), DCP_METADATA)
+            try:
+                with open(file, "rb") as fh:
+                    metadata = _MetadataUnpickler(fh).load()
+            except pickle.UnpicklingError as exc:
+                raise tags.unsafe(file, str(exc)) from None
+            except Exception as exc:
+                raise tags.CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            if hasattr(self, "load_id"):
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = SafeReader(path)
+    reader.read_metadata()  # refuses a bad file before DCP's collectives start
+    return reader
+
+
+def safe_planner(path: str, base=None, *args):
+    """A DCP load planner (``base``, default ``DefaultLoadPlanner``) whose non-tensor entries (pickled
+    param-group values) must load with ``torch.load(weights_only=True)`` before DCP's own
+    ``weights_only=False`` load of the same bytes."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(base or DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                raise tags.unsafe(f"{path} (entry {read_item.dest_index.fqn})",
+                                  found.group(1) if found else "a function") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner(*args)
+
+
 def read_dcp(path: str, keys: set[str] | None = None) -> dict:
     """Every tensor and object of a torch.distributed.checkpoint directory (or those under the
     top-level ``keys``), unsharded, as the nested dict it was saved from (one process, no process
-    group)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    group); nothing in it runs code (:func:`safe_reader`, :func:`safe_planner`)."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict = {}
+    reader = safe_reader(path)
     try:
-        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys),
+        _load_state_dict(state, storage_reader=reader, planner=safe_planner(path, _EmptyStateDictLoadPlanner, keys),
                          no_dist=True)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper of every rank's failure is a BaseException
+        for inner in causes(exc):
+            if isinstance(inner, tags.CheckpointError):
+                raise inner from None
         raise tags.CheckpointError(f"{path}: the sharded state cannot be read ({type(exc).__name__}: {exc})") \
             from None
     return state
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes, and the per-rank failures a DCP ``CheckpointException`` carries."""
+    out, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or e in out:
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]  # (exception, traceback)
+    return out
 
 
 def _read_dcp(path: str, meta: dict, weights_only: bool = False) -> FullState:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,14 +47,66 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or partial; the message names the file."""
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A file whose pickle would call a function when loaded (not plain data): never loaded and never
+    passed over for an older tag, whatever the fallback; the message names the file."""
+
+
+def _numpy_rng_globals() -> list:
+    """The NumPy types of a ``uint32`` array (tags whose RNG files kept NumPy's state as an array)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_file(path: str, mmap: bool = False):
-    """A torch-saved file of a tag, on CPU; CheckpointError naming it when it cannot be read."""
+    """A torch-saved file of a tag, on CPU, unpickled with ``weights_only=True``: tensors, numbers,
+    strings and plain containers (and NumPy ``uint32`` arrays), never code. CheckpointError naming
+    the file when it cannot be read or needs anything else (a pickle that would call a function)."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as exc:  # a corrupt pickle/zip: name the file
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # a corrupt pickle/zip, or one that would run code: name the file
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).lower():
+            raise unsafe(path, ", ".join(unsafe_globals(path)[:4]) or "a function") from None
         raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def unsafe(path: str, names: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(f"{path}: refused, loading it would run code (its pickle calls {names}); a checkpoint "
+                            "holds only tensors, numbers, strings and containers")
+
+
+def unsafe_globals(path: str) -> list[str]:
+    """The functions and classes a torch-saved file's pickle names beyond plain data and what
+    :func:`load_file` allows, read from its opcodes without unpickling it."""
+    import torch
+
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:  # torch < 2.5: load_file's weights_only load still refuses them
+        return []
+    try:
+        names = scan(path)
+    except Exception:  # not a torch zip file: its load says why
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_rng_globals()}
+    return [n for n in names if n not in allowed]
+
+
+def check_pickles(ckpt_dir: str, tag: str, manifest: dict) -> None:
+    """Every torch-saved file of a tag (and DCP's ``.metadata``) must unpickle to plain data:
+    :class:`UnsafeCheckpoint` naming the first that would call anything else. Each rank checks every
+    file (the pickles are small), so all refuse together before any load."""
+    from bigbatch.sharding.full_state import DCP_METADATA, dcp_metadata_globals  # it imports this module
+
+    for rel in sorted(manifest["files"]):
+        fp = os.path.join(ckpt_dir, tag, rel)
+        names = unsafe_globals(fp) if rel.endswith(".pt") else dcp_metadata_globals(fp) if rel == DCP_METADATA else []
+        if names:
+            raise unsafe(fp, ", ".join(names[:4]))
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict:
@@ -151,10 +204,11 @@ def read_manifest(ckpt_dir: str, tag: str) -> dict:
     return manifest
 
 
-def verify_tag(ckpt_dir: str, tag: str, *, hashes: bool = True) -> dict:
-    """Check a tag: its manifest, every listed file's size, and (``hashes``) the content hash of this
-    rank's share of the files (all of them on one process). Returns the manifest; raises
-    CheckpointError naming the file."""
+def verify_tag(ckpt_dir: str, tag: str, *, hashes: bool = True, pickles: bool | None = None) -> dict:
+    """Check a tag: its manifest, every listed file's size, (``hashes``) the content hash of this
+    rank's share of the files (all of them on one process), and (``pickles``, default ``hashes``) that
+    every torch-saved file unpickles to plain data (:func:`check_pickles`). Returns the manifest;
+    raises CheckpointError (:class:`UnsafeCheckpoint`) naming the file."""
     manifest = read_manifest(ckpt_dir, tag)
     path = os.path.join(ckpt_dir, tag)
     rank, world = bbdist.rank(), bbdist.world_size()
@@ -171,6 +225,8 @@ def verify_tag(ckpt_dir: str, tag: str, *, hashes: bool = True) -> dict:
             if got != entry[HASH]:
                 raise CheckpointError(f"{fp}: content hash {got} does not match the manifest's {entry[HASH]}; "
                                       "the file was corrupted after it was written")
+    if hashes if pickles is None else pickles:
+        check_pickles(ckpt_dir, tag, manifest)
     return manifest
 
 
@@ -179,12 +235,13 @@ def verify_tag_together(ckpt_dir: str, tag: str) -> dict:
     any rank found (collective)."""
     manifest, error = None, None
     try:
-        manifest = verify_tag(ckpt_dir, tag)
+        manifest = verify_tag(ckpt_dir, tag, pickles=False)
     except CheckpointError as exc:
         error = str(exc)
     errors = bbdist.agree(error)
     if errors:
         raise CheckpointError(errors[0].split(": ", 1)[1])
+    check_pickles(ckpt_dir, tag, manifest)  # the same answer on every rank
     return manifest
 
 
@@ -229,6 +286,20 @@ def scan(ckpt_dir: str) -> list[TagInfo]:
         except CheckpointError as exc:
             out.append(TagInfo(name, False, (0, -1, os.path.getmtime(path)), str(exc)))
     return sorted(out, key=lambda t: t.order)
+
+
+def good_tags(ckpt_dir: str) -> list[str]:
+    """Complete tags whose files are all present with their sizes, newest first (contents are hashed
+    when a tag is loaded)."""
+    good = []
+    for t in reversed(scan(ckpt_dir)):
+        if t.complete:
+            try:
+                verify_tag(ckpt_dir, t.tag, hashes=False)
+            except CheckpointError:
+                continue
+            good.append(t.tag)
+    return good
 
 
 def candidates(ckpt_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -395,8 +466,8 @@ def set_aside(ckpt_dir: str, tag: str) -> str:
 def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
     """``load(tag)`` of the first good tag: ``tag``, else the one ``latest`` names; with ``fallback``
     the other complete tags, newest first, when that one is refused (an unreadable ``latest`` is
-    passed over too). Each is verified first (sizes and hashes, the ranks sharing the work). Logs
-    the tag used and what was passed over; raises CheckpointError naming the file (without
+    passed over too). Each is verified first (sizes and hashes, the ranks sharing the work). Says
+    the tag used (rank 0, when ``tag`` is None) and logs what was passed over; raises CheckpointError naming the file (without
     ``fallback``), or :class:`NoUsableCheckpoint` listing every refused tag and why."""
     if tag is not None:
         order, notes = [tag], []
@@ -409,6 +480,8 @@ def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
         try:
             verify_tag_together(ckpt_dir, candidate)
             result = load(candidate)
+        except UnsafeCheckpoint:
+            raise  # a file planted to run code is not a damaged tag to pass over
         except CheckpointError as exc:
             if not fallback:
                 raise
@@ -419,5 +492,7 @@ def load_first_good(ckpt_dir: str, tag: str | None, fallback: bool, load):
             logger.warning("bigbatch: loaded checkpoint %r; passed over: %s%s", candidate,
                            "; ".join(f"{t}: {why}" for t, why in refused),
                            f" (set aside as {', '.join(moved)})" if moved else "")
+        elif tag is None and bbdist.rank() == 0:  # the caller chose none: say which one this is
+            print(f"bigbatch: loaded checkpoint {candidate!r} from {ckpt_dir}", flush=True)
         return result
     raise NoUsableCheckpoint(ckpt_dir, refused)

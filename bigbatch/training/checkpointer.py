@@ -29,6 +29,8 @@ class Checkpointer:
         every tag and why, unless ``checkpoint.if_unusable`` is ``restart``."""
         try:
             client, note = self.engine.load(source, if_unusable=self.if_unusable, tag=tag)
+        except tags.UnsafeCheckpoint as exc:
+            raise ConfigError(f"--resume: {exc}") from None
         except CheckpointError as exc:  # NoUsableCheckpoint, or the one tag asked for
             raise ConfigError(f"--resume: {exc}\nto start from step 0 anyway, pass --checkpoint.if_unusable "
                               "restart") from None

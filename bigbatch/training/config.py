@@ -44,6 +44,9 @@ class ModelConfig:
     init_std: float = 0.02
     attn_implementation: str = "sdpa"  # sdpa | eager
     init_from: str | None = None  # an HF causal LM: directory or hub name (bigbatch.training.init_from)
+    # not a config key: the run's own saved model config, set on a saved run's config so that its
+    # architecture never needs init_from (bigbatch.training.init_from.use_run_files)
+    arch_from = None
 
     def validate(self) -> None:
         _choice("model", "arch", self.arch, ("llama", "gpt2"))
@@ -515,9 +518,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConf
     return cfg.validate()
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a resolved YAML)."""
+def config_from_dict(data: dict, run_files=None) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a resolved YAML); ``run_files(cfg)`` adjusts
+    it before validation (a saved run's own model files)."""
     cfg = RunConfig()
     for name, value in data.items():
         apply_key(cfg, [str(name)], value, "dict", _FREE_FORM)
+    if run_files is not None:
+        run_files(cfg)
     return cfg.validate()

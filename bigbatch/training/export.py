@@ -39,20 +39,29 @@ from bigbatch.data.tokenizer import build_tokenizer
 DEFAULT_SHARD_SIZE = "5GB"
 
 
-def choose_tag(ckpt_dir: str, tag: str | None, arg: str = "RUN_DIR") -> str:
-    """``tag`` if it is good, else the newest good tag (``latest`` first, as a resume chooses); a
-    ConfigError naming ``arg`` (or ``--tag``) and every refused tag when there is none."""
+def choose_tag(ckpt_dir: str, tag: str | None, arg: str = "RUN_DIR") -> tuple[str, list[tuple[str, str]]]:
+    """``(tag, passed over)``: ``tag`` if it is good, else the newest good tag (``latest`` first, as a
+    resume chooses) with ``(tag, why)`` for each one passed over; a ConfigError naming ``arg`` (or
+    ``--tag``, listing the complete tags) and every refused tag when there is none. A file that would run
+    code when loaded is refused outright (:class:`~bigbatch.sharding.tags.UnsafeCheckpoint`)."""
     if tag is not None:
         try:
             tags.verify_tag(ckpt_dir, tag)
+        except tags.UnsafeCheckpoint:
+            raise
         except CheckpointError as exc:
-            raise ConfigError(f"--tag: {tag!r} is not a good checkpoint of {ckpt_dir!r}: {exc}") from None
-        return tag
+            good = tags.good_tags(ckpt_dir)
+            raise ConfigError(f"--tag: {tag!r} is not a good checkpoint of {ckpt_dir!r} ({exc}); complete tags: "
+                              f"{', '.join(good) if good else 'none'} (bigbatch status RUN_DIR --hash checks their "
+                              "contents)") from None
+        return tag, []
     order, refused = tags.candidates(ckpt_dir)
     for candidate in order:
         try:
             tags.verify_tag(ckpt_dir, candidate)
-            return candidate
+            return candidate, refused
+        except tags.UnsafeCheckpoint:
+            raise
         except CheckpointError as exc:
             refused.append((candidate, str(exc)))
     why = "; ".join(f"{t}: {w}" for t, w in refused) or "no complete checkpoint"
@@ -128,11 +137,11 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
 
 
 def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool = False,
-               max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> str:
+               max_shard_size: str | int = DEFAULT_SHARD_SIZE, say=None) -> str:
     """Write the checkpoint ``tag`` (default: the newest good one) of the run in ``run_dir`` as a Hugging
     Face model directory ``out`` (see the module docstring); returns ``out``. Bad input (no run, no good
     checkpoint, ``out`` not empty without ``overwrite``) raises a ConfigError naming the argument before
-    anything is written."""
+    anything is written. ``say(line)``: told which tag is exported and which were passed over and why."""
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(run_dir):
@@ -142,7 +151,11 @@ def export_run(run_dir: str, out: str, tag: str | None = None, overwrite: bool =
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f"--out: {out!r} exists and is not empty; pass --overwrite to replace it")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    chosen = choose_tag(ckpt_dir, tag)
+    chosen, passed = choose_tag(ckpt_dir, tag)
+    if say is not None:
+        for t, why in passed:
+            say(f"export: passed over {t}: {why}")
+        say(f"export: checkpoint {chosen!r} of {run_dir}")
     cfg = saved_config(run_dir, [], "RUN_DIR")
     tokenizer = run_tokenizer(run_dir, cfg)
     config = model_config(run_dir, cfg)
@@ -196,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         try:
             shard = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size  # bytes
-            path = export_run(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite, max_shard_size=shard)
+            path = export_run(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite, max_shard_size=shard,
+                              say=lambda line: print(line, flush=True))
         except CheckpointError as exc:
             raise ConfigError(f"RUN_DIR: {exc}") from None
         except OSError as exc:  # --out's parent unwritable, a full disk: nothing was left behind

@@ -7,6 +7,11 @@ config (a mismatch is named), and the section is then filled from it, so ``confi
 shows the architecture that trains. The model's tokenizer, when it has one, becomes the run's
 (``tokenizer.kind: pretrained``); its vocabulary must fit the embedding. :func:`load_model` gives the
 weights (or, for a resume from a checkpoint, only the architecture).
+
+A run directory is self-contained: it keeps the model's config (``RUN_DIR/hf_config.json``) and
+tokenizer (``RUN_DIR/tokenizer/``), and a resume, an export or ``check-rules --from`` takes both from
+there (:func:`use_run_files`, ``model.arch_from``), so the ``init_from`` directory may move or go away
+once the run has a checkpoint; only a run that restarts from step 0 reads its weights again.
 """
 
 from __future__ import annotations
@@ -70,12 +75,25 @@ def _tokenizer(path: str):
         return None
 
 
+def use_run_files(cfg: RunConfig, run_dir: str, config_file: str, tokenizer_dir: str) -> None:
+    """A run's saved config (before it is validated): when it came from ``model.init_from`` and the
+    run directory holds its model config and tokenizer, take both from there instead."""
+    config_file, tokenizer_dir = os.path.join(run_dir, config_file), os.path.join(run_dir, tokenizer_dir)
+    if cfg.model.init_from and os.path.isfile(config_file) and os.path.isdir(tokenizer_dir):
+        cfg.model.arch_from = os.path.abspath(config_file)
+        cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind="pretrained", path=os.path.abspath(tokenizer_dir))
+
+
 def apply_init_from(cfg: RunConfig) -> None:
     """Check ``cfg`` against ``cfg.model.init_from`` and take its architecture and tokenizer (see the
-    module docstring). ConfigError naming the disagreeing keys."""
+    module docstring); from the run's own files when ``model.arch_from`` is set (:func:`use_run_files`).
+    ConfigError naming the disagreeing keys."""
     m = cfg.model
-    path = source(m.init_from)
-    config = load_config(m.init_from)
+    if m.arch_from:
+        path, config = cfg.tokenizer.path, _arch_config(m.arch_from)
+    else:
+        path = source(m.init_from)
+        config = load_config(m.init_from)
     defaults = type(cfg.model)()
     found = {k: getattr(config, attr, None) for k, attr in _KEYS.items()}
     if found["num_kv_heads"] is None:
@@ -93,7 +111,8 @@ def apply_init_from(cfg: RunConfig) -> None:
             setattr(m, k, v)
     if arch:
         m.arch = arch
-    m.init_from = path
+    if not m.arch_from:
+        m.init_from = path
     if m.max_position_embeddings and cfg.data.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.init_from {path!r}'s "
                           f"max_position_embeddings {m.max_position_embeddings}")
@@ -105,16 +124,33 @@ def apply_init_from(cfg: RunConfig) -> None:
         cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind="pretrained", path=path)
 
 
+def _arch_config(config_file: str):
+    """The ``transformers`` config saved in a run directory (``hf_config.json``)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(config_file)
+    except Exception as exc:
+        raise ConfigError(f"model.init_from: the run's saved model config {config_file!r} cannot be read "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
 def load_model(cfg: ModelConfig, *, weights: bool = True) -> torch.nn.Module:
     """``AutoModelForCausalLM`` of ``cfg.init_from`` in fp32 with its weights, or (``weights=False``: a
-    resume, whose checkpoint brings them) only its architecture."""
+    resume, whose checkpoint brings them) only its architecture (the run's own ``hf_config.json`` when
+    ``cfg.arch_from`` is set)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if weights:
+        try:
+            source(cfg.init_from)
+        except ConfigError as exc:  # a resume before the first checkpoint, after the directory moved
+            raise ConfigError(f"{exc}; this run has no checkpoint yet, so its first weights come from there") from None
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32,
                                                      attn_implementation=cfg.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.init_from), dtype=torch.float32,
+        config = _arch_config(cfg.arch_from) if cfg.arch_from else AutoConfig.from_pretrained(cfg.init_from)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     return model

@@ -32,7 +32,7 @@ from bigbatch.training.commands import TrainerCommands
 from bigbatch.training.config import RunConfig
 from bigbatch.data.blocks import GlobalBatchLoader, eval_batches
 from bigbatch.training.lr_control import LrControl
-from bigbatch.training.metrics import MetricsLogger, Progress, hparam_fields, truncate_metrics
+from bigbatch.training.metrics import MetricsLogger, Progress, format_hparams, hparam_fields, truncate_metrics
 from bigbatch.training.noise_meter import NoiseMeter
 from bigbatch.training.run_dir import write_resolved
 from bigbatch.training.run_state import RunStopped
@@ -281,7 +281,7 @@ def _report_batch_change(trainer: Trainer, old: int, report: dict, reason: str) 
                  "lr_peak": peak, "second_moments_rescaled": report.get("second_moments", 0),
                  **hparam_fields(trainer.hparams)})
     moved = ("hyperparameters kept" if report.get("kept") else
-             f"rescaled hyperparameters: peak lr {peak:.4g}, {hparam_fields(trainer.hparams)}"
+             f"rescaled hyperparameters: peak lr {peak:.4g}, {format_hparams(hparam_fields(trainer.hparams))}"
              + (f", second moments / {plan.global_batch / old:g}" if report.get("second_moments") else ""))
     trainer.say(f"{'--resume: ' if reason == 'resume' else ''}batch change at step {trainer.step} ({trainer.tokens:,} "
                 f"tokens): global batch {old} -> {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "

@@ -28,6 +28,21 @@ TRAIN_KEYS = ("step", "samples", "tokens", "loss", "lr", "grad_norm", "tokens_pe
 EVAL_KEYS = ("step", "samples", "tokens", "eval_loss", "eval_ppl")
 
 
+def format_value(value) -> str:
+    """A hyperparameter for a line a user reads: floats to 4 significant digits (0.6, not
+    0.6000000000000001), sequences element-wise."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(format_value(v) for v in value) + ")"
+    return str(value)
+
+
+def format_hparams(hparams: dict) -> str:
+    """``lr 0.003, betas (0.9, 0.99), ...``."""
+    return ", ".join(f"{k} {format_value(v)}" for k, v in hparams.items())
+
+
 def hparam_fields(hparams: dict) -> dict:
     """The scaled constants beside lr, as flat record fields (``betas`` -> ``beta1``, ``beta2``)."""
     out = {}

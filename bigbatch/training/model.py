@@ -85,5 +85,6 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def count_parameters(model) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once); a ZeRO-3 partitioned parameter by its full
+    size (``ds_numel``: its local tensor is empty)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())

@@ -16,7 +16,8 @@ from bigbatch.cli_parser import ArgumentParser
 from bigbatch.sharding import tags
 from bigbatch.training.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, dump_yaml,
                                       load_config, parse_overrides)
-from bigbatch.training.metrics import last_logged_step
+from bigbatch.training.init_from import use_run_files
+from bigbatch.training.metrics import format_hparams, last_logged_step
 from bigbatch.training.model import count_parameters
 
 #: the run's tokenizer (save_pretrained files) and its transformers model config, written at the start
@@ -43,12 +44,14 @@ def parse_args(argv: list[str] | None, description: str | None = None):
 def resolve_run(config: str | None, out: str | None, resume: str | None, overwrite: bool,
                 overrides: list[tuple[str, str]]) -> tuple[RunConfig, str, bool]:
     """(config, run directory, resuming) from the command line. ``--resume DIR`` takes DIR's saved
-    config unless ``--config`` is given (overrides win either way); a new run refuses a directory
-    that already holds one unless ``overwrite``."""
+    config, with the overrides on top; ``--config`` only where DIR holds none yet (the first start of
+    a requeue-safe command, ``--config C --resume DIR``; :func:`resume_config_note` says so). A new run
+    refuses a directory that already holds one unless ``overwrite``."""
     if resume:
         if out and os.path.abspath(out) != os.path.abspath(resume):
             raise ConfigError(f"--out {out!r} and --resume {resume!r} differ; give only --resume")
-        cfg = load_config(config, overrides) if config else saved_config(resume, overrides, "--resume")
+        fresh = config and not os.path.isfile(os.path.join(resume, RESOLVED))
+        cfg = load_config(config, overrides) if fresh else saved_config(resume, overrides, "--resume")
         check_history(cfg, resume)
         return cfg, resume, True
     if not out:
@@ -65,6 +68,14 @@ def resolve_run(config: str | None, out: str | None, resume: str | None, overwri
         raise ConfigError(f"--out: {out!r} already holds a run ({', '.join(existing)}); "
                           "pass --resume DIR to continue it or --overwrite to replace it")
     return cfg, out, False
+
+
+def resume_config_note(config: str | None, resume: str | None) -> str | None:
+    """The line a resume given ``--config`` too says once: which config it runs on."""
+    if not (config and resume and os.path.isfile(os.path.join(resume, RESOLVED))):
+        return None
+    return (f"--resume: {resume} continues on its saved config ({RESOLVED}); --config {config} is used only when the "
+            "directory holds no run yet (give changes as --section.key value)")
 
 
 def check_history(cfg: RunConfig, run_dir: str) -> None:
@@ -98,7 +109,8 @@ def saved_config(run_dir: str, overrides: list[tuple[str, str]], arg: str) -> Ru
             raise ConfigError(f"{arg}: {saved} is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                               "give --config too") from None
     data.pop("resolved", None)
-    return apply_overrides(config_from_dict(data), overrides)
+    cfg = config_from_dict(data, run_files=lambda c: use_run_files(c, run_dir, HF_CONFIG, TOKENIZER_DIR))
+    return apply_overrides(cfg, overrides)
 
 
 def clear_run(out: str) -> None:
@@ -204,9 +216,10 @@ def write_resolved(trainer) -> dict:
     }
     full = {**trainer.cfg.to_dict(), "resolved": resolved}
     dump_yaml(full, os.path.join(trainer.out, RESOLVED))
+    # the hyperparameters in force (a SVAG branch has moved them to its rule by now)
     print(f"bigbatch: {count_parameters(trainer.model) / 1e6:.2f}M params | {info.world_size} proc(s) "
           f"| global batch {plan.global_batch} = {plan.micro_batch} x {plan.grad_accum} accum x "
-          f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {plan.hparams} | "
+          f"{info.world_size} (kappa {plan.kappa:g}) | {trainer.cfg.optim.name} {format_hparams(trainer.hparams)} | "
           f"steps {trainer.step}->{trainer.total_steps()} | corpus {trainer.corpus.description}", flush=True)
     return full
 
