@@ -194,17 +194,14 @@ def train_command_problem(command: list[str], workdir: str, *, nodes: int | None
     batch, its schedule and the scale-out policy on ``nodes`` x ``per_node`` processes (with the
     job's ``environ``)."""
     from bigbatch.training.config import ConfigError  # the training stack: see _cmd_check_rules
-    from bigbatch.training.run_dir import parse_args, resolve_run
+    from bigbatch.training.run_dir import resolve_train_command
 
-    starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
-    if not starts:
-        return None
-    here = os.getcwd()
     where = ""
     try:
-        os.chdir(workdir)
-        targs, overrides = parse_args(command[starts[0] + 1:])
-        cfg, _, resuming = resolve_run(targs.config, targs.out, targs.resume, targs.overwrite, overrides)
+        resolved = resolve_train_command(command, workdir)
+        if resolved is None:
+            return None
+        cfg, _, resuming = resolved
         if nodes is not None:
             from bigbatch.training.builders import check_batch
             from bigbatch.training.callbacks.scale_out import check_scale_out
@@ -215,8 +212,6 @@ def train_command_problem(command: list[str], workdir: str, *, nodes: int | None
                             environ=os.environ if environ is None else environ)
     except ConfigError as exc:
         return f"train.py would refuse this command at start{where}: {exc}"
-    finally:
-        os.chdir(here)
     return None
 
 

@@ -431,22 +431,16 @@ class PlannedMemory:
 def submit_summary(command: list[str], workdir: str, nodes: int, workers_per_node: int, gpus: bool) -> str | None:
     """The plan's one line for a ``train.py`` command that ``bigbatch submit`` is about to queue (resolved in
     ``workdir``), or why there is none; None for another command."""
-    from bigbatch.training.run_dir import parse_args, resolve_run
+    from bigbatch.training.run_dir import resolve_train_command
 
-    starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
-    if not starts:
-        return None
-    here = os.getcwd()
     try:
-        os.chdir(workdir)
-        targs, overrides = parse_args(command[starts[0] + 1:])
-        cfg, _, _ = resolve_run(targs.config, targs.out, targs.resume, True, overrides)
-        return plan_run(cfg, nodes=nodes, gpus_per_node=workers_per_node, gpu=None, device="cuda" if gpus else "cpu",
-                        with_cost=gpus).summary()
+        resolved = resolve_train_command(command, workdir, overwrite=True)
+        if resolved is None:
+            return None
+        return plan_run(resolved[0], nodes=nodes, gpus_per_node=workers_per_node, gpu=None,
+                        device="cuda" if gpus else "cpu", with_cost=gpus).summary()
     except ConfigError as exc:
         return f"plan: none ({exc})"
-    finally:
-        os.chdir(here)
 
 
 def _status_bytes(field_name: str) -> float:

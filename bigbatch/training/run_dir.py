@@ -246,3 +246,20 @@ def save_model_files(out: str, tokenizer, model_config) -> None:
 def has_checkpoint(ckpt_dir: str) -> bool:
     """Whether ``ckpt_dir`` holds a complete checkpoint (one a resume will load)."""
     return any(t.complete for t in tags.scan(ckpt_dir))
+
+
+def resolve_train_command(command: list[str], workdir: str, *, overwrite: bool | None = None):
+    """``(config, out, resuming)`` of the ``train.py`` in ``command`` (its arguments after ``train.py``),
+    resolved in ``workdir`` as a launcher will start it; None for a command without train.py. Raises
+    the ConfigError train.py would exit 2 with. ``overwrite``: as ``--overwrite`` (None: the command's)."""
+    starts = [i for i, a in enumerate(command) if os.path.basename(a) == "train.py"]
+    if not starts:
+        return None
+    here = os.getcwd()
+    try:
+        os.chdir(workdir)
+        targs, overrides = parse_args(command[starts[0] + 1:])
+        return resolve_run(targs.config, targs.out, targs.resume,
+                           targs.overwrite if overwrite is None else overwrite, overrides)
+    finally:
+        os.chdir(here)
