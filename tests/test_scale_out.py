@@ -13,8 +13,8 @@ import pytest
 
 from bigbatch import exit_codes
 from bigbatch import cli
-from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, check_scale_out, largest_fitting,
-                                                   target_nodes)
+from bigbatch.training.callbacks.scale_out import (ScaleOut, allowed_max_nodes, check_scale_out, fitting_plan,
+                                                   largest_fitting, target_nodes)
 from bigbatch.training.config import ConfigError, load_config
 from test_slurm import TRAIN_TINY, _job_log, _metrics, _submit, _train_steps, _wait_file
 from train_common import FAULT_TRAIN, PY, REPO, main, run, wait_at_step
@@ -53,6 +53,30 @@ def test_target_and_limit_follow_the_accumulation_limit():
     with pytest.raises(ConfigError, match=r"batch.schedule: the first batch 4 on 4 devices: global_batch: 4 cannot"):
         check_scale_out(cfg, 4, 2, fresh=True, environ={})
     assert ScaleOut(cfg, environ={}).exit_code == exit_codes.SCALE_OUT == 76
+
+
+def test_the_noise_scales_own_accumulation_and_margin_follow_the_schedule():
+    """Measuring the noise scale on one process takes 2 micro batches a step (batch 16 as 8 x 2): that
+    accumulation is the noise scale's, not the batch's, so the policy neither moves for it at step 1 nor
+    refuses a schedule over it; its noise test is the automatic schedule's growth_margin by default."""
+    from types import SimpleNamespace
+
+    from bigbatch.training.builders import make_plan
+
+    auto = ["--batch.schedule", "auto", "--batch.min_global_batch", "16", "--batch.max_global_batch", "64",
+            "--scale_out.max_nodes", "2", "--scale_out.max_grad_accum", "1"]
+    cfg = _cfg(*auto)
+    plan = make_plan(cfg, 1, 16)
+    assert (plan.micro_batch, plan.grad_accum) == (8, 2)  # the noise scale's accumulation
+    assert fitting_plan(cfg, 16, 1, 1) is not None and target_nodes(cfg, 32, 1, 1, 2) == 2
+    trainer = SimpleNamespace(plan=plan, batch_limit=None, done=lambda: False, info=SimpleNamespace(world_size=1))
+    assert not ScaleOut(cfg, environ={})._outgrown(trainer)
+    trainer.plan = make_plan(cfg, 1, 32)  # 16 x 2: the batch's own accumulation
+    assert ScaleOut(cfg, environ={})._outgrown(trainer)
+    assert cfg.scale_out.margin(cfg.batch) == cfg.batch.growth_margin == 0.75
+    assert _cfg(*auto, "--scale_out.noise_margin", "1.5").scale_out.margin(cfg.batch) == 1.5
+    fixed = _cfg("--batch.schedule", "[[0,16],[1000,32]]", "--scale_out.max_nodes", "2")
+    assert fixed.scale_out.margin(fixed.batch) == 1.0
 
 
 def test_bad_scale_out_input_exits_2_naming_it(tmp_path, capsys, monkeypatch):

@@ -31,11 +31,13 @@ def needs_noise_scale(cfg: RunConfig) -> bool:
     return cfg.batch.schedule == "auto" or bool(cfg.train.noise_scale_every)
 
 
-def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, *, where: str = "batch"):
+def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, *, where: str = "batch",
+              noise: bool = True):
     """The :class:`~bigbatch.scaling.BatchPlan` for this world size: ``global_batch`` if given (a batch
     schedule's), else the schedule's first batch, else ``cfg.batch``'s policy. Planner errors become
     ConfigErrors that start with ``where`` (they name the infeasible batch and the nearest feasible
-    ones)."""
+    ones). ``noise`` False: the layout without the 2 micro batches per step that measuring the noise
+    scale asks for (what the batch itself needs)."""
     b = cfg.batch
     schedule = b.batch_schedule()
     if global_batch is None and schedule is not None:
@@ -48,7 +50,7 @@ def make_plan(cfg: RunConfig, world_size: int, global_batch: int | None = None, 
                           policy=policy, global_batch=global_batch if global_batch is not None else b.global_batch,
                           per_device_batch=None if policy == "fixed" else b.per_device_batch,
                           rule=b.scaling_rule(cfg.optim.name),
-                          min_micro_batches=2 if needs_noise_scale(cfg) else 1)
+                          min_micro_batches=2 if noise and needs_noise_scale(cfg) else 1)
     except (ValueError, TypeError) as exc:
         hint = ""
         if needs_noise_scale(cfg) and "micro batches per step" in str(exc):

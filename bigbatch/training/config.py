@@ -353,20 +353,29 @@ class ScaleOutConfig:
     """Move the run to more nodes when its batch schedule outgrows the nodes in hand
     (bigbatch.training.callbacks.scale_out). ``max_nodes``: the largest allocation (0: off; the
     launcher's ``--max-nodes`` caps it). When the global batch in force needs more than
-    ``max_grad_accum`` micro batches per device here and fits within it on more nodes (up to
+    ``max_grad_accum`` micro batches per device here (not counting the 2 micro batches per step that
+    measuring the noise scale asks for) and fits within it on more nodes (up to
     ``max_nodes``), and the smoothed noise scale is at least ``noise_margin`` x that batch (0: do not
-    ask it), the run saves a checkpoint and exits with exit code 76 for the launcher to resubmit it on
+    ask it; None: the automatic schedule's ``growth_margin``, the test that grew the batch, else 1), the
+    run saves a checkpoint and exits with exit code 76 for the launcher to resubmit it on
     the smallest node count that fits. Resumed on fewer nodes than it was saved on, the run keeps its
     batch within ``max_grad_accum`` there (rules applied downwards) and stays on those nodes."""
 
     max_nodes: int = 0
     max_grad_accum: int = 1
-    noise_margin: float = 1.0
+    noise_margin: float | None = None
 
     def validate(self) -> None:
         _positive("scale_out", "max_nodes", self.max_nodes, allow_zero=True)
         _positive("scale_out", "max_grad_accum", self.max_grad_accum)
         _positive("scale_out", "noise_margin", self.noise_margin, allow_zero=True)
+
+    def margin(self, batch: BatchConfig) -> float:
+        """The noise test's margin: ``noise_margin``, or by default the automatic schedule's
+        ``growth_margin`` (a batch it grew is one the noise scale allows), else 1."""
+        if self.noise_margin is not None:
+            return self.noise_margin
+        return batch.growth_margin if batch.schedule == "auto" else 1.0
 
     def check_against(self, batch: BatchConfig) -> None:
         """The policy moves along a batch schedule: without one the batch never outgrows a node."""

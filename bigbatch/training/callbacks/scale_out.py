@@ -47,11 +47,22 @@ def _plan(cfg: RunConfig, world_size: int, global_batch: int):
         return None
 
 
+def layout_accum(cfg: RunConfig, world_size: int, global_batch: int) -> int | None:
+    """The micro batches per device that ``global_batch`` needs on ``world_size`` devices, not counting
+    the accumulation that only measuring the noise scale asks for (None: it cannot be formed)."""
+    try:
+        return make_plan(cfg, world_size, global_batch, noise=False).grad_accum
+    except ConfigError:
+        return None
+
+
 def fitting_plan(cfg: RunConfig, global_batch: int, nodes: int, per_node: int):
-    """The plan of ``global_batch`` on ``nodes`` x ``per_node`` devices if it needs at most
-    ``scale_out.max_grad_accum`` micro batches per device, else None."""
-    plan = _plan(cfg, nodes * per_node, global_batch)
-    return plan if plan is not None and plan.grad_accum <= cfg.scale_out.max_grad_accum else None
+    """The plan of ``global_batch`` on ``nodes`` x ``per_node`` devices if the batch needs at most
+    ``scale_out.max_grad_accum`` micro batches per device there, else None."""
+    accum = layout_accum(cfg, nodes * per_node, global_batch)
+    if accum is None or accum > cfg.scale_out.max_grad_accum:
+        return None
+    return _plan(cfg, nodes * per_node, global_batch)
 
 
 def target_nodes(cfg: RunConfig, global_batch: int, nodes: int, per_node: int, max_nodes: int) -> int | None:
@@ -152,9 +163,12 @@ class ScaleOut(Callback):
                     f"{trainer.info.world_size}{rest}")
 
     def _outgrown(self, trainer) -> bool:
-        """The batch in force needs more accumulation here than the policy allows."""
-        return (trainer.batch_limit is None and not trainer.done()
-                and trainer.plan.grad_accum > self.cfg.scale_out.max_grad_accum)
+        """The batch in force needs more accumulation here than the policy allows (the noise scale's own
+        accumulation aside)."""
+        if trainer.batch_limit is not None or trainer.done() or trainer.plan.grad_accum <= self.cfg.scale_out.max_grad_accum:
+            return False
+        accum = layout_accum(self.cfg, trainer.info.world_size, trainer.plan.global_batch)
+        return accum is None or accum > self.cfg.scale_out.max_grad_accum
 
     def wants_sync(self, trainer) -> bool:
         return self._outgrown(trainer) and trainer.step % self.cfg.batch.decide_every == 0
@@ -167,7 +181,7 @@ class ScaleOut(Callback):
         target = target_nodes(self.cfg, plan.global_batch, nodes, per_node, self.max_nodes)
         if target is None:
             return
-        noise, margin = trainer.noise.b_noise, self.cfg.scale_out.noise_margin
+        noise, margin = trainer.noise.b_noise, self.cfg.scale_out.margin(self.cfg.batch)
         if margin and (noise is None or noise < margin * plan.global_batch):
             if not self.waiting:
                 self.waiting = True
