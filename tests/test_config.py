@@ -88,3 +88,27 @@ def test_cluster_configs_build_at_their_size(name, low, high):
     assert cfg.optim.hparams["lr"] in (6e-4, 3e-4, 2e-4)
     model = build_model(cfg.model, padded_vocab(cfg.model, 50257), cfg.data.seq_len, device="meta")
     assert low < count_parameters(model) < high
+
+
+def test_validate_has_no_side_effects_and_resolve_does_the_rest(tmp_path, monkeypatch):
+    """validate() checks values only: it builds no optimizer, imports no W&B, fills no default; resolve()
+    (what every loader ends with) does those, and refuses what only they can find."""
+    import sys
+
+    cfg = RunConfig()
+    cfg.optim.hparams = {"lr": 1e-3, "betas": [1.5, 0.9]}  # a value only the optimizer itself refuses
+    cfg.logging.wandb = True
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    built = []
+    monkeypatch.setattr(type(cfg.optim), "check_constructs", lambda self: built.append(self))
+    assert cfg.validate() is cfg and built == [] and cfg.batch.growth_min_tokens is None
+    with pytest.raises(ConfigError, match="logging.wandb: true needs the wandb package"):
+        cfg.resolve()
+    assert len(built) == 1
+    monkeypatch.undo()
+    cfg.logging.wandb = False
+    with pytest.raises(ConfigError, match=r"optim.hparams.betas: \[1.5, 0.9\] is refused by AdaBound"):
+        cfg.resolve()
+    cfg.optim.hparams["betas"] = [0.9, 0.99]
+    cfg.schedule.warmup_tokens = 1234
+    assert cfg.resolve().batch.growth_min_tokens == 1234

@@ -90,13 +90,14 @@ class OptimConfig:
         _positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         if "lr" not in self.hparams:
             raise ConfigError("optim.hparams.lr: required (the learning rate at the reference batch)")
-        self._check_constructs(cls)
 
-    def _check_constructs(self, cls) -> None:
+    def check_constructs(self) -> None:
         """The optimizer must accept its hyperparameters: built once on a one-element parameter
         (microseconds), its refusal becomes a ConfigError naming ``optim.<section>.<key>`` (found by
         building it with that key alone, lr first) rather than an engine's error after start-up."""
         import torch
+
+        cls = get_optimizer_class(self.name)
 
         def build(**kw):
             cls([torch.nn.Parameter(torch.zeros(1))], **kw)
@@ -432,6 +433,9 @@ class LoggingConfig:
         _choice("logging", "progress", self.progress, ("auto", "bar", "lines", "none"))
         if self.wandb_mode is not None:
             _choice("logging", "wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+
+    def check_installed(self) -> None:
+        """W&B is asked for and importable."""
         if self.wandb:
             try:
                 import wandb  # noqa: F401
@@ -456,16 +460,30 @@ class RunConfig:
     scale_out: ScaleOutConfig = field(default_factory=ScaleOutConfig)
 
     def validate(self, sections: tuple[str, ...] | None = None) -> "RunConfig":
-        """Check every section, or only ``sections`` (a data-only config for prepare-data)."""
+        """Check every section, or only ``sections`` (a data-only config for prepare-data): the values
+        alone, without side effects (nothing imported, built, read from disk or changed)."""
         for f in dataclasses.fields(self):
             if sections is None or f.name in sections:
                 getattr(self, f.name).validate()
-        if self.model.init_from and (sections is None or "model" in sections):
-            apply_init_from(self)
-        if self.batch.growth_min_tokens is None and (sections is None or "schedule" in sections):
-            self.batch.growth_min_tokens = self.schedule.warmup_tokens
         if sections is None:
             self.scale_out.check_against(self.batch)
+        return self
+
+    def resolve(self, sections: tuple[str, ...] | None = None) -> "RunConfig":
+        """:meth:`validate`, then the one step with effects, before any work: ``model.init_from``'s
+        architecture and tokenizer taken in, the defaults that follow other sections filled
+        (``batch.growth_min_tokens``), the optimizer built once on a one-element parameter to ask it, and
+        the packages the config asks for found. Every loader of a run config ends here."""
+        self.validate(sections)
+        every = sections is None
+        if every or "optim" in sections:
+            self.optim.check_constructs()
+        if every or "logging" in sections:
+            self.logging.check_installed()
+        if self.model.init_from and (every or "model" in sections):
+            apply_init_from(self)
+        if self.batch.growth_min_tokens is None and (every or "schedule" in sections):
+            self.batch.growth_min_tokens = self.schedule.warmup_tokens
         return self
 
     def to_dict(self) -> dict:
@@ -517,14 +535,14 @@ def load_config(path: str | os.PathLike | None = None,
             overrides = parse_overrides(list(overrides))  # type: ignore[arg-type]
         for key, value in overrides:  # type: ignore[misc]
             apply_key(cfg, key.split("."), value, f"--{key}", _FREE_FORM)
-    return cfg.validate(sections)
+    return cfg.resolve(sections)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConfig:
     """Apply (dotted key, value) pairs to ``cfg`` in place and validate it."""
     for key, value in overrides:
         apply_key(cfg, key.split("."), value, f"--{key}", _FREE_FORM)
-    return cfg.validate()
+    return cfg.resolve()
 
 
 def config_from_dict(data: dict, run_files=None) -> RunConfig:
@@ -535,4 +553,4 @@ def config_from_dict(data: dict, run_files=None) -> RunConfig:
         apply_key(cfg, [str(name)], value, "dict", _FREE_FORM)
     if run_files is not None:
         run_files(cfg)
-    return cfg.validate()
+    return cfg.resolve()
