@@ -172,6 +172,8 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         self.samples = 0
         self.global_batch: int | None = None
         self.micro_in_epoch = 0
+        self.epochs_done = 0
+        self.resuming = False  # the first epoch of a resume continues its micro-batch count
         self.micro_in_step = 0
         self.pending: int | None = None  # a growth decided, waiting for a step boundary the Trainer allows
         self.history: list[list[int]] = []  # [step, samples, global batch] at the start and every change
@@ -192,7 +194,7 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
                          "beta_form": self.beta_form, "bound_form": self.bound_form,
                          "second_moment": self.second_moment, "auto": self.auto, "noise_ema": self.noise_ema},
                 "attributes": {"samples": self.samples, "global_batch": self.global_batch,
-                               "micro_in_epoch": self.micro_in_epoch, "pending": self.pending,
+                               "micro_in_epoch": self.micro_in_epoch, "epochs_done": self.epochs_done, "pending": self.pending,
                                "history": self.history, "first_max_steps": self.first_max_steps,
                                "schedule_state": self.schedule_state, "noise_state": self.noise_state}}
 
@@ -290,8 +292,25 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         steps = args.warmup_steps if args.warmup_steps >= 1 else args.warmup_steps * max(state.max_steps, 0)
         return int(steps * batch)
 
+    def restore(self, saved: dict, args, state) -> tuple[int, int]:
+        """Continue from a checkpoint's ``state()`` (the Trainer's ``stateful_callbacks`` entry): the batch,
+        the schedule and the noise estimate; returns ``(epochs, micro batches)`` done in the Trainer's
+        counting, which the Trainer itself derives from the first batch's accumulation."""
+        for key, value in (saved.get("attributes") or {}).items():
+            setattr(self, key, value)
+        self.resuming = True
+        if self.history:
+            args.gradient_accumulation_steps = self.global_batch // self._unit(args)
+            self._set_max_steps(args, state)
+        return self.epochs_done, self.micro_in_epoch
+
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.micro_in_epoch = 0
+        if not self.resuming:
+            self.micro_in_epoch = 0
+        self.resuming = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epochs_done += 1
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.micro_in_step += 1
@@ -358,7 +377,8 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         if args.process_index == 0:
             logger.warning("bigbatch batch schedule: step %d, %d samples: global batch %d -> %d (accumulation %d; "
                            "B_noise %s); rescaled %s; max_steps %d", state.global_step, self.samples, old, target,
-                           args.gradient_accumulation_steps, _fmt(self.b_noise), hparam_fields(hp), state.max_steps)
+                           args.gradient_accumulation_steps, _fmt(self.b_noise), {"lr": hp.get("lr"), **hparam_fields(hp)},
+                           state.max_steps)
 
     def _log_decision(self, args, state, target: int) -> None:
         # at each growth, and on logging steps when the reason for keeping the batch changed
@@ -377,7 +397,10 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         # numbers only: TensorBoard takes scalars; the keys group under the record's kind
         logs = {f"{kind}/{k}": float(v) for k, v in fields.items() if isinstance(v, (int, float)) and v is not None}
         if self.trainer is not None:
-            self.trainer.log(logs)
+            control = self.trainer.control
+            keep = control.should_log
+            self.trainer.log(logs)  # on_log clears should_log: the step's own loss record must still come
+            self.trainer.control.should_log = keep
 
 
 def _fmt(b: float | None) -> str:

@@ -251,9 +251,14 @@ class BigBatchTrainer(Trainer):
                              trial):
         epochs, micro = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                      resume_from_checkpoint, trial)
-        for cb in self._schedules():  # the restored callback, which counted the micro batches of every batch
-            if cb.history and resume_from_checkpoint is not None and not self.args.ignore_data_skip:
-                micro = cb.micro_in_epoch
+        saved = self.state.stateful_callbacks.get(BatchScheduleCallback.__name__) if resume_from_checkpoint else None
+        for cb, data in zip(self._schedules(), saved if isinstance(saved, list) else [saved]):
+            cb.trainer = self
+            if data:  # restored here whether or not restore_callback_states_from_checkpoint is on
+                done, micro_done = cb.restore(data, self.args, self.state)
+                if cb.history and not self.args.ignore_data_skip:
+                    epochs, micro = done, micro_done
+        for cb in self._schedules():
             cb.trainer = self
         return epochs, micro
 
