@@ -240,10 +240,20 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
         # The Trainer's schedules are functions of the optimizer step at the first batch: read them at the
         # samples seen instead, so warmup and decay stay where they were in samples.
         lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-        if lambdas is None or getattr(lr_scheduler, "_bigbatch_clock", False):
+        if lambdas is None:
             return
-        lr_scheduler.lr_lambdas = [(lambda f: lambda step: f(self.position(step)))(f) for f in lambdas]
-        lr_scheduler._bigbatch_clock = True
+
+        def clocked(f):
+            if getattr(f, "bigbatch_clock", False):
+                return f
+
+            def at_samples(step):
+                return f(self.position(step))
+
+            at_samples.bigbatch_clock = True  # a plain function: LambdaLR's state_dict keeps no trace of it
+            return at_samples
+
+        lr_scheduler.lr_lambdas = [clocked(f) for f in lambdas]
 
     def _set_max_steps(self, args, state) -> None:
         left = self.first_max_steps * self.history[0][2] - self.samples
