@@ -416,7 +416,8 @@ def test_unmodified_script_through_the_runner(tmp_path, nproc):
             assert f"scaled from reference batch 4 (kappa {nproc})" in log
     assert "final_lr=10, the value tuned for Transformers" in out["ddp"][0].stderr  # said once, per process 0
     assert out["ddp"][0].stderr.count("the value tuned for Transformers") == 1
-    assert "DeepSpeed" in out["zero2"][0].stdout + out["zero2"][0].stderr
+    assert "under DeepSpeed ZeRO-2 at global batch" in out["zero2"][0].stderr
+    assert "under DeepSpeed" not in out["ddp"][0].stderr
 
 
 def test_runner_refusals(tmp_path):

@@ -1,15 +1,18 @@
 """``BigBatchTrainingArguments`` and ``BigBatchTrainer``: the HF Trainer with our optimizers by name.
 
-    args = BigBatchTrainingArguments(output_dir, optim="adabound", optim_args="final_lr=0.1",
-                                     learning_rate=1e-3, reference_batch_size=256,
+    args = BigBatchTrainingArguments(output_dir, optim="adabound", optim_args="final_lr=10",
+                                     learning_rate=3e-3, reference_batch_size=256,
                                      deepspeed="configs/deepspeed/zero2.json")
     trainer = BigBatchTrainer(model=model, args=args, train_dataset=ds)
 
 ``optim`` accepts ``adabound``, ``amsbound`` and ``radam`` (ours shadow the Trainer's names) besides the
-Trainer's own; ``--optim adabound --optim_args final_lr=0.1`` works from ``HfArgumentParser``. A
+Trainer's own; ``--optim adabound --optim_args final_lr=10`` works from ``HfArgumentParser`` (without
+``final_lr`` AdaBound/AMSBound take :data:`TRANSFORMER_FINAL_LR`, tuned for Transformers). A
 DeepSpeed config whose ``"optimizer"`` block names one of ours is taken apart by
 :func:`bigbatch.hf.deepspeed.split_optimizer_block`. With ``reference_batch_size`` the trainer adds a
-:class:`~bigbatch.hf.scaling.ScalingRulesCallback`. Under a launcher on a host without an accelerator
+:class:`~bigbatch.hf.scaling.ScalingRulesCallback`, with ``batch_schedule`` a
+:class:`~bigbatch.hf.scaling.BatchScheduleCallback` (fixed or ``auto``). The printed arguments and ``to_dict``
+name bigbatch's optimizer, not the Trainer's placeholder. Under a launcher on a host without an accelerator
 the accelerate state is built with gloo (:mod:`bigbatch.hf.accelerate`).
 """
 
@@ -305,7 +308,10 @@ class _StartLine(TrainerCallback):
         rule = (f"; scaled from reference batch {scaled.reference_global_batch} (kappa {scaled.kappa:g})"
                 if scaled else "")
         text = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in group.items())
-        logger.warning("bigbatch: optimizer %s(%s) at global batch %d = %d proc x %d x %d accum%s%s",
-                       type(opt).__name__, text, batch, args.world_size, args.per_device_train_batch_size,
+        engine = self.trainer.model_wrapped
+        where = (f" under DeepSpeed ZeRO-{engine.zero_optimization_stage()}" if self.trainer.is_deepspeed_enabled
+                 and hasattr(engine, "zero_optimization_stage") else "")
+        logger.warning("bigbatch: optimizer %s(%s)%s at global batch %d = %d proc x %d x %d accum%s%s",
+                       type(opt).__name__, text, where, batch, args.world_size, args.per_device_train_batch_size,
                        args.gradient_accumulation_steps, rule,
                        f"; batch_schedule {args.batch_schedule}" if getattr(args, "batch_schedule", None) else "")
