@@ -291,7 +291,7 @@ def test_batch_schedule_callback_grows_accumulation_and_rescales(tmp_path):
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {4 / 2 + 6}  # the counters moved to samples / new batch at the change
     assert schedule.state()["attributes"] == {"samples": 64, "global_batch": 8}
-    with pytest.raises(ValueError, match=r"schedule\[1\]: \[16, 6\]: the global batch must be a multiple"):
+    with pytest.raises(ValueError, match=r"batch_schedule\[1\]: global batch 6 must be a multiple"):
         BigBatchTrainer(model=_Regression(), args=_args(tmp_path, optim="adabound", per_device_train_batch_size=4,
                                                         use_cpu=True, save_strategy="no"),
                         train_dataset=data, callbacks=[BatchScheduleCallback([[0, 4], [16, 6]])]).train()
@@ -414,17 +414,29 @@ def test_unmodified_script_through_the_runner(tmp_path, nproc):
         assert "bigbatch: optimizer AdaBound(" in log and "final_lr=" in log
         if nproc > 1:
             assert f"scaled from reference batch 4 (kappa {nproc})" in log
-    assert "final_lr=10, the value tuned for Transformers" in out["ddp"][0].stderr  # said once, per process 0
-    assert out["ddp"][0].stderr.count("the value tuned for Transformers") == 1
-    assert "under DeepSpeed ZeRO-2 at global batch" in out["zero2"][0].stderr
-    assert "under DeepSpeed" not in out["ddp"][0].stderr
+    logs = {name: procs[0].stdout + procs[0].stderr for name, procs in out.items()}
+    assert "final_lr=10, the value tuned for Transformers" in logs["ddp"]  # said once, by process 0
+    assert logs["ddp"].count("the value tuned for Transformers") == 1
+    assert "under DeepSpeed ZeRO-2 at global batch" in logs["zero2"] and "under DeepSpeed" not in logs["ddp"]
 
 
 def test_runner_refusals(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bigbatch.hf.run", str(tmp_path / "nope.py")], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "SCRIPT=" in proc.stderr and "nope.py" in proc.stderr
+
+
+@pytest.mark.slow
+def test_runner_bad_argument_one_line(tmp_path):
+    plain, _, text = _scripts(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "bigbatch.hf.run", str(plain), "--text_file", str(text),
+                           "--output_dir", str(tmp_path / "o"), "--optim", "adabound", "--optim_args", "gamma=2"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if "bigbatch.hf.run:" in x or "Traceback" in x]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("bigbatch.hf.run: AdaBound(") and "gamma=2" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_tested_transformers_range():

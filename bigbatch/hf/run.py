@@ -37,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         install()
     except UntestedTransformers as exc:
         return _refuse(str(exc))
-    from bigbatch.hf.trainer import BigBatchArgumentError
+    from bigbatch.hf.trainer import is_argument_error
 
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
         runpy.run_path(script, run_name="__main__")
-    except BigBatchArgumentError as exc:
+    except ValueError as exc:
+        if not is_argument_error(exc):
+            raise
         return _refuse(str(exc))
     return 0
 

@@ -48,6 +48,13 @@ _said_default = False
 class BigBatchArgumentError(ValueError):
     """A training argument bigbatch reads is wrong; the message names it, its value and what is allowed."""
 
+    bigbatch_argument = True
+
+
+def is_argument_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is bigbatch's check of a training argument (every such error has one line)."""
+    return isinstance(exc, ValueError) and getattr(exc, "bigbatch_argument", False)
+
 
 def _main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
@@ -105,10 +112,9 @@ class BigBatchTrainingArguments(TrainingArguments):
             self._bigbatch_post_init()
         except BatchScheduleError as exc:
             raise BigBatchArgumentError(str(exc).replace("growth_min_tokens", "growth_min_samples")) from None
-        except BigBatchArgumentError:
-            raise
         except ValueError as exc:  # the optimizer's, DeepSpeed config's and scaling checks name the value
-            raise BigBatchArgumentError(str(exc)) from None
+            exc.bigbatch_argument = True  # the runner says it in one line
+            raise
         super().__post_init__()
 
     def _bigbatch_post_init(self):
