@@ -480,6 +480,8 @@ def test_install_patches_transformers_and_names_the_optimizer(tmp_path):
     (dict(batch_schedule="auto", max_global_batch=64, growth_min_samples=-5), r"growth_min_samples -5 must be"),
     (dict(batch_schedule="[[0, 4], [8, 8"), r"batch_schedule='\[\[0, 4\], \[8, 8': expected 'auto' or a JSON list"),
     (dict(batch_schedule="[[1, 4]]"), r"schedule\[0\]: \[1, 4\] must start at samples 0"),
+    (dict(batch_schedule="auto", max_global_batch=64, deepspeed=_ds({"type": "AdaBound"})),
+     r"batch_schedule='auto' with deepspeed: DeepSpeed keeps its own gradient accumulation"),
 ])
 def test_bad_batch_schedule(tmp_path, kwargs, match):
     from bigbatch.hf.trainer import BigBatchArgumentError

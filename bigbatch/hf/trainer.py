@@ -162,6 +162,9 @@ class BigBatchTrainingArguments(TrainingArguments):
 
     def _check_batch_schedule(self) -> None:
         sched = self.batch_schedule
+        if sched is not None and self.deepspeed:
+            raise BatchScheduleError(f"batch_schedule={sched!r} with deepspeed: DeepSpeed keeps its own gradient "
+                                     "accumulation; drop one (train.py changes batches under DeepSpeed)")
         if sched is None or sched == "auto":
             if sched == "auto" and self.max_global_batch is None:
                 raise BatchScheduleError("batch_schedule=auto: give --max_global_batch (the largest global batch)")
