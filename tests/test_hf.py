@@ -290,7 +290,9 @@ def test_batch_schedule_callback_grows_accumulation_and_rescales(tmp_path):
     assert group["final_lr"] == pytest.approx(0.1 * 2**0.5) and group["gamma"] == pytest.approx(2e-3)
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {4 / 2 + 6}  # the counters moved to samples / new batch at the change
-    assert schedule.state()["attributes"] == {"samples": 64, "global_batch": 8}
+    saved = schedule.state()["attributes"]
+    assert (saved["samples"], saved["global_batch"], saved["history"]) == (64, 8, [[0, 0, 4], [4, 16, 8]])
+    assert (saved["micro_in_epoch"], saved["epochs_done"], saved["pending"]) == (32, 1, None)
     with pytest.raises(ValueError, match=r"batch_schedule\[1\]: global batch 6 must be a multiple"):
         BigBatchTrainer(model=_Regression(), args=_args(tmp_path, optim="adabound", per_device_train_batch_size=4,
                                                         use_cpu=True, save_strategy="no"),
@@ -537,3 +539,41 @@ def test_auto_batch_schedule_grows_logs_and_resumes(tmp_path):
     assert cb2.probe.estimator.estimate == cb.probe.estimator.estimate
     again = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 4}
     assert again and all(abs(again[s] - losses[s]) < 1e-6 for s in again), (again, losses)
+
+
+@pytest.mark.slow
+def test_auto_schedule_noise_scale_matches_a_recomputation(tmp_path):
+    """The HF Trainer's loss normalisation (Llama: summed over the tokens of the whole accumulated batch) is
+    undone right: one step's estimate equals |G|^2 and tr(Sigma) recomputed from the two micro batches."""
+    from bigbatch.hf import BatchScheduleCallback, BigBatchTrainer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    args = _args(tmp_path, optim="adabound", learning_rate=1e-3, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=2, max_steps=1, use_cpu=True, save_strategy="no", batch_schedule="auto",
+                 max_global_batch=8, seed=0, disable_tqdm=True)
+    trainer = BigBatchTrainer(model=model(), args=args, train_dataset=data)
+    trainer.train()
+    est = next(c for c in trainer.callback_handler.callbacks if isinstance(c, BatchScheduleCallback)).probe.estimator
+    ref = model()
+
+    def sq_norm(rows):
+        ref.zero_grad()
+        ref(input_ids=ids[rows], labels=ids[rows]).loss.backward()
+        return sum(float(p.grad.double().square().sum()) for p in ref.parameters())
+
+    big = sq_norm([0, 1, 2, 3])
+    got = est.estimate
+    assert got.steps == 1
+    # the Trainer's shuffle picks the pairs: one of the three pairings must match
+    smalls = [(sq_norm(a) + sq_norm(b)) / 2 for a, b in (([0, 1], [2, 3]), ([0, 2], [1, 3]), ([0, 3], [1, 2]))]
+    want = [((4 * big - 2 * s) / 2, (s - big) / (1 / 2 - 1 / 4)) for s in smalls]
+    assert any(got.grad_sq == pytest.approx(w[0], rel=1e-5) and got.trace_sigma == pytest.approx(w[1], rel=1e-5)
+               for w in want), (got, want)
