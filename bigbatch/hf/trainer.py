@@ -111,7 +111,7 @@ class BigBatchTrainingArguments(TrainingArguments):
         try:
             self._bigbatch_post_init()
         except BatchScheduleError as exc:
-            raise BigBatchArgumentError(str(exc).replace("growth_min_tokens", "growth_min_samples")) from None
+            raise BigBatchArgumentError(str(exc)) from None
         except ValueError as exc:  # the optimizer's, DeepSpeed config's and scaling checks name the value
             exc.bigbatch_argument = True  # the runner says it in one line
             raise
@@ -187,7 +187,7 @@ class BigBatchTrainingArguments(TrainingArguments):
         kw = dict(beta_form=self.scaling_beta_form)
         if self.batch_schedule == "auto":
             auto = {"maximum": self.max_global_batch, "factor": self.growth_factor, "margin": self.growth_margin,
-                    "patience": self.growth_patience}
+                    "patience": self.growth_patience, "gap_name": "growth_min_samples"}
             if self.growth_min_samples is not None:
                 auto["min_gap"] = self.growth_min_samples
             AutoBatchSchedule(start=1, **auto)  # the settings' own checks, before any work
