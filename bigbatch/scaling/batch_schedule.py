@@ -101,6 +101,7 @@ class AutoBatchSchedule:
     margin: float = 0.75
     patience: int = 10
     min_gap: int = 0
+    gap_name: str = "growth_min_tokens"  # the setting min_gap comes from, as messages name it
     last_change: float = field(default=0.0, init=False)
     streak: int = field(default=0, init=False)
     reason: str = field(default="", init=False)  # why the last decision kept or grew the batch
@@ -110,7 +111,7 @@ class AutoBatchSchedule:
         self.maximum = _count("max_global_batch", self.maximum, 1)
         self.factor = _count("growth_factor", self.factor, 2)
         self.patience = _count("growth_patience", self.patience, 1)
-        self.min_gap = _count("growth_min_tokens", self.min_gap, 0)
+        self.min_gap = _count(self.gap_name, self.min_gap, 0)
         if self.maximum < self.start:
             raise BatchScheduleError(f"max_global_batch: {self.maximum} is below min_global_batch={self.start}")
         if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin > 0):
@@ -136,7 +137,7 @@ class AutoBatchSchedule:
         elif self.streak < self.patience:
             self.reason = f"B_noise above growth_margin {self.margin:g} x {grown}, waiting for growth_patience"
         elif position - self.last_change < self.min_gap:
-            self.reason = f"waiting for growth_min_tokens {self.min_gap} since the start or the last change"
+            self.reason = f"waiting for {self.gap_name} {self.min_gap} since the start or the last change"
         else:
             self.streak = 0
             self.last_change = position
