@@ -59,7 +59,8 @@ def main(argv=None) -> int:
             save_model_files(out, tok, run.model.config)
         code = Trainer(cfg, out, info, data, corpus, run, callbacks=default_callbacks(cfg),
                        resume_from=ckpt_dir if resuming else None).run()
-        check_peak(planned)  # a warning when the run's peak memory was well above the plan's
+        if info.is_main:
+            check_peak(planned)  # a warning when the run's peak memory was well above the plan's
         return code
 
     return command_main(body, teardown=bbdist.destroy)
