@@ -353,7 +353,7 @@ def science(device: str, quick: bool, tokens: int) -> list[dict]:
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "bigbatch.launcher.cli", "prepare-data", "--config",
+    proc = subprocess.run([sys.executable, "-m", "bigbatch.cli", "prepare-data", "--config",
                            str(WORK / "data.yaml"), "--out", str(prep)], cwd=REPO, env=env, capture_output=True,
                           text=True)
     manifest = prep / "code" / "manifest.json"

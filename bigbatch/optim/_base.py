@@ -51,7 +51,8 @@ class AdamFamily(Optimizer):
     A step can be skipped on the device, as torch's fused optimizers do for a GradScaler: with
     ``optimizer.found_inf`` set (a scalar tensor, nonzero when a gradient is not finite), the compiled
     and single-tensor updates run with :meth:`_still`'s scalars where it is set (weights, moments and
-    AMSGrad's maximum unchanged, the gradient's NaN masked), so nothing is read. The host's step counters
+    AMSGrad's maximum unchanged) on gradients zeroed where it is set (a NaN times 0 is still NaN), so
+    nothing is read; the update itself stays the one the C kernel computes bit for bit. The host's step counters
     still advance; the skips are counted on the device and taken off at :meth:`settle_steps` (the loop's
     next sync point), so until then the bias corrections count the skipped step. The C kernel (CPU
     tensors, no device to wait for) and the multi-tensor update read ``found_inf`` and skip outright.
@@ -171,7 +172,10 @@ class AdamFamily(Optimizer):
         for device, idx in by_device.items():
             scal = _fused.scalar_tensor(s, device)
             if found_inf is not None:  # the still update where a gradient is not finite: nothing read
-                scal = torch.where(found_inf.to(device) > 0, _fused.scalar_tensor(self._still(s), device), scal)
+                skip = found_inf.to(device) > 0
+                scal = torch.where(skip, _fused.scalar_tensor(self._still(s), device), scal)
+                for i in idx:  # the step's gradients are dropped after it, so in place
+                    args[i][1].masked_fill_(skip, 0.0)
             if impl == "single":
                 for i in idx:
                     type(self)._body(*args[i], scal)

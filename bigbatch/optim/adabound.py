@@ -140,7 +140,7 @@ class AdaBound(AdamFamily):
     def _body(p, g, m, v, vmax, s):
         # float32 arithmetic whatever the storage (no-ops for float32 tensors)
         pf = p.float()
-        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0) + s[5] * pf  # a skipped step's NaN
+        g = g.float() + s[5] * pf
         m_new = m.float() * s[0] + g * s[1]
         v_new = v.float() * s[2] + g * g * s[3]
         if vmax is not None:

@@ -95,7 +95,7 @@ class RAdam(AdamFamily):
     @staticmethod
     def _body(p, g, m, v, vmax, s):
         pf = p.float()  # float32 arithmetic whatever the storage
-        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0) + s[5] * pf  # a skipped step's NaN
+        g = g.float() + s[5] * pf
         m_new = torch.lerp(m.float(), g, s[1])  # torch.optim.RAdam's form of the EMA
         v_new = v.float() * s[2] + g * g * s[3]
         adaptive = torch.where(s[9] > 0, s[8] / (v_new.sqrt() + s[4]), 1.0)

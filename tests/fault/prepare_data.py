@@ -17,6 +17,7 @@ import fault_hooks  # noqa: E402
 
 if __name__ == "__main__":
     from bigbatch.data import prepare
+    from bigbatch.training.config import load_config
 
     fault_hooks.install_shard_wait()
-    sys.exit(prepare.main())
+    sys.exit(prepare.main(load_config=load_config))
