@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -113,9 +114,11 @@ class AdamFamily(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
+        skip = None  # the flag read (once a step) by the updates that cannot mask on the device
         if found_inf is not None:
             self._skipped = found_inf.detach().clone() if getattr(self, "_skipped", None) is None \
                 else self._skipped + found_inf
+            skip = functools.cache(lambda: bool(found_inf))
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
             if not params:
@@ -131,7 +134,7 @@ class AdamFamily(Optimizer):
                 s = self._scalars(group, t)
                 pick = (lambda xs: [xs[i] for i in idx]) if len(idx) != len(params) else (lambda xs: xs)
                 self._update(impl, group, pick(params), pick(grads), pick(exp_avgs),
-                             pick(exp_avg_sqs), pick(max_sqs), s, found_inf)
+                             pick(exp_avg_sqs), pick(max_sqs), s, found_inf, skip)
         return loss
 
     def settle_steps(self) -> int:
@@ -148,10 +151,11 @@ class AdamFamily(Optimizer):
     def _native_kind(self, group: dict) -> str:
         return self._kernel_name
 
-    def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float], found_inf=None):
+    def _update(self, impl, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s: list[float], found_inf=None,
+                skip=None):
         native = impl == "fused" and _native.enabled() and all(
             _native.supports(ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, max_sqs))
-        if found_inf is not None and (impl == "foreach" or native) and bool(found_inf):
+        if found_inf is not None and (impl == "foreach" or native) and skip():
             return  # host tensors (the C kernel) or no compiled update: read the flag and skip outright
         if impl == "foreach":
             self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, s)

@@ -80,12 +80,8 @@ def skip_non_finite_steps(optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             optimizer.overflow = False
-            return None
-        optimizer.step = step  # step_if_finite calls the optimizer's own step
-        try:
-            applied = step_if_finite(optimizer, torch.nn.utils.get_total_norm(grads))
-        finally:
-            optimizer.step = guarded
+            return step(closure) if closure is not None else step()
+        applied = step_if_finite(optimizer, torch.nn.utils.get_total_norm(grads), step=step)
         optimizer.overflow = not applied if isinstance(applied, bool) else ~applied
         return None
 

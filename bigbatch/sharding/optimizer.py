@@ -10,22 +10,24 @@ from bigbatch.optim.registry import check_kwargs, constructor_params, get_optimi
 _GROUP_RESERVED = ("params", "name")
 
 
-def step_if_finite(optimizer: torch.optim.Optimizer, total_norm: torch.Tensor):
+def step_if_finite(optimizer: torch.optim.Optimizer, total_norm: torch.Tensor, step=None):
     """``optimizer.step()`` unless ``total_norm`` (the global gradient norm, the same on every rank) is
     NaN or inf, so every rank skips alike and no state changes. Returns whether it stepped: a bool
     scalar tensor for optimizers that skip on the device (torch's fused ones, which take ``found_inf``
-    as from a GradScaler: nothing is read), else a bool read from the device."""
+    as from a GradScaler: nothing is read), else a bool read from the device. ``step``: the optimizer's
+    own step, where ``optimizer.step`` is a wrapper around it."""
+    step = step or optimizer.step
     finite = torch.isfinite(total_norm)
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale, optimizer.found_inf = None, (~finite).to(torch.float32)
         try:
-            optimizer.step()
+            step()
         finally:
             del optimizer.grad_scale, optimizer.found_inf
         return finite
-    if not bool(finite):  # the one read: bigbatch's optimizers decide on the host
+    if not bool(finite):  # the one read: an optimizer that cannot skip on the device
         return False
-    optimizer.step()
+    step()
     return True
 
 

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 
-#: dense peak TFLOP/s per device by name fragment (bf16/fp16 tensor cores; fp32 = TF32 tensor cores),
-#: from the vendors' data sheets (SXM parts unless named)
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp32": 494.5},
-    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
-    "H100": {"bf16": 989.0, "fp32": 494.5},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp32": 183.0},
-    "A10G": {"bf16": 70.0, "fp32": 35.0},
-    "L4": {"bf16": 121.0, "fp32": 60.0},
-    "V100": {"bf16": 125.0, "fp32": 15.7},
-}
-
+from bigbatch.scaling.memory import GPUS, gpu_named
+from bigbatch.training.model import count_parameters
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: ``6 N + 12 L d T`` (forward and backward of every matmul weight, and of
@@ -25,8 +13,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     parameter but the input embedding's lookup, plus the output head when it shares that matrix."""
     cfg = getattr(model, "config", None)
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    lookup = sum(_numel(m.weight) for m in embeddings[:1])
-    total = sum(_numel(p) for p in model.parameters())
+    lookup = count_parameters(embeddings[0]) if embeddings else 0
+    total = count_parameters(model)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n = total - lookup + (lookup if tied else 0)
     layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)
@@ -34,20 +22,15 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6.0 * n + 12.0 * layers * hidden * seq_len
 
 
-def _numel(p) -> int:
-    return int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 partitions a parameter to an empty tensor
-
-
 def device_peak_tflops(device: torch.device, precision: str) -> float | None:
-    """The dense peak TFLOP/s of ``device`` at ``precision`` from :data:`PEAK_TFLOPS`; None where unknown
-    (a CPU, an unlisted GPU)."""
-    if device.type != "cuda":
+    """The dense peak TFLOP/s of ``device`` at ``precision`` (:data:`~bigbatch.scaling.memory.GPUS`: bf16;
+    fp32 runs on TF32 tensor cores at half of it on each of them); None where unknown (a CPU, an unlisted
+    GPU: ``train.peak_tflops`` then)."""
+    key = gpu_named(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if key is None:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks["fp32" if precision == "fp32" else "bf16"]
-    return None
+    peak = GPUS[key].bf16_flops / 1e12
+    return peak / 2 if precision == "fp32" else peak
 
 
 _CUDA_PEAK = {"bytes": 0}  # the largest window peak so far: the allocator's counter is reset per window

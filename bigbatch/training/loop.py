@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 from bigbatch import distributed as bbdist
 from bigbatch.training.builders import RunSetup, lr_schedule, make_plan
@@ -32,7 +33,8 @@ from bigbatch.training.commands import TrainerCommands
 from bigbatch.training.config import RunConfig
 from bigbatch.data.blocks import GlobalBatchLoader, eval_batches
 from bigbatch.training.lr_control import LrControl
-from bigbatch.training.metrics import MetricsLogger, Progress, format_hparams, hparam_fields, truncate_metrics
+from bigbatch.training.metrics import (MetricsLogger, Progress, StepWindow, format_hparams, hparam_fields,
+                                       truncate_metrics)
 from bigbatch.training.noise_meter import NoiseMeter
 from bigbatch.training.run_dir import write_resolved
 from bigbatch.training.run_state import RunStopped
@@ -61,8 +63,9 @@ class Trainer(TrainerCommands):
         self.stop_tokens, self.max_steps = cfg.train.tokens, cfg.train.max_steps
         self.loss_weights = None
         self.batch_limit: int | None = None  # the largest global batch a schedule may put in force
-        self.lr = LrControl(self.engine, self.plan, lr_schedule(cfg),
-                            noise_lr=apply_rules and cfg.batch.noise_lr_on(self.plan.optimizer))
+        self.lr = LrControl(self.engine, self.plan, lr_schedule(cfg), noise_lr=apply_rules and
+                            cfg.batch.noise_lr_on(self.plan.optimizer), every=cfg.batch.decide_every)
+        self.window = StepWindow()  # the steps since the last train record and their seconds
         self.hparams = dict(self.plan.hparams)  # group 0's, logged with every record
         self.step, self.skipped = 0, 0
         self.saved_batch = self.plan.global_batch
@@ -119,13 +122,15 @@ class Trainer(TrainerCommands):
 
     # ------------------------------------------------------------------ steps, evaluation, batch
 
-    def _step(self) -> StepResult:
+    def _step(self, started: float) -> StepResult:
         measure, after = self.noise.begin(self.step, self.plan)
         out = self.engine.train_step(self.loader.next_step(), self.info.device, after_backward=after,
                                      weights=self.loss_weights)
         self.step += 1
         self.noise.end(measure, out.metrics["grad_norm"], self.step, self.tokens, self.sync)
-        return StepResult(out.metrics, out.applied, self.done())
+        seconds = time.perf_counter() - started
+        self.window.add(seconds)
+        return StepResult(out.metrics, out.applied, self.done(), seconds)
 
     @property
     def log_step(self) -> bool:
@@ -144,6 +149,8 @@ class Trainer(TrainerCommands):
             for step, tokens, b_noise in measured:
                 cb.on_measure(self, step, tokens, b_noise)
             cb.on_sync(self, values)
+        if self.log_step:
+            self.window.reset()
 
     def evaluate(self) -> dict:
         """Mean cross-entropy (nats/token) over every rank's validation batches, logged."""
@@ -246,22 +253,19 @@ class Trainer(TrainerCommands):
         bbdist.barrier()
         return exit_code
 
-    def _noise_lr_due(self) -> bool:
-        """The lr follows the noise scale as read every ``batch.decide_every`` steps."""
-        return self.lr.noise_lr and self.step % self.cfg.batch.decide_every == 0
-
     def _fire(self, hook: str) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self)
 
     def _loop(self) -> int:
         while not self.done():
+            started = time.perf_counter()
             self._fire("pre_step")
             self.lr.set(self.tokens + self.tokens_per_step, self.plan, self.noise.b_noise)
-            result = self._step()
+            result = self._step(started)
             for cb in self.callbacks:
                 cb.post_step(self, result)
-            if self.log_step or self._noise_lr_due() or any(cb.wants_sync(self) for cb in self.callbacks):
+            if self.log_step or self.lr.wants_sync(self.step) or any(cb.wants_sync(self) for cb in self.callbacks):
                 self.sync_point()
             self.beat("training step")
             if self.exit_code is not None:

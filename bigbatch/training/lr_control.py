@@ -10,13 +10,13 @@ class LrControl:
     ``peak_lrs``: each group's lr at the top of the schedule, at the batch in force (the plan's; a batch
     change moves them by the rule's factors). ``schedule``: a factor of tokens
     (:class:`~bigbatch.scaling.SampleSchedule`), read at ``clock(tokens)`` when a clock is set.
-    ``noise_lr``: multiply by the rule's :meth:`~bigbatch.scaling.rules.ScalingRule.noise_lr_factor` of the
+    ``noise_lr``: every ``every`` steps, multiply by the rule's :meth:`~bigbatch.scaling.rules.ScalingRule.noise_lr_factor` of the
     measured noise scale; then :attr:`factor_free` holds, per group, what must keep the rule's value
     (:meth:`~bigbatch.scaling.rules.ScalingRule.noise_free`): the factor cancels in them.
     """
 
-    def __init__(self, engine, plan, schedule, *, noise_lr: bool):
-        self.engine, self.schedule, self.noise_lr = engine, schedule, noise_lr
+    def __init__(self, engine, plan, schedule, *, noise_lr: bool, every: int = 1):
+        self.engine, self.schedule, self.noise_lr, self.every = engine, schedule, noise_lr, every
         self.rule = plan.rule
         self.peak_lrs = [g["lr"] for g in engine.param_groups]
         self.factor_free = self._factor_free()
@@ -27,6 +27,10 @@ class LrControl:
         if not self.noise_lr:
             return [{} for _ in self.engine.param_groups]
         return [self.rule.noise_free(g) for g in self.engine.param_groups]
+
+    def wants_sync(self, step: int) -> bool:
+        """With the noise-scale lr, the noise scale is read every ``every`` steps (``batch.decide_every``)."""
+        return self.noise_lr and step % self.every == 0
 
     def set(self, tokens: int, plan, b_noise: float | None) -> None:
         """lr of every group for a step that ends at ``tokens`` (so step 1 of a warmup is not lr 0), at

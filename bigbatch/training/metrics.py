@@ -54,6 +54,24 @@ def hparam_fields(hparams: dict) -> dict:
     return out
 
 
+class StepWindow:
+    """The steps since the last train record and their seconds on the host (evaluations and saves left
+    out): what tokens/s and MFU are measured over."""
+
+    def __init__(self):
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / self.seconds if self.seconds > 0 else float("nan")
+
+    def reset(self) -> None:
+        self.steps, self.seconds = 0, 0.0
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a ``metrics.jsonl``; a last line cut short by a kill is skipped."""
     with open(path) as fh:

@@ -24,7 +24,7 @@ from bigbatch.cli_parser import ArgumentParser, command_main
 from bigbatch.errors import ConfigError
 from bigbatch.scaling import cost
 from bigbatch.scaling.memory import (CUDA_RESERVE, ENGINES, GB, GPUS, GPU, MemoryEstimate, ModelShape, Strategy,
-                                     estimate, largest_micro_batch, model_shape, optimizer_states)
+                                     estimate, gpu_named, largest_micro_batch, model_shape, optimizer_states)
 from bigbatch.training.config import RunConfig
 
 DEFAULT_GPU = "h100"
@@ -462,8 +462,7 @@ def announce(cfg: RunConfig, info, tokenizer_size: int, seq_len: int, *,
     on_gpu = info.device.type == "cuda"
     gpu = None
     if on_gpu:
-        name = torch.cuda.get_device_name(info.device).lower()
-        gpu = next((k for k in sorted(GPUS, key=len, reverse=True) if k.split("-")[0] in name), None)
+        gpu = gpu_named(torch.cuda.get_device_name(info.device))
     local = max(1, getattr(info, "local_world_size", 1))
     try:
         plan = plan_run(cfg, nodes=max(1, info.world_size // local), gpus_per_node=local, gpu=gpu,

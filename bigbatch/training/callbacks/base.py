@@ -9,11 +9,13 @@ from dataclasses import dataclass
 class StepResult:
     """What one optimizer step gave, left on the device: ``metrics`` by name (``loss``, ``grad_norm``,
     scalar tensors: :class:`~bigbatch.sharding.training_engine.StepOutput`), ``applied`` (the step changed
-    the weights: a bool, or a bool tensor), ``last`` (the run's budget is reached with this step)."""
+    the weights: a bool, or a bool tensor), ``last`` (the run's budget is reached with this step),
+    ``seconds`` (the step's time on the host: the hooks before it, its lr and the engine's step)."""
 
     metrics: dict
     applied: object
     last: bool
+    seconds: float = 0.0
 
 
 class Callback:

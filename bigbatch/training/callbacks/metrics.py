@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 from bigbatch.training.callbacks.base import Callback, StepResult
 from bigbatch.training.metrics import hparam_fields
 
@@ -20,16 +18,7 @@ class TrainMetrics(Callback):
 
     priority = 20
 
-    def __init__(self):
-        self.steps, self.seconds = 0, 0.0
-        self._t0 = 0.0
-
-    def pre_step(self, trainer) -> None:
-        self._t0 = time.perf_counter()
-
     def post_step(self, trainer, result: StepResult) -> None:
-        self.seconds += time.perf_counter() - self._t0  # evaluation and checkpoint time left out
-        self.steps += 1
         for name, value in result.metrics.items():
             trainer.record(name, value, REDUCE.get(name, "mean"))
         if not trainer.log_step:
@@ -43,7 +32,7 @@ class TrainMetrics(Callback):
                "loss": synced.pop("loss"), "lr": trainer.engine.param_groups[0]["lr"],
                **hparam_fields(trainer.hparams), "global_batch": trainer.plan.global_batch,
                "kappa": trainer.plan.kappa, "grad_norm": synced.pop("grad_norm"), "skipped_steps": trainer.skipped,
-               "tokens_per_s": self.tokens_per_s(trainer)}
+               "tokens_per_s": trainer.window.tokens_per_s(trainer.tokens_per_step)}
         if trainer.lr.noise_lr:
             rec["lr_noise_factor"] = trainer.lr.noise_factor
         if trainer.noise.b_noise is not None:
@@ -51,8 +40,3 @@ class TrainMetrics(Callback):
         rec.update(synced)
         trainer.log(rec)
         trainer.progress.update(trainer.step, rec)
-        self.steps, self.seconds = 0, 0.0
-
-    def tokens_per_s(self, trainer) -> float:
-        """Tokens per second of step time over the window (the batch of the last step)."""
-        return self.steps * trainer.tokens_per_step / self.seconds if self.seconds > 0 else float("nan")

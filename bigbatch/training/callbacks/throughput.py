@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-
 from bigbatch.training.callbacks.base import Callback, StepResult
 from bigbatch.training.flops import device_peak_tflops, flops_per_token, peak_memory_gb
 
@@ -21,24 +18,17 @@ class Throughput(Callback):
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops
         self.flops = None  # per token, for the model and sequence length of the run
-        self.steps, self.seconds, self._t0 = 0, 0.0, 0.0
 
     def on_start(self, trainer) -> None:
         self.flops = flops_per_token(trainer.model, trainer.data.seq_len)
         if self.peak_tflops is None:
             self.peak_tflops = device_peak_tflops(trainer.info.device, trainer.engine.precision)
 
-    def pre_step(self, trainer) -> None:
-        self._t0 = time.perf_counter()
-
     def post_step(self, trainer, result: StepResult) -> None:
-        self.seconds += time.perf_counter() - self._t0
-        self.steps += 1
         if not trainer.log_step:
             return
-        tokens_per_s = self.steps * trainer.tokens_per_step / self.seconds if self.seconds > 0 else 0.0
+        tokens_per_s = trainer.window.tokens_per_s(trainer.tokens_per_step)
         achieved = self.flops * tokens_per_s / trainer.info.world_size  # FLOP/s per device
         trainer.record("model_tflops", achieved / 1e12, "last")
         trainer.record("mfu", achieved / (self.peak_tflops * 1e12) if self.peak_tflops else float("nan"), "last")
         trainer.record("mem_gb", peak_memory_gb(trainer.info.device), "max")
-        self.steps, self.seconds = 0, 0.0
