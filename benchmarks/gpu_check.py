@@ -169,13 +169,13 @@ def train_child(counts_path: str, argv: list[str]) -> int:
     counts: list[int] = []
     step = Trainer._step
 
-    def counted(self):
+    def counted(self, *args):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                return step(self)
+                return step(self, *args)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
