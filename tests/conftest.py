@@ -80,6 +80,32 @@ class SlurmCluster:
         return "\n".join(out)
 
 
+# The files whose tests use the SLURM cluster: under pytest-xdist they run on one worker, which starts the
+# cluster once (two workers' jobs would queue behind each other on its two nodes).
+CLUSTER_FILES = {"tests/test_slurm.py", "tests/test_scale_out.py", "tests/test_prepare.py", "tests/test_mpi.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's workers (``-n 2`` in pyproject.toml) take whole files, so the runs a file's module
+    fixtures share start once, and the files of CLUSTER_FILES as one unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm cluster" if path in CLUSTER_FILES else path
+
+    return FileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    stray = [item.nodeid for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())
+             and item.nodeid.split("::", 1)[0] not in CLUSTER_FILES]
+    if stray:
+        raise pytest.UsageError(f"tests on the SLURM cluster outside CLUSTER_FILES (tests/conftest.py): {stray}")
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """Every test leaves os.environ as it found it: an in-process run exports its launcher variables

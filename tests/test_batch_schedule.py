@@ -21,7 +21,7 @@ from bigbatch.scaling.rules import noise_lr_factor
 from bigbatch.sharding.full_state import read_full_state
 from bigbatch.training.config import ConfigError, load_config
 
-from train_common import PY, REPO, TORCHRUN, check_ok, main, records, run, small_args
+from train_common import PLOT, PY, REPO, TORCHRUN, check_ok, main, records, run, small_args
 
 SEQ = 64
 T1, T2 = 10 * 8 * SEQ, 10 * 8 * SEQ + 6 * 16 * SEQ  # the changes: after 10 steps at 8, then 6 steps at 16
@@ -180,7 +180,7 @@ def uninterrupted(tmp_path_factory, cache):
     """(A): one process, 8 -> 16 -> 32 inside the run, with a tiny warn factor (one warning)."""
     out = tmp_path_factory.mktemp("a") / "run"
     proc = run([PY, "train.py", *sched_args(cache), "--out", str(out), "--batch.schedule", SCHEDULE,
-                "--train.max_steps", str(STEPS), "--train.noise_scale_warn_factor", "0.01"])
+                "--train.max_steps", str(STEPS), "--train.noise_scale_warn_factor", "0.01", *PLOT])
     check_ok(proc)
     return out, proc
 

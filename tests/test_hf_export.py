@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from train_common import PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args
+from train_common import PLOT, PY, REPO, TORCHRUN, check_ok, env, main, records, run, small_args
 
 from bigbatch.data import shards
 
@@ -50,7 +50,7 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
     # one process builds the tokenizer and token cache first, so the two runs do not race for it
     z3 = _popen(TORCHRUN + common + ["--out", str(root / "z3"), "--deepspeed.zero_stage", "3",
                                      "--checkpoint.export_hf", "true", "--logging.wandb", "true",
-                                     "--logging.wandb_project", "bb-test"], wandb_dir=root)
+                                     "--logging.wandb_project", "bb-test", *PLOT], wandb_dir=root)
     fsdp = _popen([PY, *common, "--out", str(root / "fsdp"), "--train.engine", "fsdp2"])
     z3, fsdp = _wait(z3), _wait(fsdp)
     check_ok(z3)

@@ -8,6 +8,7 @@ half-written is left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -277,23 +278,7 @@ def _workers(torchrun: subprocess.Popen, timeout: float = 120) -> dict[int, int]
     raise AssertionError("torchrun's workers did not start")
 
 
-WAIT_STEP = 6  # the step after which a run of _launch_and_wait waits for the test's fault
-
-
-def _launch_and_wait(out: Path, cache: str, extra: list[str]) -> subprocess.Popen:
-    """torchrun with 2 ranks of tests/fault/train.py, once both ranks wait after step WAIT_STEP (until a
-    signal reaches one): a fault sent then lands at that step boundary."""
-    wait = out.parent / f"{out.name}.wait"
-    proc = subprocess.Popen(TORCHRUN + [FAULT_TRAIN, *args(cache), "--out", str(out), "--train.max_steps", "100000",
-                                        *extra], cwd=REPO, env={**env(), **wait_at_step(wait, WAIT_STEP)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_reached(proc, wait)
-    except BaseException:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc
+WAIT_STEP = 6  # the step after which the runs of rank_faults wait for the test's fault
 
 
 def _gone(pid: int) -> bool:
@@ -303,71 +288,111 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _exit_time(pid: int, timeout: float) -> float:
-    """Seconds until ``pid`` exits (a zombie counts), at most ``timeout``."""
-    t0 = time.monotonic()
-    while not _gone(pid) and time.monotonic() - t0 < timeout:
-        time.sleep(0.1)
-    return time.monotonic() - t0
+# The three rank faults run concurrently, each on its own 2-rank run: most of each case is waiting (for the
+# watchdog, for torchrun's 30 s grace before it kills a stopped worker), and the waits overlap.
+RANK_FAULTS = {
+    "stopped": ["--train.step_timeout_s", "8", "--train.collective_timeout_s", "120"],
+    "killed": ["--train.step_timeout_s", "60"],
+    "stuck": ["--train.step_timeout_s", "600", "--checkpoint.signal_grace_s", "5", "--checkpoint.every_steps", "2"],
+}
 
 
-def _finish(proc: subprocess.Popen, pids: dict[int, int], timeout: float) -> tuple[int, str, str, float]:
-    t0 = time.monotonic()
+@dataclasses.dataclass
+class Faulted:
+    """One run's outcome after its fault: seconds from the fault to rank 0's exit and to the job's end."""
+    out: Path
+    rc: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    rank0_s: float | None = None
+    job_s: float | None = None
+    latest_before: str | None = None
+
+
+def _log(opened: list, path: Path):
+    fh = open(path, "wb")
+    opened.append(fh)
+    return fh
+
+
+@pytest.fixture(scope="module")
+def rank_faults(tmp_path_factory, cache) -> dict[str, Faulted]:
+    """Starts the three runs of RANK_FAULTS; once all three wait after step WAIT_STEP, sends the faults at
+    once: rank 1 stopped (SIGSTOP), rank 1 killed (SIGKILL), rank 1 stopped and SIGTERM to torchrun."""
+    root = tmp_path_factory.mktemp("rank_faults")
+    procs: dict[str, subprocess.Popen] = {}
+    results = {name: Faulted(out=root / name) for name in RANK_FAULTS}
+    pids: dict[str, dict[int, int]] = {}
+    logs = []
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        for name, extra in RANK_FAULTS.items():
+            res = results[name]
+            wait = root / f"{name}.wait"
+            procs[name] = subprocess.Popen(
+                TORCHRUN + [FAULT_TRAIN, *args(cache), "--out", str(res.out), "--train.max_steps", "100000", *extra],
+                cwd=REPO, env={**env(), **wait_at_step(wait, WAIT_STEP)}, stdout=_log(logs, root / f"{name}.out"),
+                stderr=_log(logs, root / f"{name}.err"), start_new_session=True)
+        for name, proc in procs.items():
+            wait_reached(proc, root / f"{name}.wait")
+            pids[name] = _workers(proc)
+        results["stuck"].latest_before = (results["stuck"].out / "checkpoints" / "latest").read_text()
+        os.kill(pids["stopped"][1], signal.SIGSTOP)  # both wait after step 6: rank 0's next poll never returns
+        os.kill(pids["killed"][1], signal.SIGKILL)
+        # rank 1 stopped while both wait after step 6: rank 0's next poll of the signal flag never returns, so
+        # the signal cannot reach the checkpoint on any rank
+        os.kill(pids["stuck"][1], signal.SIGSTOP)
+        procs["stuck"].send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90 and any(r.job_s is None for r in results.values()):
+            for name, res in results.items():
+                if res.rank0_s is None and _gone(pids[name][0]):
+                    res.rank0_s = time.monotonic() - t0
+                if res.job_s is None and procs[name].poll() is not None:
+                    res.job_s = time.monotonic() - t0
+            time.sleep(0.1)
     finally:
-        for pid in pids.values():  # never leave a stopped worker behind
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, stdout, stderr, time.monotonic() - t0
+        for name, proc in procs.items():
+            for pid in pids.get(name, {}).values():  # never leave a stopped worker behind
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        for fh in logs:
+            fh.close()
+    for name, res in results.items():
+        res.rc = procs[name].returncode
+        res.stdout, res.stderr = (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text()
+    return results
 
 
-def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, cache):
-    out = tmp_path / "hung"
-    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "8", "--train.collective_timeout_s", "120"])
-    pids = _workers(proc)
-    os.kill(pids[1], signal.SIGSTOP)  # both wait after step 6: rank 0's next poll never returns
-    rank0 = _exit_time(pids[0], 60)
-    rc, stdout, stderr, seconds = _finish(proc, pids, timeout=90)
+def test_a_stopped_rank_ends_the_job_within_the_timeout(rank_faults):
+    r = rank_faults["stopped"]
     # the healthy rank leaves within the timeout (+ a step); torchrun then needs its own grace (30 s) to
     # kill the stopped one
-    assert rank0 < 20 and rc != 0 and seconds < 60, (rank0, rc, seconds, stderr[-3000:])
-    assert "[bigbatch watchdog] rank 0: no progress for" in stderr and "train.step_timeout_s=8" in stderr
-    assert "Ranks that stopped answering: rank 1 (last progress at step" in stderr
+    assert r.rank0_s is not None and r.rank0_s < 20 and r.rc != 0 and r.job_s is not None and r.job_s < 60, \
+        (r.rank0_s, r.rc, r.job_s, r.stderr[-3000:])
+    assert "[bigbatch watchdog] rank 0: no progress for" in r.stderr and "train.step_timeout_s=8" in r.stderr
+    assert "Ranks that stopped answering: rank 1 (last progress at step" in r.stderr
 
 
-def test_a_killed_rank_ends_the_job(tmp_path, cache):
-    out = tmp_path / "killed"
-    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "60"])
-    pids = _workers(proc)
-    os.kill(pids[1], signal.SIGKILL)
-    rc, _, stderr, seconds = _finish(proc, pids, timeout=90)
-    assert rc != 0 and seconds < 45, (rc, seconds, stderr[-3000:])
+def test_a_killed_rank_ends_the_job(rank_faults):
+    r = rank_faults["killed"]
+    assert r.rc != 0 and r.job_s is not None and r.job_s < 45, (r.rc, r.job_s, r.stderr[-3000:])
 
 
-def test_a_signal_while_a_rank_is_stuck_ends_promptly_and_says_so(tmp_path, cache):
-    out = tmp_path / "stuck"
-    proc = _launch_and_wait(out, cache, ["--train.step_timeout_s", "600", "--checkpoint.signal_grace_s", "5",
-                                         "--checkpoint.every_steps", "2"])
-    pids = _workers(proc)
-    latest_before = (out / "checkpoints" / "latest").read_text()
+def test_a_signal_while_a_rank_is_stuck_ends_promptly_and_says_so(rank_faults):
+    r = rank_faults["stuck"]
     # the last save before the wait: step 6's periodic save would come at its sync point, after the wait
-    assert latest_before == f"step{WAIT_STEP - 2:08d}"
-    # rank 1 stopped while both wait after step 6: rank 0's next poll of the signal flag never returns, so
-    # the signal cannot reach the checkpoint on any rank
-    os.kill(pids[1], signal.SIGSTOP)
-    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers
-    rank0 = _exit_time(pids[0], 60)
-    rc, _, stderr, seconds = _finish(proc, pids, timeout=90)
-    assert rank0 < 12 and rc != 0 and seconds < 60, (rank0, rc, seconds, stderr[-3000:])
-    assert "SIGTERM arrived" in stderr and "stuck in a collective, so no checkpoint can be written" in stderr
-    latest_after = (out / "checkpoints" / "latest").read_text() if (out / "checkpoints" / "latest").exists() else None
-    assert latest_after == latest_before and not no_temporaries(out)
+    assert r.latest_before == f"step{WAIT_STEP - 2:08d}"
+    assert r.rank0_s is not None and r.rank0_s < 12 and r.rc != 0 and r.job_s is not None and r.job_s < 60, \
+        (r.rank0_s, r.rc, r.job_s, r.stderr[-3000:])
+    assert "SIGTERM arrived" in r.stderr and "stuck in a collective, so no checkpoint can be written" in r.stderr
+    latest = r.out / "checkpoints" / "latest"
+    assert (latest.read_text() if latest.exists() else None) == r.latest_before and not no_temporaries(r.out)
 
 
 # ------------------------------------------------------------------ output directories

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train_common import (EVAL_KEYS, FAULT_TRAIN, PY, REPO, TORCHRUN, TRAIN_KEYS, check_ok, env, main, records,
-                          run, small_args, wait_at_step, wait_reached)
+from train_common import (EVAL_KEYS, FAULT_TRAIN, PLOT, PY, REPO, TORCHRUN, TRAIN_KEYS, check_ok, env, free_port, main,
+                          records, run, small_args, wait_at_step, wait_reached)
 
 REF_STEPS = 100
 
@@ -27,7 +27,7 @@ def reference(tmp_path_factory, cache) -> Path:
     """One uninterrupted single-process run of REF_STEPS steps (micro 4 x 2 accumulation)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     proc = run([PY, "train.py", "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache),
-                "--train.max_steps", str(REF_STEPS)])
+                "--train.max_steps", str(REF_STEPS), *PLOT])
     check_ok(proc)
     return out
 
@@ -62,12 +62,14 @@ def test_single_process_outputs_and_learning(reference):
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(reference, tmp_path, cache):
     out = tmp_path / "run2"
-    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
-    proc = run(TORCHRUN + ["train.py", "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache),
-                           "--train.max_steps", "12", "--train.noise_scale_every", "1"])
+    port = free_port()  # a known rendezvous port: it names this run's shared-memory files, not another test's
+    proc = run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "train.py",
+                "--config", "configs/tiny.yaml", "--out", str(out), *small_args(cache), "--train.max_steps", "12",
+                "--train.noise_scale_every", "1", *PLOT])
     check_ok(proc)
     # DeepSpeed's CPU shared-memory all-reduce would leave a ~69 MB /dev/shm file per process behind
-    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
+    # (deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
     assert "final eval: loss" in proc.stdout and "perplexity" in proc.stdout
     assert f"loss curves: {out / 'loss.png'}" in proc.stdout
     ref = {r["step"]: r for r in records(reference)}

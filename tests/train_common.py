@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,13 +28,21 @@ def small_args(cache: str) -> list[str]:
             "--train.eval_every", "5", "--train.eval_blocks", "16", "--batch.reference_global_batch", "8",
             "--batch.micro_batch_sizes", "4", "--train.tokens", "200000", "--schedule.warmup_tokens", "0",
             "--optim.hparams.lr", "1e-2", "--optim.hparams.final_lr", "0.1", "--train.threads", "1",
-            "--logging.progress", "lines"]
+            "--logging.progress", "lines", "--logging.plot", "false"]
+# the plot (~1 s of matplotlib at each run's end) is drawn only by the runs whose tests look at it
+PLOT = ["--logging.plot", "true"]
 
 
 # what a launcher (or an in-process train.main) exports; a launched test process must find its own
 _TOPOLOGY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE",
                   "BIGBATCH_LAUNCH_SOURCE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env() -> dict:
