@@ -85,21 +85,38 @@ class SlurmCluster:
 CLUSTER_FILES = {"tests/test_slurm.py", "tests/test_scale_out.py", "tests/test_prepare.py", "tests/test_mpi.py"}
 
 
+# Seconds of each file's slow tests, measured in one process on 2 cores (pytest --durations=0): the files start
+# longest first (the SLURM cluster's files as one unit), and the short ones fill the end, so that neither worker
+# is left running a long file alone. A file not listed counts as 0.
+SECONDS = {"slurm cluster": 255, "tests/test_reliability.py": 198, "tests/test_hf.py": 97,
+           "tests/test_batch_schedule.py": 65, "tests/test_fsdp2.py": 64, "tests/test_cross_engine.py": 61,
+           "tests/test_train.py": 55, "tests/test_sharding.py": 51, "tests/test_check_rules.py": 43,
+           "tests/test_compile.py": 40, "tests/test_hf_export.py": 37, "tests/test_gpu_check.py": 31,
+           "tests/test_step_reads.py": 31, "tests/test_bad_input.py": 15, "tests/test_optim.py": 15}
+
+
+def _unit(nodeid: str) -> str:
+    """The unit a worker takes whole: the test's file, or one unit for the files on the SLURM cluster."""
+    path = nodeid.split("::", 1)[0]
+    return "slurm cluster" if path in CLUSTER_FILES else path
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's workers (``-n 2`` in pyproject.toml) take whole files, so the runs a file's module
-    fixtures share start once, and the files of CLUSTER_FILES as one unit."""
+    """pytest-xdist's workers (``-n 2`` in pyproject.toml) take whole units (:func:`_unit`), so the runs a
+    file's module fixtures share start once, in the order of the collection (longest first)."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class FileScheduling(LoadScopeScheduling):
+    class UnitScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "slurm cluster" if path in CLUSTER_FILES else path
+            return _unit(nodeid)
 
-    return FileScheduling(config, log)
+    config.option.loadscopereorder = False  # xdist's own order is by number of tests
+    return UnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -SECONDS.get(_unit(item.nodeid), 0))  # stable: a file keeps its order
     stray = [item.nodeid for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())
              and item.nodeid.split("::", 1)[0] not in CLUSTER_FILES]
     if stray:
