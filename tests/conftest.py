@@ -118,7 +118,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -SECONDS.get(_unit(item.nodeid), 0))  # stable: a file keeps its order
     stray = [item.nodeid for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())
-             and item.nodeid.split("::", 1)[0] not in CLUSTER_FILES]
+             and _unit(item.nodeid) != "slurm cluster"]
     if stray:
         raise pytest.UsageError(f"tests on the SLURM cluster outside CLUSTER_FILES (tests/conftest.py): {stray}")
 

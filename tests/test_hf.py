@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from bigbatch.hf import (BigBatchTrainingArguments, ScalingRulesCallback, format
 from bigbatch.optim import AdaBound, AMSBound, RAdam
 from bigbatch.scaling import scale_hparams
 from bigbatch.sharding import DSConfigError
+from train_common import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,12 +30,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "PYTHONPATH": str(REPO)}
 for _k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
     ENV.pop(_k, None)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, timeout=300):
@@ -207,7 +201,7 @@ def _check_trainer_results(out: Path, cases, world):
 @pytest.mark.slow
 def test_trainer_one_process(tmp_path):
     cases = ["adabound", "radam", "amsbound_zero2"]
-    _run([BIN / "torchrun", "--nproc_per_node", "1", "--master_port", str(_port()), "tests/hf_worker.py",
+    _run([BIN / "torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), "tests/hf_worker.py",
           str(tmp_path), *cases])
     _check_trainer_results(tmp_path, cases, 1)
 
@@ -216,7 +210,7 @@ def test_trainer_one_process(tmp_path):
 def test_trainer_two_processes(tmp_path):
     # The DeepSpeed dict config under torchrun on CPU: the "4 != 4 * 1 * 2" trap must not come back.
     cases = ["adabound", "amsbound_zero2"]
-    _run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(_port()), "tests/hf_worker.py",
+    _run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "tests/hf_worker.py",
           str(tmp_path), *cases])
     _check_trainer_results(tmp_path, cases, 2)
 
@@ -229,7 +223,7 @@ def test_trainer_two_processes(tmp_path):
 def test_accelerate_launch_two_processes(tmp_path, launch, optimizer, zero):
     out = tmp_path / "result.json"
     _run([BIN / "accelerate", "launch", *launch, "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-          "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), "examples/accelerate_train.py",
+          "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "examples/accelerate_train.py",
           "--optimizer", optimizer, "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["is_ours"] and res["optimizer"] == {"adabound": "AdaBound", "amsbound": "AMSBound"}[optimizer]
@@ -401,8 +395,8 @@ def test_unmodified_script_through_the_runner(tmp_path, nproc):
             runner = _run([sys.executable, "-m", "bigbatch.hf.run", str(plain),
                            *_script_args(tmp_path, f"r{name}", text, *ds_args)])
         else:
-            runner = _run([*launch, str(_port()), *ours, *_script_args(tmp_path, f"r{name}", text, *ds_args)])
-        edit = _run([*launch, str(_port()), str(edited), *_script_args(tmp_path, f"e{name}", text, *ds_args)])
+            runner = _run([*launch, str(free_port()), *ours, *_script_args(tmp_path, f"r{name}", text, *ds_args)])
+        edit = _run([*launch, str(free_port()), str(edited), *_script_args(tmp_path, f"e{name}", text, *ds_args)])
         out[name] = (runner, edit)
         a, b = _result(runner), _result(edit)
         assert a["steps"] == b["steps"] == 8 // nproc  # the scaling rules: kappa = nproc, same samples

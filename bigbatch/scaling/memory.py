@@ -79,6 +79,8 @@ GPUS: dict[str, GPU] = {
     "l40s": GPU("L40S 48GB", 48 * GB, 362e12),
     "l4": GPU("L4 24GB", 24 * GB, 121e12),
 }
+
+
 def gpu_named(device_name: str) -> str | None:
     """The key of :data:`GPUS` that a CUDA device's name (``torch.cuda.get_device_name``) names: every part
     of the key in the name (``a100-40g`` for ``NVIDIA A100-SXM4-40GB``, ``a100`` for the 80 GB part); None

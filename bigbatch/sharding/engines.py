@@ -12,8 +12,8 @@ from types import ModuleType
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """The engine's module, imported when the run uses it (a DeepSpeed run then never imports
-    torch.distributed.checkpoint, ~0.7 s of each process's start). The module has ``build(cfg, model,
+    """The engine's module, imported when the run uses it (a DeepSpeed run then does not import
+    torch.distributed.checkpoint, nor a command that never builds an engine). The module has ``build(cfg, model,
     plan)``, which makes the engine, and may have ``check(cfg, world_size)``, which raises a ConfigError
     for a run config it cannot train at that world size (before any work)."""
 

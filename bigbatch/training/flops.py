@@ -7,6 +7,7 @@ import torch
 from bigbatch.scaling.memory import GPUS, gpu_named
 from bigbatch.training.model import count_parameters
 
+
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: ``6 N + 12 L d T`` (forward and backward of every matmul weight, and of
     attention's scores and values; PaLM, appendix B). ``N`` counts the weights that multiply: every

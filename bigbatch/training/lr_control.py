@@ -10,8 +10,8 @@ class LrControl:
     ``peak_lrs``: each group's lr at the top of the schedule, at the batch in force (the plan's; a batch
     change moves them by the rule's factors). ``schedule``: a factor of tokens
     (:class:`~bigbatch.scaling.SampleSchedule`), read at ``clock(tokens)`` when a clock is set.
-    ``noise_lr``: every ``every`` steps, multiply by the rule's :meth:`~bigbatch.scaling.rules.ScalingRule.noise_lr_factor` of the
-    measured noise scale; then :attr:`factor_free` holds, per group, what must keep the rule's value
+    ``noise_lr``: multiply by the rule's :meth:`~bigbatch.scaling.rules.ScalingRule.noise_lr_factor` of the
+    noise scale, as measured every ``every`` steps; then :attr:`factor_free` holds, per group, what must keep the rule's value
     (:meth:`~bigbatch.scaling.rules.ScalingRule.noise_free`): the factor cancels in them.
     """
 
