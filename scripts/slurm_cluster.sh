@@ -24,7 +24,7 @@ set -euo pipefail
 
 DIR=${BIGBATCH_SLURM_DIR:-/tmp/bigbatch-slurm}
 NODES=${BIGBATCH_SLURM_NODES:-2}               # number of emulated nodes
-CPUS=${BIGBATCH_SLURM_CPUS:-$(nproc)}           # CPUs advertised per node (may exceed real cores)
+CPUS=${BIGBATCH_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}  # CPUs per node (may exceed real cores); nproc would count OMP_NUM_THREADS
 MEM=${BIGBATCH_SLURM_MEM:-2048}                 # RealMemory (MB) per node
 CTLD_PORT=${BIGBATCH_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT_BASE=${BIGBATCH_SLURM_SLURMD_PORT_BASE:-17000}  # node i listens on BASE+i

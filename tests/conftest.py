@@ -21,6 +21,19 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE"}
 
 
+def _share_cores() -> None:
+    """Each of the N pytest-xdist workers, and every process it starts, gets cores / N threads. torch's default
+    (a thread per core, each spinning after a parallel region) on several workers oversubscribes the cores, and
+    an in-process kernel then waits on its descheduled threads (on 2 cores, test_optim took 74 s with it, 51 s
+    without). Set before any test imports torch; an OMP_NUM_THREADS of the caller's is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
+_share_cores()
+
+
 def _cluster_prerequisites() -> str | None:
     """Why the cluster cannot run here, or None."""
     if os.geteuid() != 0:
